@@ -1,0 +1,86 @@
+"""The one place that decides how an op runs.
+
+Three ways to run every public op:
+
+=========  ==========================================  =================================
+backend    runs on                                     what runs
+=========  ==========================================  =================================
+triton     CUDA tensors                                the compiled Triton kernels
+triton     CPU tensors with ``TRITON_INTERPRET=1``     the same kernels, interpreted
+torch      anything                                    ``dasg_kernels.reference`` (PyTorch)
+=========  ==========================================  =================================
+
+``backend="auto"`` picks ``triton`` where it can run and ``torch`` otherwise.
+Asking for ``triton`` on a CPU tensor without the interpreter is a ``ValueError``
+raised here, never a crash inside Triton.
+
+``TRITON_INTERPRET=1`` is read by Triton when a kernel is decorated, so it must be
+set before ``dasg_kernels`` is imported (``tests/conftest.py`` and ``.ci/run`` do).
+"""
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package imports."""
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def triton_can_run_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device`` in this process."""
+    if not triton_available():
+        return False
+    if device.type == "cuda":
+        return not interpreter_enabled()
+    if device.type == "cpu":
+        return interpreter_enabled()
+    return False
+
+
+def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str:
+    """Return ``"triton"`` or ``"torch"`` for a call of ``op`` on ``tensors``.
+
+    Raises ``ValueError`` for an unknown backend name, for tensors on different
+    devices, and for ``backend="triton"`` where Triton cannot run (a CPU tensor
+    without ``TRITON_INTERPRET=1``, or a CUDA tensor while the interpreter is on).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"{op}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    device = next(iter(devices)) if devices else torch.device("cpu")
+    if backend == "torch":
+        return "torch"
+    if triton_can_run_on(device):
+        return "triton"
+    if backend == "auto":
+        return "torch"
+    if device.type == "cpu":
+        reason = "tensors are on the CPU; set TRITON_INTERPRET=1 before importing dasg_kernels to run the kernels in Triton's interpreter, or use backend='torch'"
+    elif device.type == "cuda":
+        reason = "TRITON_INTERPRET=1 is set, so Triton only runs CPU tensors in this process"
+    else:
+        reason = f"device type {device.type!r} is not supported by the Triton kernels"
+    raise ValueError(f"{op}: backend='triton' cannot run here: {reason}")
+
+
+def on_gpu() -> bool:
+    """True when a CUDA device is usable (never queries the Triton driver)."""
+    return torch.cuda.is_available()
