@@ -3,25 +3,26 @@
 Public ops (each takes ``backend="auto" | "triton" | "torch"``; see
 :mod:`dasg_kernels.backend`):
 
-- :func:`swa_attention` / :func:`swa_attention_with_lse`: grouped sliding-window
-  attention with optional group summaries (GMHA).
-- :mod:`dasg_kernels.moe`: :func:`route`, :func:`expert_ffn` (and friends): routed experts.
+- attention (:mod:`dasg_kernels.attention`): :func:`swa_attention` and friends,
+  grouped sliding-window attention with optional group summaries (GMHA).
+- routed experts (:mod:`dasg_kernels.moe`): :func:`route`, :func:`expert_ffn`
+  and friends (ADR + grouped SwiGLU experts).
+
+Every name in ``attention.__all__`` and ``moe.__all__`` is re-exported here.
 """
-from dasg_kernels import moe, reference
-from dasg_kernels.attention import swa_attention, swa_attention_with_lse
+from dasg_kernels import attention, moe, reference
+from dasg_kernels.attention import *  # noqa: F401,F403
 from dasg_kernels.backend import interpreter_enabled, resolve_backend
-from dasg_kernels.moe import Routing, expert_ffn, route
+from dasg_kernels.moe import *  # noqa: F401,F403
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Routing",
-    "expert_ffn",
+    "attention",
     "interpreter_enabled",
     "moe",
     "reference",
     "resolve_backend",
-    "route",
-    "swa_attention",
-    "swa_attention_with_lse",
+    *attention.__all__,
+    *moe.__all__,
 ]
