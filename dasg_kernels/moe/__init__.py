@@ -1,5 +1,6 @@
 """Routed experts: dynamic top-p routing, GPU dispatch, grouped SwiGLU expert GEMM, combine."""
-from dasg_kernels.moe.interface import expert_ffn, route
+from dasg_kernels.moe.dispatch import DispatchPlan
+from dasg_kernels.moe.interface import dispatch, expert_ffn, moe_ffn, route
 from dasg_kernels.moe.types import Routing
 
-__all__ = ["Routing", "expert_ffn", "route"]
+__all__ = ["DispatchPlan", "Routing", "dispatch", "expert_ffn", "moe_ffn", "route"]

@@ -1,15 +1,116 @@
 """Public routed-expert ops: validation, backend dispatch, autograd.
 
-STUB (foundation): only the ``torch`` backend is wired; the Triton kernels land in
-this package and are dispatched from here.
+``route`` -> ``dispatch`` -> ``expert_ffn`` (grouped SwiGLU GEMMs + combine), chained by
+``moe_ffn``. Every argument is checked here, in Python, before any launch; the
+messages name the argument. ``backend="torch"`` runs :mod:`dasg_kernels.reference`.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from dasg_kernels import reference
-from dasg_kernels.backend import resolve_backend
+from dasg_kernels.backend import interpreter_enabled, resolve_backend
+from dasg_kernels.moe import combine as _combine
+from dasg_kernels.moe import grouped_gemm as _gg
+from dasg_kernels.moe.dispatch import DispatchPlan, build_plan
+from dasg_kernels.moe.routing import route_triton
 from dasg_kernels.moe.types import Routing
+from dasg_kernels.validation import check_int, check_same, check_tensor
+
+K_MAX_LIMIT = 8
+INT_DTYPES = (torch.int32, torch.int64)
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_route_args(op, logits, top_p, k_max, min_k, n_group, topk_group, renormalize) -> int:
+    check_tensor("logits", logits, ndim=2, op=op)
+    e = logits.shape[1]
+    if e < 1:
+        raise ValueError(f"{op}: logits must have at least one expert column, got shape {tuple(logits.shape)}")
+    check_int(op, "k_max", k_max, low=1, high=K_MAX_LIMIT)
+    if k_max > e:
+        raise ValueError(f"{op}: k_max={k_max} exceeds the number of experts E={e} (logits.shape[1])")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"{op}: top_p must be a float, got {type(top_p).__name__}")
+    if not (0.0 < float(top_p) <= 1.0) or math.isnan(float(top_p)):
+        raise ValueError(f"{op}: top_p must be in (0, 1], got {top_p}")
+    check_int(op, "min_k", min_k, low=1, high=k_max)
+    check_int(op, "n_group", n_group, low=1)
+    if e % n_group != 0:
+        raise ValueError(f"{op}: n_group={n_group} must divide the number of experts E={e}")
+    if topk_group is None:
+        topk_group = n_group
+    check_int(op, "topk_group", topk_group, low=1, high=n_group)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"{op}: renormalize must be a bool, got {type(renormalize).__name__}")
+    return topk_group
+
+
+def _check_expert_ids(op, expert_ids, num_experts, n=None):
+    check_tensor("expert_ids", expert_ids, ndim=2, dtypes=INT_DTYPES, op=op)
+    if n is not None and expert_ids.shape[0] != n:
+        raise ValueError(f"{op}: expert_ids must have {n} rows (x.shape[0]), got shape {tuple(expert_ids.shape)}")
+    # The range check reads the ids back, so it runs only where that is free (not on CUDA,
+    # where it would synchronise). On CUDA, ids outside [-1, E) count as unused slots.
+    if expert_ids.device.type != "cuda" and expert_ids.numel() > 0:
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < -1 or hi >= num_experts:
+            raise ValueError(
+                f"{op}: expert_ids must lie in [-1, {num_experts - 1}] (-1 = unused slot), got values in [{lo}, {hi}]"
+            )
+
+
+def _check_ffn_args(op, x, gate_up_proj, down_proj, expert_ids, weights, activation, triton_path):
+    _check_expert_weights(op, x, gate_up_proj, down_proj, activation, triton_path)
+    _check_expert_ids(op, expert_ids, gate_up_proj.shape[0], x.shape[0])
+    check_tensor("weights", weights, ndim=2, op=op)
+    if weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"{op}: weights must have the shape of expert_ids {tuple(expert_ids.shape)}, got {tuple(weights.shape)}"
+        )
+
+
+def _check_expert_weights(op, x, gate_up_proj, down_proj, activation, triton_path):
+    check_tensor("x", x, ndim=2, op=op)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3, op=op)
+    check_tensor("down_proj", down_proj, ndim=3, op=op)
+    check_same(op, "dtype", x=x, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    n, d = x.shape
+    e, f2, d1 = gate_up_proj.shape
+    if d1 != d or f2 % 2 != 0:
+        raise ValueError(
+            f"{op}: gate_up_proj must have shape [E, 2F, D] = [E, 2F, {d}] (transformers layout, gate rows "
+            f"first), got {tuple(gate_up_proj.shape)}"
+        )
+    f = f2 // 2
+    if tuple(down_proj.shape) != (e, d, f):
+        raise ValueError(
+            f"{op}: down_proj must have shape [E, D, F] = {(e, d, f)} to match gate_up_proj {tuple(gate_up_proj.shape)}"
+            f" and x {tuple(x.shape)}, got {tuple(down_proj.shape)}"
+        )
+    if activation != "swiglu":
+        raise ValueError(f"{op}: activation must be 'swiglu', got {activation!r}")
+    if triton_path:
+        if d % 16 != 0:
+            raise ValueError(f"{op}: the hidden size D (x.shape[1]) must be a multiple of 16, got {d}")
+        if f % 16 != 0:
+            raise ValueError(f"{op}: the expert size F (gate_up_proj.shape[1] // 2) must be a multiple of 16, got {f}")
+
+
+def _unpack_routing(op, routing):
+    if isinstance(routing, Routing):
+        return routing.expert_ids, routing.weights
+    if isinstance(routing, (tuple, list)) and len(routing) >= 2:
+        return routing[0], routing[1]
+    raise TypeError(f"{op}: routing must be a Routing or an (expert_ids, weights) tuple, got {type(routing).__name__}")
+
+
+# --------------------------------------------------------------------------- route
 
 
 def route(
@@ -23,14 +124,146 @@ def route(
     renormalize: bool = True,
     backend: str = "auto",
 ) -> Routing:
-    """Dynamic top-p routing of ``logits [N, E]``; see :func:`dasg_kernels.reference.route_ref`."""
-    be = resolve_backend(backend, logits, op="route")
+    """Dynamic top-p routing of router ``logits [N, E]`` (ADR).
+
+    ``probs = softmax(logits.float())``. With ``n_group > 1`` the experts form
+    ``n_group`` equal groups, each scored by its best expert, and a token may only use
+    experts of its best ``topk_group`` groups (default: all). Eligible experts are
+    taken by descending probability (ties to the lower index) while the mass before
+    the next one is ``< top_p``; at least ``min_k``, at most ``k_max`` (and at most the
+    number of eligible experts). ``top_p=1.0`` is plain top-``k_max``.
+
+    Returns:
+        :class:`Routing`: ``expert_ids [N, k_max]`` int32 (``-1`` = unused slot),
+        ``weights [N, k_max]`` fp32 (the chosen probabilities, renormalised to sum 1
+        when ``renormalize``; 0 in unused slots; differentiable w.r.t. ``logits``),
+        ``num_selected [N]`` int32, ``tokens_per_expert [E]`` int32.
+    Raises:
+        TypeError / ValueError naming the argument: ``k_max`` outside ``1..8`` or above
+        ``E``, ``top_p`` outside ``(0, 1]``, ``min_k`` outside ``1..k_max``, ``n_group``
+        not dividing ``E``, ``topk_group`` outside ``1..n_group``.
+    """
+    op = "route"
+    topk_group = _check_route_args(op, logits, top_p, k_max, min_k, n_group, topk_group, renormalize)
+    be = resolve_backend(backend, logits, op=op)
     if be == "torch":
         return reference.route_ref(
-            logits, top_p=top_p, k_max=k_max, min_k=min_k, n_group=n_group,
+            logits, top_p=float(top_p), k_max=k_max, min_k=min_k, n_group=n_group,
             topk_group=topk_group, renormalize=renormalize,
         )
-    raise NotImplementedError("route: the Triton backend is not built yet")
+    return route_triton(
+        logits, top_p=float(top_p), k_max=k_max, min_k=min_k, n_group=n_group,
+        topk_group=topk_group, renormalize=renormalize,
+    )
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def dispatch(
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    block_m: int,
+    tokens_per_expert: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> DispatchPlan:
+    """Expert-sorted plan of the (token, slot) pairs for the grouped GEMMs; no host sync.
+
+    Args:
+        expert_ids: ``[N, k]`` int32/int64, ``-1`` for unused slots.
+        num_experts: ``E``.
+        block_m: rows per GEMM tile (a power of two); each expert's rows are padded to
+            a multiple of it.
+        tokens_per_expert: optional ``[E]`` histogram (e.g. from :func:`route`); the
+            torch path uses it instead of recounting, the Triton path counts in passing.
+        backend: ``"triton"``: a counting sort in five small Triton launches; ``"torch"``:
+            stable sort, cumsum and searchsorted. Both give the same plan, bit for bit.
+    Returns:
+        :class:`DispatchPlan` with ``row_pair [num_tiles*block_m]`` (pair ``token*k+slot``
+        held by each sorted row, ``-1`` = padding), ``pair_row [N*k]`` (its inverse,
+        ``-1`` = unused slot), ``expert_offsets [E+1]`` (block-aligned starts),
+        ``tile_expert [num_tiles]`` (``-1`` = unused tile), ``tokens_per_expert [E]``;
+        ``num_tiles = cdiv(N*k, block_m) + min(E, N*k)``, the worst case.
+    """
+    op = "dispatch"
+    check_int(op, "num_experts", num_experts, low=1)
+    check_int(op, "block_m", block_m, low=1)
+    if block_m & (block_m - 1):
+        raise ValueError(f"{op}: block_m must be a power of two, got {block_m}")
+    _check_expert_ids(op, expert_ids, num_experts)
+    if tokens_per_expert is not None:
+        check_tensor("tokens_per_expert", tokens_per_expert, ndim=1, dtypes=INT_DTYPES, op=op)
+        if tokens_per_expert.shape[0] != num_experts:
+            raise ValueError(f"{op}: tokens_per_expert must have shape [{num_experts}], got {tuple(tokens_per_expert.shape)}")
+        check_same(op, "device", expert_ids=expert_ids, tokens_per_expert=tokens_per_expert)
+    be = resolve_backend(backend, expert_ids, op=op)
+    return build_plan(expert_ids, num_experts, block_m, tokens_per_expert, use_triton=be == "triton")
+
+
+# --------------------------------------------------------------------------- expert FFN
+
+
+class ExpertFFNFunction(torch.autograd.Function):
+    """Grouped SwiGLU experts over a :class:`DispatchPlan`, with a deterministic backward.
+
+    Saves ``x``, the expert weights, the routing weights, the plan and (unless
+    ``recompute``) the gate/up pre-activations ``gu [rows, 2F]`` in ``x.dtype``
+    (``rows ~ N*k``). The backward recomputes ``h = silu(gate) * up`` from ``gu`` where
+    it needs it (``d down_proj``, the routing-weight gradient) instead of also keeping
+    ``h [rows, F]``, and gets the routing-weight gradient as ``<h, dy W_d>`` inside the
+    ``dh`` kernel instead of keeping the per-slot outputs ``[rows, D]``. With
+    ``recompute`` the backward first reruns the gate/up GEMM to rebuild ``gu``: one
+    more ``2 * rows * D * 2F`` FLOPs for ``rows * 2F`` fewer saved elements.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, weights, plan: DispatchPlan, save: bool, recompute: bool):
+        n = x.shape[0]
+        fuse = plan.num_slots == 1
+        h, gu = _gg.gate_up_fwd(x, gate_up_proj, plan, save_gu=save and not recompute)
+        y, y_slot = _gg.down_fwd(h, down_proj, plan, weights, n, fuse_combine=fuse, save_slot=not fuse)
+        del h
+        if not fuse:
+            y = _combine.combine(y_slot, plan, weights, n, x.dtype)
+        ctx.plan = plan
+        ctx.recompute = recompute
+        ctx.save_for_backward(x, gate_up_proj, down_proj, weights, gu)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, w1, w2, weights, gu = ctx.saved_tensors
+        plan = ctx.plan
+        if ctx.recompute:
+            _, gu = _gg.gate_up_fwd(x, w1, plan, save_gu=True, write_h=False)
+        n, k = x.shape[0], plan.num_slots
+        need_x, need_w1, need_w2, need_wt = ctx.needs_input_grad[:4]
+        dy = dy.to(x.dtype)
+        if dy.stride(-1) != 1:
+            dy = dy.contiguous()
+        dx = dw1 = dw2 = dwt = None
+        if need_w2:
+            dw2 = _gg.dw_down(dy, gu, weights, plan, w2)
+        if need_x or need_w1 or need_wt:
+            dgu, dw_row = _gg.down_bwd(dy, w2, gu, weights, plan, need_dw=need_wt)
+            if need_wt:
+                pr = plan.pair_row.long()
+                dwt = torch.where(pr >= 0, dw_row[pr.clamp(min=0)], torch.zeros_like(dw_row[:1]))
+                dwt = dwt.view(n, k).to(weights.dtype)
+            if need_x:
+                fuse = k == 1
+                dx = _gg.gate_up_bwd_dx(dgu, w1, plan, n, fuse_combine=fuse)
+                if not fuse:
+                    dx = _combine.combine(dx, plan, None, n, x.dtype)
+            if need_w1:
+                dw1 = _gg.dw_gate_up(dgu, x, plan, w1)
+        return dx, dw1, dw2, dwt, None, None, None
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if (t.shape[-1] <= 1 or t.stride(-1) == 1) else t.contiguous()
 
 
 def expert_ffn(
@@ -41,10 +274,123 @@ def expert_ffn(
     *,
     activation: str = "swiglu",
     backend: str = "auto",
+    block_m: int | None = None,
+    recompute: bool = False,
 ) -> torch.Tensor:
-    """Routed SwiGLU experts: ``x [N,D]``, ``gate_up_proj [E,2F,D]``, ``down_proj [E,D,F]`` -> ``[N,D]``."""
-    expert_ids, weights = routing[0], routing[1]
-    be = resolve_backend(backend, x, gate_up_proj, down_proj, op="expert_ffn")
-    if be == "torch":
+    """Routed SwiGLU experts: ``y[t] = sum_s w[t,s] * down_e(silu(gate_e(x[t])) * up_e(x[t]))``.
+
+    Args:
+        x: ``[N, D]`` fp16 / bf16 / fp32.
+        gate_up_proj: ``[E, 2F, D]`` in ``x.dtype`` (transformers layout: gate rows
+            ``[0, F)``, then up rows ``[F, 2F)``).
+        down_proj: ``[E, D, F]`` in ``x.dtype``.
+        routing: a :class:`Routing` or ``(expert_ids [N, k] int, weights [N, k] float)``;
+            ``expert_ids == -1`` marks an unused slot.
+        activation: only ``"swiglu"``.
+        block_m: rows per GEMM tile (default: chosen from the rows per expert).
+        recompute: keep nothing of size ``[N*k, 2F]`` for the backward and rerun the
+            gate/up GEMM there instead (saves ``2 * N*k * 2F`` bytes in 16 bit per layer
+            for about +22% of the layer's training FLOPs). Results are bitwise the same.
+    Returns:
+        ``y [N, D]`` in ``x.dtype``; differentiable w.r.t. ``x``, both weights and the
+        routing ``weights``. Deterministic: two calls are bitwise equal.
+    Raises:
+        TypeError / ValueError naming the argument: weight layout or dtype mismatch,
+        D or F not a multiple of 16 (Triton path), ids outside ``[-1, E)`` (checked off
+        CUDA only: reading them back would synchronise; on CUDA such slots are unused).
+    """
+    op = "expert_ffn"
+    expert_ids, weights = _unpack_routing(op, routing)
+    for name, t in (("x", x), ("gate_up_proj", gate_up_proj), ("down_proj", down_proj),
+                    ("expert_ids", expert_ids), ("weights", weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    be = resolve_backend(backend, x, gate_up_proj, down_proj, expert_ids, weights, op=op)
+    _check_ffn_args(op, x, gate_up_proj, down_proj, expert_ids, weights, activation, be == "triton")
+    if not isinstance(recompute, bool):
+        raise TypeError(f"{op}: recompute must be a bool, got {type(recompute).__name__}")
+    n, k = expert_ids.shape
+    if be == "torch" or n == 0 or k == 0:
         return reference.expert_ffn_ref(x, gate_up_proj, down_proj, expert_ids, weights)
-    raise NotImplementedError("expert_ffn: the Triton backend is not built yet")
+    e = gate_up_proj.shape[0]
+    if block_m is None:
+        block_m = _gg.choose_block_m(n * k, e)
+    elif block_m not in (16, 32, 64, 128, 256):
+        raise ValueError(f"{op}: block_m must be one of 16, 32, 64, 128, 256 (tl.dot needs >= 16), got {block_m!r}")
+    plan = dispatch(expert_ids, e, block_m=block_m, backend="triton")
+    return _expert_ffn_planned(x, gate_up_proj, down_proj, weights, plan, recompute)
+
+
+def _expert_ffn_planned(x, gate_up_proj, down_proj, weights, plan: DispatchPlan, recompute: bool) -> torch.Tensor:
+    if x.dtype == torch.bfloat16 and interpreter_enabled():
+        # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
+        # run the fp32 kernels there and round the result (the gradients follow the casts).
+        y = _expert_ffn_planned(x.float(), gate_up_proj.float(), down_proj.float(), weights, plan, recompute)
+        return y.to(torch.bfloat16)
+    x = _last_dim_contiguous(x)
+    gate_up_proj = _last_dim_contiguous(gate_up_proj)
+    down_proj = _last_dim_contiguous(down_proj)
+    weights = weights.contiguous()
+    save = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, gate_up_proj, down_proj, weights))
+    return ExpertFFNFunction.apply(x, gate_up_proj, down_proj, weights, plan, save, recompute)
+
+
+# --------------------------------------------------------------------------- layer
+
+
+def moe_ffn(
+    x: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    top_p: float = 1.0,
+    k_max: int = 2,
+    min_k: int = 1,
+    n_group: int = 1,
+    topk_group: int | None = None,
+    renormalize: bool = True,
+    backend: str = "auto",
+    recompute: bool = False,
+) -> tuple[torch.Tensor, Routing]:
+    """Router + routed experts: ``logits = x @ router_weight^T``, :func:`route`, :func:`dispatch`,
+    :func:`expert_ffn`.
+
+    Args:
+        x: ``[N, D]``; router_weight: ``[E, D]`` (``nn.Linear`` layout) in ``x.dtype``;
+        gate_up_proj ``[E, 2F, D]``, down_proj ``[E, D, F]``; routing options as :func:`route`;
+        ``recompute`` as :func:`expert_ffn`.
+    Returns:
+        ``(y [N, D], routing)``: the routing result feeds the auxiliary losses (load
+        balance, z-loss); its weights carry the gradient back to ``router_weight``.
+    """
+    op = "moe_ffn"
+    check_tensor("x", x, ndim=2, op=op)
+    check_tensor("router_weight", router_weight, ndim=2, op=op)
+    check_tensor("gate_up_proj", gate_up_proj, ndim=3, op=op)
+    check_tensor("down_proj", down_proj, ndim=3, op=op)
+    check_same(op, "dtype", x=x, router_weight=router_weight)
+    if router_weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"{op}: router_weight must have shape [E, D] with D={x.shape[1]} (x.shape[1]), got {tuple(router_weight.shape)}"
+        )
+    if router_weight.shape[0] != gate_up_proj.shape[0]:
+        raise ValueError(
+            f"{op}: router_weight has E={router_weight.shape[0]} experts but gate_up_proj has "
+            f"E={gate_up_proj.shape[0]}"
+        )
+    be = resolve_backend(backend, x, router_weight, gate_up_proj, down_proj, op=op)
+    _check_expert_weights(op, x, gate_up_proj, down_proj, "swiglu", be == "triton")
+    _check_route_args(op, x.new_empty(0, router_weight.shape[0]), top_p, k_max, min_k, n_group, topk_group,
+                      renormalize)
+    logits = F.linear(x, router_weight)
+    routing = route(logits, top_p=top_p, k_max=k_max, min_k=min_k, n_group=n_group,
+                    topk_group=topk_group, renormalize=renormalize, backend=be)
+    n = x.shape[0]
+    if be == "torch" or n == 0:
+        return expert_ffn(x, gate_up_proj, down_proj, routing, backend=be, recompute=recompute), routing
+    e = gate_up_proj.shape[0]
+    plan = build_plan(routing.expert_ids, e, _gg.choose_block_m(n * k_max, e), use_triton=True)
+    y = _expert_ffn_planned(x, gate_up_proj, down_proj, routing.weights, plan, recompute)
+    return y, routing

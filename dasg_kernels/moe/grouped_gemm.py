@@ -1,0 +1,493 @@
+"""Grouped SwiGLU expert GEMMs over the expert-sorted rows of a :class:`DispatchPlan`.
+
+Rows are the (token, slot) pairs sorted by expert and padded per expert to a
+multiple of ``BLOCK_M`` (see :mod:`dasg_kernels.moe.dispatch`); one tile of
+``BLOCK_M`` rows belongs to one expert. Token rows of ``x`` / ``dy`` are gathered by
+index as they are loaded (no permuted copy); tiles past the last expert run
+(``tile_expert == -1``) exit at once, and experts with no rows own no tile.
+
+Forward
+    ``_gate_up_fwd_kernel``  h = silu(x W_g^T) * (x W_u^T)  (SwiGLU fused; optionally
+                             also writes the pre-activation ``gu = [gate | up]`` for
+                             the backward; with ``recompute`` the backward reruns it
+                             to get ``gu`` back instead of keeping it)
+    ``_down_fwd_kernel``     y_slot = h W_d^T, per row (sorted order), or, with one
+                             slot per token, the weighted result straight into
+                             ``y[token]`` (fused combine)
+Backward
+    ``_down_bwd_kernel``     dh = (w * dy[token]) W_d, fused with the SwiGLU backward
+                             -> dgu = [dgate | dup] (recomputes silu from ``gu``), and
+                             the routing-weight gradient <h, dy[token] W_d> per F block
+    ``_gate_up_bwd_dx_kernel`` dx_slot = dgu W_gu (per row, or straight into
+                             ``dx[token]`` with one slot per token)
+    ``_dw_down_kernel``      dW_d[e] = sum over e's rows of (w dy)^T h  (h recomputed)
+    ``_dw_gate_up_kernel``   dW_gu[e] = sum over e's rows of dgu^T x[token]
+The weight gradients run one program per (expert, output tile) that walks all of
+the expert's row tiles in order: deterministic, no atomics.
+
+Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dasg_kernels.backend import interpreter_enabled
+from dasg_kernels.moe.dispatch import DispatchPlan
+
+# --------------------------------------------------------------------------- helpers
+
+
+@triton.jit
+def _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M: tl.constexpr):
+    """Rows of tile ``i_t``: their indices, the pair they hold, a mask and the token."""
+    o_r = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(row_pair + o_r)
+    m_r = pair >= 0
+    tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
+    return o_r.to(tl.int64), pair, m_r, tok
+
+
+# --------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _gate_up_fwd_kernel(
+    x, w, h, gu, row_pair, tile_expert,
+    D, F, K_SLOTS,
+    stride_xn, stride_we, stride_wf, stride_hr, stride_gr,
+    SAVE_GU: tl.constexpr, WRITE_H: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_n = tl.program_id(1)
+    e = tl.load(tile_expert + i_t)
+    if e < 0:
+        return
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < F
+    p_x = x + tok[:, None] * stride_xn
+    p_g = w + e.to(tl.int64) * stride_we + o_n[None, :].to(tl.int64) * stride_wf
+    p_u = p_g + F.to(tl.int64) * stride_wf
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < D
+        b_x = tl.load(p_x + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        m_w = m_k[:, None] & m_n[None, :]
+        b_g = tl.load(p_g + o_k[:, None], mask=m_w, other=0.0)
+        b_u = tl.load(p_u + o_k[:, None], mask=m_w, other=0.0)
+        acc_g = tl.dot(b_x, b_g, acc_g, input_precision=DOT_PREC)
+        acc_u = tl.dot(b_x, b_u, acc_u, input_precision=DOT_PREC)
+    m_o = m_r[:, None] & m_n[None, :]
+    # gate and up are rounded to the input dtype first, whether or not they are saved:
+    # the backward recomputes h from exactly these values, and the forward's result does
+    # not depend on what is saved
+    b_g = acc_g.to(x.dtype.element_ty)
+    b_u = acc_u.to(x.dtype.element_ty)
+    if SAVE_GU:
+        p_gu = gu + o_r[:, None] * stride_gr + o_n[None, :]
+        tl.store(p_gu, b_g.to(gu.dtype.element_ty), mask=m_o)
+        tl.store(p_gu + F, b_u.to(gu.dtype.element_ty), mask=m_o)
+    if WRITE_H:
+        acc_g = b_g.to(tl.float32)
+        b_h = acc_g * tl.sigmoid(acc_g) * b_u.to(tl.float32)
+        tl.store(h + o_r[:, None] * stride_hr + o_n[None, :], b_h.to(h.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _down_fwd_kernel(
+    h, w, y_slot, y, weights, row_pair, tile_expert,
+    D, F, K_SLOTS,
+    stride_hr, stride_we, stride_wd, stride_sr, stride_yn,
+    FUSE_COMBINE: tl.constexpr, SAVE_SLOT: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_n = tl.program_id(1)
+    e = tl.load(tile_expert + i_t)
+    if e < 0:
+        return
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_n < D
+    p_h = h + o_r[:, None] * stride_hr
+    p_w = w + e.to(tl.int64) * stride_we + o_n[None, :].to(tl.int64) * stride_wd
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < F
+        b_h = tl.load(p_h + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)
+        acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+    m_o = m_r[:, None] & m_n[None, :]
+    if SAVE_SLOT:
+        tl.store(y_slot + o_r[:, None] * stride_sr + o_n[None, :], acc.to(y_slot.dtype.element_ty), mask=m_o)
+    if FUSE_COMBINE:
+        # one slot per token: pair == token, so the weighted row goes straight to y
+        b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
+        acc = acc * b_w8[:, None]
+        tl.store(y + tok[:, None] * stride_yn + o_n[None, :], acc.to(y.dtype.element_ty), mask=m_o)
+
+
+# --------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _down_bwd_kernel(
+    dy, w, gu, dgu, weights, dwp, row_pair, tile_expert,
+    D, F, K_SLOTS,
+    stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr,
+    HAS_DW: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_n = tl.program_id(1)
+    e = tl.load(tile_expert + i_t)
+    if e < 0:
+        return
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # over F
+    m_n = o_n < F
+    p_dy = dy + tok[:, None] * stride_dyn
+    p_w = w + e.to(tl.int64) * stride_we + o_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < D
+        b_dy = tl.load(p_dy + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * stride_wd, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        acc = tl.dot(b_dy, b_w, acc, input_precision=DOT_PREC)
+    m_o = m_r[:, None] & m_n[None, :]
+    p_gu = gu + o_r[:, None] * stride_gr + o_n[None, :]
+    b_g = tl.load(p_gu, mask=m_o, other=0.0).to(tl.float32)
+    b_u = tl.load(p_gu + F, mask=m_o, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(b_g)
+    silu = b_g * sig
+    if HAS_DW:
+        # d weight = <y_slot, dy> = <h, dy W_d>: this F block's part (h as the forward rounded it)
+        b_h = (silu * b_u).to(dgu.dtype.element_ty).to(tl.float32)
+        tl.store(dwp + o_r * stride_pr + i_n, tl.sum(acc * b_h, axis=1), mask=m_r)
+    b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
+    acc = acc * b_w8[:, None]  # dh = w * (dy W_d)
+    d_g = acc * b_u * sig * (1.0 + b_g * (1.0 - sig))
+    d_u = acc * silu
+    p_dgu = dgu + o_r[:, None] * stride_dgr + o_n[None, :]
+    tl.store(p_dgu, d_g.to(dgu.dtype.element_ty), mask=m_o)
+    tl.store(p_dgu + F, d_u.to(dgu.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _gate_up_bwd_dx_kernel(
+    dgu, w, dx_slot, row_pair, tile_expert,
+    D, F, K_SLOTS,
+    stride_dgr, stride_we, stride_wf, stride_or,
+    FUSE_COMBINE: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    i_t = tl.program_id(0)
+    i_n = tl.program_id(1)
+    e = tl.load(tile_expert + i_t)
+    if e < 0:
+        return
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # over D
+    m_n = o_n < D
+    p_a = dgu + o_r[:, None] * stride_dgr
+    p_w = w + e.to(tl.int64) * stride_we + o_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, 2 * F, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < 2 * F
+        b_a = tl.load(p_a + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * stride_wf, mask=m_k[:, None] & m_n[None, :], other=0.0)
+        acc = tl.dot(b_a, b_w, acc, input_precision=DOT_PREC)
+    m_o = m_r[:, None] & m_n[None, :]
+    if FUSE_COMBINE:
+        o_out = tok  # one slot per token: the row is the token's dx
+    else:
+        o_out = o_r
+    tl.store(dx_slot + o_out[:, None] * stride_or + o_n[None, :], acc.to(dx_slot.dtype.element_ty), mask=m_o)
+
+
+@triton.jit
+def _dw_down_kernel(
+    dy, gu, weights, row_pair, expert_offsets, dw,
+    D, F, K_SLOTS,
+    stride_dyn, stride_gr, stride_we, stride_wd,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW_d[e, d, f] = sum_r w_r dy[tok_r, d] h[r, f]; BLOCK_N over D, BLOCK_K over F."""
+    e = tl.program_id(0)
+    i_p = tl.program_id(1)
+    n_f = tl.cdiv(F, BLOCK_K)
+    i_d = i_p // n_f
+    i_f = i_p % n_f
+    o_d = i_d * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_f = i_f * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_d = o_d < D
+    m_f = o_f < F
+    start = tl.load(expert_offsets + e)
+    end = tl.load(expert_offsets + e + 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        o_r = r0 + tl.arange(0, BLOCK_M)
+        pair = tl.load(row_pair + o_r)
+        m_r = pair >= 0
+        tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
+        b_dy = tl.load(dy + tok[None, :] * stride_dyn + o_d[:, None], mask=m_d[:, None] & m_r[None, :], other=0.0)
+        m_h = m_r[:, None] & m_f[None, :]
+        p_gu = gu + o_r[:, None].to(tl.int64) * stride_gr + o_f[None, :]
+        b_g = tl.load(p_gu, mask=m_h, other=0.0).to(tl.float32)
+        b_u = tl.load(p_gu + F, mask=m_h, other=0.0).to(tl.float32)
+        b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
+        b_h = b_g * tl.sigmoid(b_g) * b_u * b_w8[:, None]
+        acc = tl.dot(b_dy, b_h.to(b_dy.dtype), acc, input_precision=DOT_PREC)
+    p_dw = dw + e.to(tl.int64) * stride_we + o_d[:, None].to(tl.int64) * stride_wd + o_f[None, :]
+    tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_d[:, None] & m_f[None, :])
+
+
+@triton.jit
+def _dw_gate_up_kernel(
+    dgu, x, row_pair, expert_offsets, dw,
+    D, F, K_SLOTS,
+    stride_dgr, stride_xn, stride_we, stride_wf,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW_gu[e, j, d] = sum_r dgu[r, j] x[tok_r, d]; BLOCK_N over 2F, BLOCK_K over D."""
+    e = tl.program_id(0)
+    i_p = tl.program_id(1)
+    n_d = tl.cdiv(D, BLOCK_K)
+    i_j = i_p // n_d
+    i_d = i_p % n_d
+    o_j = i_j * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_d = i_d * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_j = o_j < 2 * F
+    m_d = o_d < D
+    start = tl.load(expert_offsets + e)
+    end = tl.load(expert_offsets + e + 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        o_r = r0 + tl.arange(0, BLOCK_M)
+        pair = tl.load(row_pair + o_r)
+        m_r = pair >= 0
+        tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
+        p_a = dgu + o_r[None, :].to(tl.int64) * stride_dgr + o_j[:, None]
+        b_a = tl.load(p_a, mask=m_j[:, None] & m_r[None, :], other=0.0)
+        b_x = tl.load(x + tok[:, None] * stride_xn + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
+        acc = tl.dot(b_a, b_x, acc, input_precision=DOT_PREC)
+    p_dw = dw + e.to(tl.int64) * stride_we + o_j[:, None].to(tl.int64) * stride_wf + o_d[None, :]
+    tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_j[:, None] & m_d[None, :])
+
+
+# --------------------------------------------------------------------------- configs
+
+# Under the interpreter: one fixed config, no autotuning (it needs a driver).
+INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
+# (BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; unmeasured on H100-class
+# parts. The last one fits any case (fp32, BLOCK_M = 256) and is the fallback.
+_GPU_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
+                (256, 64, 8, 3), (32, 32, 4, 2)]
+_SMEM_LIMIT = 200 * 1024
+
+
+def _smem_estimate(block_m: int, bn: int, bk: int, stages: int, elsize: int) -> int:
+    """Pipelined operand tiles per stage: ``[BM, BK] + 2 x [BK, BN]`` (row-tile kernels, two
+    B tiles in gate/up) or ``[BN, BM] + [BM, BK]`` (weight-gradient kernels), whichever is larger."""
+    return elsize * max(block_m * bk + 2 * bk * bn, bn * block_m + block_m * bk) * stages
+
+
+def _elsize(named_args) -> int:
+    return max((a.element_size() for a in named_args.values() if isinstance(a, torch.Tensor)
+                and a.is_floating_point()), default=2)
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs whose operand tiles would overflow the shared memory."""
+    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
+    el = _elsize(named_args)
+    keep = [c for c in configs
+            if _smem_estimate(bm, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, el) <= _SMEM_LIMIT]
+    return keep or configs[-1:]
+
+
+def _fixed_gpu_config(block_m: int, elsize: int) -> dict:
+    """The first config that fits (used with DASG_AUTOTUNE=0)."""
+    for bn, bk, w, st in _GPU_CONFIGS:
+        if _smem_estimate(block_m, bn, bk, st, elsize) <= _SMEM_LIMIT:
+            break
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
+
+
+_TUNED: dict = {}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("DASG_AUTOTUNE", "1") != "0"
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    """Launch ``kernel``: fixed config under the interpreter, autotuned on CUDA.
+
+    Autotuning is keyed on ``(D, F, BLOCK_M)`` plus the tensor dtypes (Triton adds
+    those to the key) and built lazily, so nothing touches the driver at import.
+    ``DASG_AUTOTUNE=0`` pins the first config that fits instead (fast start).
+    """
+    if interpreter_enabled():
+        kernel[grid(INTERPRET_CONFIG)](*args, **kwargs, **INTERPRET_CONFIG)
+        return
+    if not _autotune_enabled():
+        elsize = max((a.element_size() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()),
+                     default=2)
+        cfg = _fixed_gpu_config(kwargs["BLOCK_M"], elsize)
+        kernel[grid(cfg)](*args, **kwargs, **cfg)
+        return
+    tuned = _TUNED.get(kernel)
+    if tuned is None:
+        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+                   for bn, bk, w, st in _GPU_CONFIGS]
+        tuned = triton.autotune(configs=configs, key=["D", "F", "BLOCK_M"],
+                                prune_configs_by={"early_config_prune": _prune})(kernel)
+        _TUNED[kernel] = tuned
+    tuned[grid](*args, **kwargs)
+
+
+def choose_block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows per tile: small when experts get few rows (decode), 128 when they get many."""
+    if interpreter_enabled():
+        return 16
+    avg = num_pairs / max(num_experts, 1)
+    for bm in (16, 32, 64):
+        if avg <= bm:
+            return bm
+    return 128
+
+
+def _dot_prec(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def gate_up_fwd(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, save_gu: bool, write_h: bool = True):
+    """``h [rows, F]`` (when ``write_h``) and ``gu [rows, 2F]`` (when ``save_gu``) in ``x.dtype``."""
+    _, D = x.shape
+    F = w.shape[1] // 2
+    rows = plan.num_rows
+    h = torch.empty((rows, F), dtype=x.dtype, device=x.device) if write_h else None
+    gu = torch.empty((rows, 2 * F), dtype=x.dtype, device=x.device) if save_gu else None
+    _launch(
+        _gate_up_fwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(F, META["BLOCK_N"])),
+        x, w, h if write_h else gu, gu if save_gu else h, plan.row_pair, plan.tile_expert,
+        D, F, plan.num_slots,
+        x.stride(0), w.stride(0), w.stride(1), h.stride(0) if write_h else 0, gu.stride(0) if save_gu else 0,
+        SAVE_GU=save_gu, WRITE_H=write_h, DOT_PREC=_dot_prec(x.dtype), BLOCK_M=plan.block_m,
+    )
+    return h, gu
+
+
+def down_fwd(h: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor, n: int,
+             *, fuse_combine: bool, save_slot: bool):
+    """Per-row outputs ``y_slot [rows, D]`` (when ``save_slot``) and, fused, ``y [n, D]``."""
+    D, F = w.shape[1], w.shape[2]
+    y_slot = torch.empty((plan.num_rows, D), dtype=h.dtype, device=h.device) if save_slot else None
+    y = torch.zeros((n, D), dtype=h.dtype, device=h.device) if fuse_combine else None
+    dummy = h
+    _launch(
+        _down_fwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(D, META["BLOCK_N"])),
+        h, w, y_slot if save_slot else dummy, y if fuse_combine else dummy, weights,
+        plan.row_pair, plan.tile_expert,
+        D, F, plan.num_slots,
+        h.stride(0), w.stride(0), w.stride(1),
+        y_slot.stride(0) if save_slot else 0, y.stride(0) if fuse_combine else 0,
+        FUSE_COMBINE=fuse_combine, SAVE_SLOT=save_slot, DOT_PREC=_dot_prec(h.dtype), BLOCK_M=plan.block_m,
+    )
+    return y, y_slot
+
+
+def _min_block_n() -> int:
+    """The smallest BLOCK_N a launch here may use (bounds the F-block count)."""
+    if interpreter_enabled():
+        return INTERPRET_CONFIG["BLOCK_N"]
+    return min(c[0] for c in _GPU_CONFIGS)
+
+
+def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
+             *, need_dw: bool):
+    """``dgu [rows, 2F]`` (the gradient of the gate/up pre-activations) and, when
+    ``need_dw``, ``dw_row [rows]`` fp32, the routing-weight gradient of each row.
+
+    The per-row weight gradient is summed over the F blocks in a second, fixed-order
+    pass (``dwp.sum(1)``): deterministic without atomics, and no ``[rows, D]`` per-slot
+    output has to be kept from the forward.
+    """
+    D, F = w.shape[1], w.shape[2]
+    dgu = torch.empty((plan.num_rows, 2 * F), dtype=dy.dtype, device=dy.device)
+    # one column per F block of the smallest BLOCK_N any config uses; unused columns stay 0
+    dwp = torch.zeros((plan.num_rows, triton.cdiv(F, _min_block_n())) if need_dw else (1, 1),
+                      dtype=torch.float32, device=dy.device)
+    _launch(
+        _down_bwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(F, META["BLOCK_N"])),
+        dy, w, gu, dgu, weights, dwp, plan.row_pair, plan.tile_expert,
+        D, F, plan.num_slots,
+        dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0),
+        HAS_DW=need_dw, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
+    )
+    return dgu, (dwp.sum(1) if need_dw else None)
+
+
+def gate_up_bwd_dx(dgu: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, n: int, *, fuse_combine: bool):
+    """``dx [n, D]`` when ``fuse_combine`` (one slot per token), else ``dx_slot [rows, D]``."""
+    F, D = w.shape[1] // 2, w.shape[2]
+    if fuse_combine:
+        out = torch.zeros((n, D), dtype=dgu.dtype, device=dgu.device)
+    else:
+        out = torch.empty((plan.num_rows, D), dtype=dgu.dtype, device=dgu.device)
+    _launch(
+        _gate_up_bwd_dx_kernel, lambda META: (plan.num_tiles, triton.cdiv(D, META["BLOCK_N"])),
+        dgu, w, out, plan.row_pair, plan.tile_expert,
+        D, F, plan.num_slots,
+        dgu.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        FUSE_COMBINE=fuse_combine, DOT_PREC=_dot_prec(dgu.dtype), BLOCK_M=plan.block_m,
+    )
+    return out
+
+
+def dw_down(dy: torch.Tensor, gu: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
+            like: torch.Tensor) -> torch.Tensor:
+    """``d down_proj [E, D, F]`` in ``like.dtype``."""
+    E, D, F = like.shape
+    dw = torch.empty((E, D, F), dtype=like.dtype, device=like.device)
+    _launch(
+        _dw_down_kernel,
+        lambda META: (E, triton.cdiv(D, META["BLOCK_N"]) * triton.cdiv(F, META["BLOCK_K"])),
+        dy, gu, weights, plan.row_pair, plan.expert_offsets, dw,
+        D, F, plan.num_slots,
+        dy.stride(0), gu.stride(0), dw.stride(0), dw.stride(1),
+        DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
+    )
+    return dw
+
+
+def dw_gate_up(dgu: torch.Tensor, x: torch.Tensor, plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
+    """``d gate_up_proj [E, 2F, D]`` in ``like.dtype``."""
+    E, F2, D = like.shape
+    F = F2 // 2
+    dw = torch.empty((E, F2, D), dtype=like.dtype, device=like.device)
+    _launch(
+        _dw_gate_up_kernel,
+        lambda META: (E, triton.cdiv(F2, META["BLOCK_N"]) * triton.cdiv(D, META["BLOCK_K"])),
+        dgu, x, plan.row_pair, plan.expert_offsets, dw,
+        D, F, plan.num_slots,
+        dgu.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
+        DOT_PREC=_dot_prec(x.dtype), BLOCK_M=plan.block_m,
+    )
+    return dw

@@ -1,0 +1,362 @@
+"""expert_ffn / moe_ffn (Triton grouped GEMMs) against the per-expert loop reference.
+
+Tolerances: fp32 is compared with the fp32 reference at ``rtol=atol=1e-4`` relative
+to the tensor's scale. fp16 (and bf16 on the GPU) follow flash-attn: the kernel's
+error against the fp32 reference must be at most 2x (output) / 3x (gradients) the
+error of the same reference computed in the low dtype (``upcast=False``, the eager
+transformers path), plus 1e-4 of the tensor's scale. bf16 on the CPU runs the fp32
+kernels (the interpreter's bf16 tl.dot is broken) and is held to the same bar.
+"""
+import pytest
+import torch
+
+import dasg_kernels as dk
+from dasg_kernels.reference import expert_ffn_ref
+
+
+def _weights(e, d, f, dtype, device):
+    w1 = (torch.randn(e, 2 * f, d, device=device) / d ** 0.5).to(dtype)
+    w2 = (torch.randn(e, d, f, device=device) / f ** 0.5).to(dtype)
+    return w1, w2
+
+
+def _routing(ids, device):
+    """Weights for ``ids`` (-1 = unused): positive, zero in unused slots."""
+    w = torch.rand(ids.shape, device=device) + 0.1
+    return torch.where(ids >= 0, w, torch.zeros_like(w))
+
+
+def _run(fn, x, w1, w2, ids, wt, dy):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w1, w2, wt)]
+    y = fn(leaves[0], leaves[1], leaves[2], ids, leaves[3])
+    grads = torch.autograd.grad(y, leaves, dy)
+    return [y.detach(), *grads]
+
+
+def _kernel(x, w1, w2, ids, wt):
+    return dk.expert_ffn(x, w1, w2, (ids, wt), backend="triton")
+
+
+NAMES = ["y", "dx", "d_gate_up_proj", "d_down_proj", "d_weights"]
+
+
+def _compare(x, w1, w2, ids, wt, *, dtype):
+    dy = torch.randn(x.shape, device=x.device).to(dtype)
+    out = _run(_kernel, x, w1, w2, ids, wt, dy)
+    ref = _run(lambda *a: expert_ffn_ref(*a), x.float(), w1.float(), w2.float(), ids, wt, dy.float())
+    if dtype == torch.float32:
+        for name, a, b in zip(NAMES, out, ref):
+            assert a.dtype == b.dtype
+            scale = b.abs().max().item() + 1e-6
+            err = (a - b).abs().max().item()
+            assert err <= 1e-4 * scale, f"{name}: max err {err:.3g} vs scale {scale:.3g}"
+    else:
+        low = _run(lambda *a: expert_ffn_ref(*a, upcast=False), x, w1, w2, ids, wt, dy)
+        for i, (name, a, b, c) in enumerate(zip(NAMES, out, ref, low)):
+            assert a.dtype == c.dtype, name
+            scale = b.abs().max().item() + 1e-6
+            err = (a.float() - b).abs().max().item()
+            err_pt = (c.float() - b).abs().max().item()
+            factor = 2 if i == 0 else 3
+            assert err <= factor * err_pt + 1e-4 * scale, f"{name}: err {err:.3g} vs torch {dtype} err {err_pt:.3g}"
+    return out
+
+
+def _ids_topk(n, e, k, device):
+    return torch.argsort(torch.rand(n, e, device=device), dim=-1)[:, :k].int()
+
+
+DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,d,f,e,k", [(37, 32, 48, 4, 2), (1, 16, 16, 4, 2), (64, 64, 32, 8, 4), (19, 32, 16, 6, 1)])
+def test_expert_ffn_matches_reference(device, dtype, n, d, f, e, k):
+    x = torch.randn(n, d, device=device).to(dtype)
+    w1, w2 = _weights(e, d, f, dtype, device)
+    ids = _ids_topk(n, e, k, device)
+    _compare(x, w1, w2, ids, _routing(ids, device), dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_expert_ffn_empty_experts_and_unused_slots(device, dtype):
+    # experts 0, 2, 4..7 get no token; a third of the tokens use one slot of two;
+    # one token uses none
+    n, d, f, e = 45, 32, 32, 8
+    x = torch.randn(n, d, device=device).to(dtype)
+    w1, w2 = _weights(e, d, f, dtype, device)
+    ids = torch.stack([torch.full((n,), 1), torch.full((n,), 3)], 1).int().to(device)
+    ids[::2] = ids[::2].flip(1)
+    ids[::3, 1] = -1
+    ids[5] = -1
+    out = _compare(x, w1, w2, ids, _routing(ids, device), dtype=dtype)
+    assert torch.all(out[0][5] == 0) and torch.all(out[1][5] == 0)
+    for g in (out[2], out[3]):  # weight gradients of experts without tokens are exactly zero
+        assert torch.all(g[[0, 2, 4, 5, 6, 7]] == 0)
+        assert torch.all(g[[1, 3]].abs().sum((1, 2)) > 0)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_expert_ffn_all_tokens_one_expert(device, k):
+    n, d, f, e = 50, 16, 32, 4
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = torch.full((n, k), -1, dtype=torch.int32, device=device)
+    ids[:, 0] = 2
+    _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.float32)
+
+
+def test_expert_ffn_bf16_on_cpu(device):
+    # under the interpreter bf16 runs the fp32 kernels (tl.dot on bf16 is broken there);
+    # on the GPU the bf16 kernels run: either way the result must be bf16-accurate
+    n, d, f, e = 23, 32, 16, 4
+    x = torch.randn(n, d, device=device).bfloat16()
+    w1, w2 = _weights(e, d, f, torch.bfloat16, device)
+    ids = _ids_topk(n, e, 2, device)
+    _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.bfloat16)
+
+
+def test_expert_ffn_never_reads_unwritten_memory(device, monkeypatch):
+    # poison every new float buffer with NaN: an output row the kernels never wrote, or a
+    # padding row that leaks into a result, fails the comparison
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    n, d, f, e = 37, 32, 48, 8
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    for k in (1, 3):
+        ids = _ids_topk(n, e, k, device)
+        ids[::4, -1] = -1
+        ids[1] = -1
+        out = _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.float32)
+        assert not any(torch.isnan(t).any() for t in out)
+
+
+def _saved_bytes(fn):
+    """Run ``fn`` and count the bytes autograd saves for the backward."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_expert_ffn_recompute_same_result_less_memory(device, k):
+    n, d, f, e = 40, 32, 48, 4
+    x = torch.randn(n, d, device=device).half()
+    w1, w2 = _weights(e, d, f, torch.float16, device)
+    ids = _ids_topk(n, e, k, device)
+    wt = _routing(ids, device)
+    dy = torch.randn(n, d, device=device).half()
+    runs, saved = [], []
+    for recompute in (False, True):
+        leaves = [t.clone().requires_grad_() for t in (x, w1, w2, wt)]
+        y, nbytes = _saved_bytes(lambda: dk.expert_ffn(leaves[0], leaves[1], leaves[2], (ids, leaves[3]),
+                                                       backend="triton", recompute=recompute))
+        runs.append([y, *torch.autograd.grad(y, leaves, dy)])
+        saved.append(nbytes)
+    for name, a, b in zip(NAMES, *runs):
+        assert torch.equal(a, b), name
+    rows = dk.dispatch(ids, e, block_m=dk.moe.grouped_gemm.choose_block_m(n * k, e)).num_rows
+    assert saved[0] - saved[1] == rows * 2 * f * 2  # the fp16 gate/up pre-activations
+    with pytest.raises(TypeError, match="recompute"):
+        dk.expert_ffn(x, w1, w2, (ids, wt), recompute=1)
+
+
+@pytest.mark.parametrize("block_m", [32, 64])
+def test_expert_ffn_block_m(device, block_m):
+    n, d, f, e, k = 70, 32, 32, 4, 2
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, k, device)
+    wt = _routing(ids, device)
+    y = dk.expert_ffn(x, w1, w2, (ids, wt), backend="triton", block_m=block_m)
+    torch.testing.assert_close(y, expert_ffn_ref(x, w1, w2, ids, wt), rtol=1e-4, atol=1e-5)
+
+
+def test_expert_ffn_routing_result_and_logit_grad(device):
+    n, d, f, e = 29, 32, 16, 8
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    logits = torch.randn(n, e, device=device, requires_grad=True)
+    r = dk.route(logits, top_p=0.6, k_max=3)
+    y = dk.expert_ffn(x, w1, w2, r, backend="triton")
+    g = torch.autograd.grad(y.square().sum(), (x, logits))
+    r_ref = dk.reference.route_ref(logits, top_p=0.6, k_max=3)
+    y_ref = expert_ffn_ref(x, w1, w2, r_ref.expert_ids, r_ref.weights)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), (x, logits))
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_ffn_partial_grads_and_no_grad(device):
+    n, d, f, e = 21, 16, 16, 4
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, 2, device)
+    wt = _routing(ids, device)
+    ref = expert_ffn_ref(x, w1, w2, ids, wt)
+    with torch.no_grad():
+        torch.testing.assert_close(dk.expert_ffn(x, w1, w2, (ids, wt), backend="triton"), ref, rtol=1e-4, atol=1e-5)
+    w2r = w2.clone().requires_grad_()  # only one weight needs a gradient
+    (g,) = torch.autograd.grad(dk.expert_ffn(x, w1, w2r, (ids, wt), backend="triton").sum(), w2r)
+    w2s = w2.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(expert_ffn_ref(x, w1, w2s, ids, wt).sum(), w2s)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_ffn_strided_inputs(device):
+    n, d, f, e = 20, 32, 16, 4
+    xb = torch.randn(n, 2 * d, device=device)
+    x = xb[:, :d]  # row stride 2D
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, 2, device).long()
+    wt = _routing(ids, device)
+    y = dk.expert_ffn(x, w1, w2, (ids, wt), backend="triton")
+    torch.testing.assert_close(y, expert_ffn_ref(x, w1, w2, ids, wt), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_expert_ffn_deterministic(device, k):
+    n, d, f, e = 40, 32, 32, 4
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, k, device)
+    wt = _routing(ids, device)
+    dy = torch.randn(n, d, device=device)
+    a = _run(_kernel, x, w1, w2, ids, wt, dy)
+    b = _run(_kernel, x, w1, w2, ids, wt, dy)
+    for name, u, v in zip(NAMES, a, b):
+        assert torch.equal(u, v), name
+
+
+def test_moe_ffn_end_to_end(device):
+    n, d, f, e = 33, 32, 16, 8
+    x = torch.randn(n, d, device=device, requires_grad=True)
+    router = (torch.randn(e, d, device=device) / d ** 0.5).requires_grad_()
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    w1.requires_grad_()
+    w2.requires_grad_()
+    kw = dict(top_p=0.7, k_max=4, n_group=4, topk_group=2)
+    y, r = dk.moe_ffn(x, router, w1, w2, backend="triton", **kw)
+    y_ref, r_ref = dk.moe_ffn(x, router, w1, w2, backend="torch", **kw)
+    assert torch.equal(r.expert_ids, r_ref.expert_ids)
+    assert torch.equal(r.tokens_per_expert, r_ref.tokens_per_expert)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, (x, router, w1, w2), dy)
+    g_ref = torch.autograd.grad(y_ref, (x, router, w1, w2), dy)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_expert_ffn_empty_batch(device):
+    w1, w2 = _weights(4, 16, 16, torch.float32, device)
+    x = torch.randn(0, 16, device=device)
+    ids = torch.zeros(0, 2, dtype=torch.int32, device=device)
+    y = dk.expert_ffn(x, w1, w2, (ids, torch.zeros(0, 2, device=device)))
+    assert y.shape == (0, 16)
+
+
+def test_expert_ffn_bad_arguments(device):
+    n, d, f, e = 4, 32, 48, 4
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, 2, device)
+    wt = _routing(ids, device)
+    r = (ids, wt)
+    cases = [
+        (dict(gate_up_proj=w1.transpose(1, 2)), ValueError, r"gate_up_proj must have shape \[E, 2F, D\]"),
+        (dict(down_proj=w2.transpose(1, 2)), ValueError, r"down_proj must have shape \[E, D, F\]"),
+        (dict(down_proj=w2[:3]), ValueError, "down_proj"),
+        (dict(gate_up_proj=w1.half()), TypeError, "dtype"),
+        (dict(x=x[:, :24], gate_up_proj=w1[:, :, :24], down_proj=w2[:, :24]), ValueError, "multiple of 16"),
+        (dict(gate_up_proj=w1[:, :40], down_proj=w2[..., :20]), ValueError, "multiple of 16"),
+        (dict(routing=(ids.float(), wt)), TypeError, "expert_ids"),
+        (dict(routing=(ids + 4, wt)), ValueError, r"expert_ids must lie in \[-1, 3\]"),
+        (dict(routing=(ids[:2], wt[:2])), ValueError, "expert_ids must have 4 rows"),
+        (dict(routing=(ids, wt[:, :1])), ValueError, "weights must have the shape"),
+        (dict(routing=ids), TypeError, "routing"),
+        (dict(activation="gelu"), ValueError, "activation"),
+        (dict(x=x[0]), ValueError, "x must have 2 dimensions"),
+        (dict(x=x.int()), TypeError, "x must have dtype"),
+    ]
+    for over, exc, match in cases:
+        args = dict(x=x, gate_up_proj=w1, down_proj=w2, routing=r)
+        args.update(over)
+        act = args.pop("activation", "swiglu")
+        if device.type == "cuda" and "lie in" in match:
+            continue  # the range check would synchronise on CUDA
+        with pytest.raises(exc, match=match):
+            dk.expert_ffn(args["x"], args["gate_up_proj"], args["down_proj"], args["routing"],
+                          activation=act, backend="triton")
+    with pytest.raises(ValueError, match="block_m"):
+        dk.expert_ffn(x, w1, w2, r, backend="triton", block_m=8)
+
+
+def test_moe_ffn_bad_arguments(device):
+    n, d, f, e = 4, 32, 16, 4
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    with pytest.raises(ValueError, match="router_weight has E=8 experts but gate_up_proj has E=4"):
+        dk.moe_ffn(x, torch.randn(8, d, device=device), w1, w2, k_max=2)
+    with pytest.raises(ValueError, match="router_weight must have shape"):
+        dk.moe_ffn(x, torch.randn(e, d + 1, device=device), w1, w2, k_max=2)
+    with pytest.raises(ValueError, match="k_max"):
+        dk.moe_ffn(x, torch.randn(e, d, device=device), w1, w2, k_max=5)
+    with pytest.raises(ValueError, match="n_group"):
+        dk.moe_ffn(x, torch.randn(e, d, device=device), w1, w2, k_max=2, n_group=3)
+
+
+# --------------------------------------------------------------------------- GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n,d,f,e,k", [(1, 256, 512, 8, 2), (1000, 512, 256, 64, 6), (4096, 1024, 1408, 16, 2),
+                                       (333, 128, 64, 4, 1)])
+def test_expert_ffn_gpu(device, dtype, n, d, f, e, k, monkeypatch):
+    monkeypatch.setenv("DASG_AUTOTUNE", "0")  # one fixed config: compile once, not per shape and config
+    x = torch.randn(n, d, device=device).to(dtype)
+    w1, w2 = _weights(e, d, f, dtype, device)
+    ids = _ids_topk(n, e, k, device)
+    ids[::5, -1] = -1
+    _compare(x, w1, w2, ids, _routing(ids, device), dtype=dtype)
+
+
+@pytest.mark.gpu
+def test_moe_ffn_gpu_no_host_sync_and_deterministic(device):
+    n, d, f, e = 2048, 512, 384, 64
+    x = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    router = torch.randn(e, d, device=device, dtype=torch.bfloat16) / d ** 0.5
+    w1, w2 = _weights(e, d, f, torch.bfloat16, device)
+    w1.requires_grad_()
+    w2.requires_grad_()
+    kw = dict(top_p=0.7, k_max=6, n_group=8, topk_group=4)
+
+    def step():
+        y, _ = dk.moe_ffn(x, router, w1, w2, **kw)
+        return [y, *torch.autograd.grad(y.float().square().sum(), (x, w1, w2))]
+
+    a = step()  # warm-up: compiles and autotunes (which synchronises)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        b = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
