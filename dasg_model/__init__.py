@@ -1,0 +1,46 @@
+"""dasg_model: thin PyTorch modules over the dasg_kernels ops, and the transformers integration.
+
+- :class:`DASGConfig`: every size and switch, validated, to/from dict and JSON.
+- :class:`GroupedMultiHeadAttention` (GMHA), :class:`AdaptiveDynamicRouter` (ADR),
+  :class:`DualScaleSharedExperts` (DSSE), :class:`DASGMoE` (+ ``from_dense``),
+  :class:`DASGBlock`, :class:`DASGModel`, :class:`DASGForCausalLM`.
+- :mod:`dasg_model.integrations.transformers`: ``register()`` makes ``"dasg"`` an
+  ``attn_implementation`` and an ``experts_implementation`` of Hugging Face transformers.
+
+Every module passes ``config.backend`` (``"auto" | "triton" | "torch"``) to the kernel ops.
+"""
+from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding, apply_rope
+from dasg_model.config import DASGConfig
+from dasg_model.experts import DualScaleSharedExperts, SwiGLUExperts
+from dasg_model.model import (
+    DASGBlock,
+    DASGCausalLMOutput,
+    DASGForCausalLM,
+    DASGModel,
+    RMSNorm,
+    routing_summary,
+    set_backend,
+)
+from dasg_model.moe import DASGMoE, MoEOutput
+from dasg_model.router import AdaptiveDynamicRouter, LevelRouting, RouterOutput
+
+__all__ = [
+    "AdaptiveDynamicRouter",
+    "DASGBlock",
+    "DASGCausalLMOutput",
+    "DASGConfig",
+    "DASGForCausalLM",
+    "DASGMoE",
+    "DASGModel",
+    "DualScaleSharedExperts",
+    "GroupedMultiHeadAttention",
+    "LevelRouting",
+    "MoEOutput",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "RouterOutput",
+    "SwiGLUExperts",
+    "apply_rope",
+    "routing_summary",
+    "set_backend",
+]

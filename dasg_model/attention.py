@@ -1,0 +1,82 @@
+"""GMHA: grouped multi-head attention (RoPE, GQA, sliding window + group summaries)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dasg_kernels import swa_attention
+from dasg_model.config import DASGConfig
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """``[x1, x2] -> [-x2, x1]`` on the last dimension (the Llama / Mistral RoPE convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE tables: ``cos, sin [T, D]`` for positions ``0..T-1`` (computed in fp32)."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x [B, T, H, D]`` by the tables ``cos, sin [T, D]``."""
+    cos = cos[None, :, None, :].to(x.dtype)
+    sin = sin[None, :, None, :].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class GroupedMultiHeadAttention(nn.Module):
+    """GMHA: q/k/v/o projections, RoPE, GQA, and :func:`dasg_kernels.swa_attention`.
+
+    Every query attends to the keys of its causal sliding window (``config.attention_window``)
+    and, with ``config.use_summaries``, to one summary key/value (the group mean) per earlier
+    group of ``config.group_size`` tokens lying wholly before the window.
+
+    Input ``x [B, T, hidden]``, output ``[B, T, hidden]``.
+    """
+
+    def __init__(self, config: DASGConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.resolved_head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, config.rope_theta)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        if rope is None:
+            rope = self.rotary(torch.arange(t, device=x.device))
+        cos, sin = rope
+        q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
+        cfg = self.config
+        o = swa_attention(
+            q, k, v,
+            window=cfg.window,
+            causal=True,
+            group_size=cfg.group_size if cfg.use_summaries else None,
+            summaries=cfg.use_summaries,
+            backend=cfg.backend,
+        )
+        return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))

@@ -1,0 +1,1 @@
+"""Integrations of the DASG kernels into other libraries (Hugging Face transformers)."""
