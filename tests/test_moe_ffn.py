@@ -14,6 +14,14 @@ import dasg_kernels as dk
 from dasg_kernels.reference import expert_ffn_ref
 
 
+@pytest.fixture(autouse=True)
+def _one_config(monkeypatch):
+    # On the GPU, autotuning compiles and times every config of six kernels for each new
+    # (D, F, BLOCK_M, dtype): minutes per shape. Tests pin the first config that fits;
+    # the tests about autotuning itself set DASG_AUTOTUNE=1. (No effect under the interpreter.)
+    monkeypatch.setenv("DASG_AUTOTUNE", "0")
+
+
 def _weights(e, d, f, dtype, device):
     w1 = (torch.randn(e, 2 * f, d, device=device) / d ** 0.5).to(dtype)
     w2 = (torch.randn(e, d, f, device=device) / f ** 0.5).to(dtype)
@@ -137,6 +145,55 @@ def test_expert_ffn_never_reads_unwritten_memory(device, monkeypatch):
         ids[1] = -1
         out = _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.float32)
         assert not any(torch.isnan(t).any() for t in out)
+
+
+def test_expert_ffn_weight_grad_partials_cover_every_column(device, monkeypatch):
+    # the routing-weight gradient is summed over per-F-block partials, one column per
+    # block of the narrowest BLOCK_N any config uses; a launch with a wider BLOCK_N must
+    # still write every column (the autotuner runs all configs on the same buffer; on the
+    # GPU this test autotunes). Make every launch at least 2x wider than the column grid,
+    # poison new buffers with NaN, and check (interpreter, F=48: 3 columns, 2 programs x 2
+    # columns each, the last one masked)
+    from dasg_kernels.moe import grouped_gemm as gg
+
+    monkeypatch.setenv("DASG_AUTOTUNE", "1")
+    narrowest = gg._min_block_n()
+    monkeypatch.setattr(gg, "_min_block_n", lambda: narrowest // 2)
+    real_empty = torch.empty
+
+    def nan_empty(*size, **kw):
+        t = real_empty(*size, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    n, d, f, e, k = 30, 32, 48, 4, 2
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, k, device)
+    ids[::3, 1] = -1
+    out = _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.float32)
+    assert not torch.isnan(out[4]).any()
+
+
+def test_config_prune_counts_the_operand_dtype_only():
+    # the fp32 routing weights / partial sums a kernel also takes are not GEMM operands:
+    # they must not make a bf16 launch look fp32-sized to the shared-memory pruning
+    import triton
+
+    from dasg_kernels.moe import grouped_gemm as gg
+
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+               for bn, bk, w, st in gg._GPU_CONFIGS]
+    named = {"h": torch.empty(2, 2, dtype=torch.bfloat16), "w": torch.empty(2, 2, dtype=torch.bfloat16),
+             "weights": torch.empty(2, dtype=torch.float32), "dwp": torch.empty(2, dtype=torch.float32)}
+    kept = gg._prune(configs, named, BLOCK_M=128)
+    assert (kept[0].kwargs["BLOCK_N"], kept[0].kwargs["BLOCK_K"]) == gg._GPU_CONFIGS[0][:2]
+    assert len(kept) > 1
+    fp32 = gg._prune(configs, {k: v.float() for k, v in named.items()}, BLOCK_M=128)
+    assert len(fp32) < len(kept)
+    assert gg._fixed_gpu_config(128, 2)["BLOCK_N"] == gg._GPU_CONFIGS[0][0]
 
 
 def _saved_bytes(fn):
@@ -338,7 +395,20 @@ def test_expert_ffn_gpu(device, dtype, n, d, f, e, k, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_moe_ffn_gpu_no_host_sync_and_deterministic(device):
+def test_expert_ffn_gpu_largest_weights(device, monkeypatch):
+    # D=8192, F=16384 (the largest sizes the issue names) in fp32: the fixed config is
+    # 64 x 64, so the weight-gradient kernels have cdiv(2F, 64) * cdiv(D, 64) = 65536 output
+    # tiles per expert, past CUDA's 65535 limit on grid axes 1 and 2 (they go on axis 0)
+    monkeypatch.setenv("DASG_AUTOTUNE", "0")
+    n, d, f, e, k = 32, 8192, 16384, 2, 2
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = torch.tensor([[0, 1], [1, 0]], dtype=torch.int32, device=device).repeat(n // 2, 1)
+    _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.float32)
+
+
+@pytest.mark.gpu
+def test_moe_ffn_gpu_no_host_sync_and_deterministic(device, monkeypatch):
     n, d, f, e = 2048, 512, 384, 64
     x = torch.randn(n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     router = torch.randn(e, d, device=device, dtype=torch.bfloat16) / d ** 0.5
@@ -346,6 +416,7 @@ def test_moe_ffn_gpu_no_host_sync_and_deterministic(device):
     w1.requires_grad_()
     w2.requires_grad_()
     kw = dict(top_p=0.7, k_max=6, n_group=8, topk_group=4)
+    monkeypatch.setenv("DASG_AUTOTUNE", "1")
 
     def step():
         y, _ = dk.moe_ffn(x, router, w1, w2, **kw)

@@ -51,13 +51,14 @@ class DispatchPlan(NamedTuple):
 
 def num_tiles_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Worst-case tile count: only experts with pairs own tiles, at most ``min(E, M)`` of them,
-    so ``sum_e cdiv(c_e, block_m) <= cdiv(M, block_m) + min(E, M)``."""
-    return triton.cdiv(num_pairs, block_m) + min(num_experts, num_pairs)
+    so ``sum_e cdiv(c_e, block_m) <= cdiv(M, block_m) + min(E, M)``. (``torch.sym_min``: the
+    custom ops' fake implementations call this with symbolic sizes.)"""
+    return triton.cdiv(num_pairs, block_m) + torch.sym_min(num_experts, num_pairs)
 
 
 def num_rows_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
     """Worst-case used rows: ``M`` plus at most ``block_m - 1`` padding rows per used expert."""
-    return num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    return num_pairs + torch.sym_min(num_experts, num_pairs) * (block_m - 1)
 
 
 def build_plan_torch(
@@ -282,8 +283,17 @@ def build_plan(
     """The plan from the Triton kernels (``use_triton``) or from torch ops; the same either way.
 
     The Triton path recounts the pairs itself (the counts come out of the same pass),
-    so ``tokens_per_expert`` only saves work on the torch path.
+    so ``tokens_per_expert`` only saves work on the torch path. It runs as the
+    ``dasg_kernels::moe_dispatch`` custom op (opaque to ``torch.compile``).
     """
     if use_triton:
-        return build_plan_triton(expert_ids, num_experts, block_m)
+        from dasg_kernels.moe import ops
+
+        row_pair, pair_row, offsets, tile_expert, counts = ops.moe_dispatch(expert_ids, num_experts, block_m)
+        return DispatchPlan(
+            row_pair=row_pair, pair_row=pair_row, expert_offsets=offsets, tile_expert=tile_expert,
+            tokens_per_expert=counts, block_m=block_m, num_slots=expert_ids.shape[1],
+            num_tiles=tile_expert.shape[0],
+            num_rows=num_rows_bound(pair_row.shape[0], num_experts, block_m),
+        )
     return build_plan_torch(expert_ids, num_experts, block_m, tokens_per_expert)

@@ -142,8 +142,8 @@ def _down_fwd_kernel(
 def _down_bwd_kernel(
     dy, w, gu, dgu, weights, dwp, row_pair, tile_expert,
     D, F, K_SLOTS,
-    stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr,
-    HAS_DW: tl.constexpr, DOT_PREC: tl.constexpr,
+    stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr, DW_COLS,
+    HAS_DW: tl.constexpr, MIN_BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     i_t = tl.program_id(0)
@@ -172,7 +172,15 @@ def _down_bwd_kernel(
     if HAS_DW:
         # d weight = <y_slot, dy> = <h, dy W_d>: this F block's part (h as the forward rounded it)
         b_h = (silu * b_u).to(dgu.dtype.element_ty).to(tl.float32)
-        tl.store(dwp + o_r * stride_pr + i_n, tl.sum(acc * b_h, axis=1), mask=m_r)
+        # dwp has DW_COLS = cdiv(F, MIN_BLOCK_N) columns; this program owns the
+        # BLOCK_N // MIN_BLOCK_N of them under its F block: its sum goes in the first, zeros in
+        # the others, so every launch writes every column whatever BLOCK_N is. (The autotuner
+        # runs each config on this same buffer; a narrower config's sums must not survive
+        # into the columns a wider one leaves alone.)
+        o_c = tl.arange(0, BLOCK_N // MIN_BLOCK_N)
+        col = i_n * (BLOCK_N // MIN_BLOCK_N) + o_c
+        b_dw = tl.where(o_c[None, :] == 0, tl.sum(acc * b_h, axis=1)[:, None], 0.0)
+        tl.store(dwp + o_r[:, None] * stride_pr + col[None, :], b_dw, mask=m_r[:, None] & (col < DW_COLS)[None, :])
     b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
     acc = acc * b_w8[:, None]  # dh = w * (dy W_d)
     d_g = acc * b_u * sig * (1.0 + b_g * (1.0 - sig))
@@ -224,8 +232,8 @@ def _dw_down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW_d[e, d, f] = sum_r w_r dy[tok_r, d] h[r, f]; BLOCK_N over D, BLOCK_K over F."""
-    e = tl.program_id(0)
-    i_p = tl.program_id(1)
+    i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(D, BN) * cdiv(F, BK) can pass 65535
+    e = tl.program_id(1)
     n_f = tl.cdiv(F, BLOCK_K)
     i_d = i_p // n_f
     i_f = i_p % n_f
@@ -262,8 +270,8 @@ def _dw_gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW_gu[e, j, d] = sum_r dgu[r, j] x[tok_r, d]; BLOCK_N over 2F, BLOCK_K over D."""
-    e = tl.program_id(0)
-    i_p = tl.program_id(1)
+    i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(2F, BN) * cdiv(D, BK) can pass 65535
+    e = tl.program_id(1)
     n_d = tl.cdiv(D, BLOCK_K)
     i_j = i_p // n_d
     i_d = i_p % n_d
@@ -304,15 +312,19 @@ def _smem_estimate(block_m: int, bn: int, bk: int, stages: int, elsize: int) -> 
     return elsize * max(block_m * bk + 2 * bk * bn, bn * block_m + block_m * bk) * stages
 
 
-def _elsize(named_args) -> int:
-    return max((a.element_size() for a in named_args.values() if isinstance(a, torch.Tensor)
-                and a.is_floating_point()), default=2)
+def _operand_elsize(args) -> int:
+    """Bytes per element of the GEMM operands. Every kernel here takes its A operand (``x``,
+    ``h``, ``dy`` or ``dgu``, in the weights' dtype) first; the fp32 routing weights and
+    partial sums it also takes are never staged in shared memory, so they must not count
+    (they made bf16 launches look fp32-sized and pruned every tile but 32 x 32)."""
+    first = next(iter(args), None)
+    return first.element_size() if isinstance(first, torch.Tensor) else 2
 
 
 def _prune(configs, named_args, **kwargs):
     """Drop configs whose operand tiles would overflow the shared memory."""
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
-    el = _elsize(named_args)
+    el = _operand_elsize(named_args.values())
     keep = [c for c in configs
             if _smem_estimate(bm, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, el) <= _SMEM_LIMIT]
     return keep or configs[-1:]
@@ -344,9 +356,7 @@ def _launch(kernel, grid, *args, **kwargs):
         kernel[grid(INTERPRET_CONFIG)](*args, **kwargs, **INTERPRET_CONFIG)
         return
     if not _autotune_enabled():
-        elsize = max((a.element_size() for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()),
-                     default=2)
-        cfg = _fixed_gpu_config(kwargs["BLOCK_M"], elsize)
+        cfg = _fixed_gpu_config(kwargs["BLOCK_M"], _operand_elsize(args))
         kernel[grid(cfg)](*args, **kwargs, **cfg)
         return
     tuned = _TUNED.get(kernel)
@@ -431,15 +441,17 @@ def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch
     """
     D, F = w.shape[1], w.shape[2]
     dgu = torch.empty((plan.num_rows, 2 * F), dtype=dy.dtype, device=dy.device)
-    # one column per F block of the smallest BLOCK_N any config uses; unused columns stay 0
-    dwp = torch.zeros((plan.num_rows, triton.cdiv(F, _min_block_n())) if need_dw else (1, 1),
+    # one column per F block of the smallest BLOCK_N any config uses; the kernel writes every
+    # column of every used row (zeros past its own F block's column), so no zero fill is needed
+    min_bn = _min_block_n()
+    dwp = torch.empty((plan.num_rows, triton.cdiv(F, min_bn)) if need_dw else (1, 1),
                       dtype=torch.float32, device=dy.device)
     _launch(
         _down_bwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(F, META["BLOCK_N"])),
         dy, w, gu, dgu, weights, dwp, plan.row_pair, plan.tile_expert,
         D, F, plan.num_slots,
-        dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0),
-        HAS_DW=need_dw, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
+        dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0), dwp.shape[1],
+        HAS_DW=need_dw, MIN_BLOCK_N=min_bn, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
     )
     return dgu, (dwp.sum(1) if need_dw else None)
 
@@ -468,7 +480,7 @@ def dw_down(dy: torch.Tensor, gu: torch.Tensor, weights: torch.Tensor, plan: Dis
     dw = torch.empty((E, D, F), dtype=like.dtype, device=like.device)
     _launch(
         _dw_down_kernel,
-        lambda META: (E, triton.cdiv(D, META["BLOCK_N"]) * triton.cdiv(F, META["BLOCK_K"])),
+        lambda META: (triton.cdiv(D, META["BLOCK_N"]) * triton.cdiv(F, META["BLOCK_K"]), E),
         dy, gu, weights, plan.row_pair, plan.expert_offsets, dw,
         D, F, plan.num_slots,
         dy.stride(0), gu.stride(0), dw.stride(0), dw.stride(1),
@@ -484,7 +496,7 @@ def dw_gate_up(dgu: torch.Tensor, x: torch.Tensor, plan: DispatchPlan, like: tor
     dw = torch.empty((E, F2, D), dtype=like.dtype, device=like.device)
     _launch(
         _dw_gate_up_kernel,
-        lambda META: (E, triton.cdiv(F2, META["BLOCK_N"]) * triton.cdiv(D, META["BLOCK_K"])),
+        lambda META: (triton.cdiv(F2, META["BLOCK_N"]) * triton.cdiv(D, META["BLOCK_K"]), E),
         dgu, x, plan.row_pair, plan.expert_offsets, dw,
         D, F, plan.num_slots,
         dgu.stride(0), x.stride(0), dw.stride(0), dw.stride(1),

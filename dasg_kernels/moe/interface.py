@@ -1,5 +1,9 @@
 """Public routed-expert ops: validation, backend dispatch, autograd.
 
+The Triton path runs through the ``torch.library`` custom ops of :mod:`.ops`
+(``torch.ops.dasg_kernels.moe_*``), which carry the autograd formula and fake
+implementations for ``torch.compile``.
+
 ``route`` -> ``dispatch`` -> ``expert_ffn`` (grouped SwiGLU GEMMs + combine), chained by
 ``moe_ffn``. Every argument is checked here, in Python, before any launch; the
 messages name the argument. ``backend="torch"`` runs :mod:`dasg_kernels.reference`.
@@ -10,12 +14,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from dasg_kernels import reference
 from dasg_kernels.backend import interpreter_enabled, resolve_backend
-from dasg_kernels.moe import combine as _combine
 from dasg_kernels.moe import grouped_gemm as _gg
+from dasg_kernels.moe import ops as _ops
 from dasg_kernels.moe.dispatch import DispatchPlan, build_plan
 from dasg_kernels.moe.routing import route_triton
 from dasg_kernels.moe.types import Routing
@@ -204,11 +207,13 @@ def dispatch(
 # --------------------------------------------------------------------------- expert FFN
 
 
-class ExpertFFNFunction(torch.autograd.Function):
-    """Grouped SwiGLU experts over a :class:`DispatchPlan`, with a deterministic backward.
+def _expert_ffn_apply(x, gate_up_proj, down_proj, weights, plan: DispatchPlan, save: bool, recompute: bool):
+    """Grouped SwiGLU experts over a :class:`DispatchPlan`, through the custom op
+    ``dasg_kernels::moe_expert_ffn_fwd`` (its autograd formula runs ``moe_expert_ffn_bwd``;
+    see :mod:`dasg_kernels.moe.ops`). Deterministic forward and backward.
 
-    Saves ``x``, the expert weights, the routing weights, the plan and (unless
-    ``recompute``) the gate/up pre-activations ``gu [rows, 2F]`` in ``x.dtype``
+    Saves ``x``, the expert weights, the routing weights, the plan and (when ``save`` and
+    not ``recompute``) the gate/up pre-activations ``gu [rows, 2F]`` in ``x.dtype``
     (``rows ~ N*k``). The backward recomputes ``h = silu(gate) * up`` from ``gu`` where
     it needs it (``d down_proj``, the routing-weight gradient) instead of also keeping
     ``h [rows, F]``, and gets the routing-weight gradient as ``<h, dy W_d>`` inside the
@@ -216,50 +221,9 @@ class ExpertFFNFunction(torch.autograd.Function):
     ``recompute`` the backward first reruns the gate/up GEMM to rebuild ``gu``: one
     more ``2 * rows * D * 2F`` FLOPs for ``rows * 2F`` fewer saved elements.
     """
-
-    @staticmethod
-    def forward(ctx, x, gate_up_proj, down_proj, weights, plan: DispatchPlan, save: bool, recompute: bool):
-        n = x.shape[0]
-        fuse = plan.num_slots == 1
-        h, gu = _gg.gate_up_fwd(x, gate_up_proj, plan, save_gu=save and not recompute)
-        y, y_slot = _gg.down_fwd(h, down_proj, plan, weights, n, fuse_combine=fuse, save_slot=not fuse)
-        del h
-        if not fuse:
-            y = _combine.combine(y_slot, plan, weights, n, x.dtype)
-        ctx.plan = plan
-        ctx.recompute = recompute
-        ctx.save_for_backward(x, gate_up_proj, down_proj, weights, gu)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, w1, w2, weights, gu = ctx.saved_tensors
-        plan = ctx.plan
-        if ctx.recompute:
-            _, gu = _gg.gate_up_fwd(x, w1, plan, save_gu=True, write_h=False)
-        n, k = x.shape[0], plan.num_slots
-        need_x, need_w1, need_w2, need_wt = ctx.needs_input_grad[:4]
-        dy = dy.to(x.dtype)
-        if dy.stride(-1) != 1:
-            dy = dy.contiguous()
-        dx = dw1 = dw2 = dwt = None
-        if need_w2:
-            dw2 = _gg.dw_down(dy, gu, weights, plan, w2)
-        if need_x or need_w1 or need_wt:
-            dgu, dw_row = _gg.down_bwd(dy, w2, gu, weights, plan, need_dw=need_wt)
-            if need_wt:
-                pr = plan.pair_row.long()
-                dwt = torch.where(pr >= 0, dw_row[pr.clamp(min=0)], torch.zeros_like(dw_row[:1]))
-                dwt = dwt.view(n, k).to(weights.dtype)
-            if need_x:
-                fuse = k == 1
-                dx = _gg.gate_up_bwd_dx(dgu, w1, plan, n, fuse_combine=fuse)
-                if not fuse:
-                    dx = _combine.combine(dx, plan, None, n, x.dtype)
-            if need_w1:
-                dw1 = _gg.dw_gate_up(dgu, x, plan, w1)
-        return dx, dw1, dw2, dwt, None, None, None
+    y, _ = _ops.moe_expert_ffn_fwd(x, gate_up_proj, down_proj, weights, plan.row_pair, plan.pair_row,
+                                   plan.expert_offsets, plan.tile_expert, plan.block_m, save and not recompute)
+    return y
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -333,7 +297,7 @@ def _expert_ffn_planned(x, gate_up_proj, down_proj, weights, plan: DispatchPlan,
     weights = weights.contiguous()
     save = torch.is_grad_enabled() and any(
         t.requires_grad for t in (x, gate_up_proj, down_proj, weights))
-    return ExpertFFNFunction.apply(x, gate_up_proj, down_proj, weights, plan, save, recompute)
+    return _expert_ffn_apply(x, gate_up_proj, down_proj, weights, plan, save, recompute)
 
 
 # --------------------------------------------------------------------------- layer

@@ -95,28 +95,17 @@ def _route_block_t(n: int, e_pad: int) -> int:
     return max(1, min(64, 4096 // e_pad))
 
 
-def route_triton(
-    logits: torch.Tensor,
-    *,
-    top_p: float,
-    k_max: int,
-    min_k: int,
-    n_group: int,
-    topk_group: int,
-    renormalize: bool,
-) -> Routing:
-    """Launch the routing kernel. Arguments are validated by the caller."""
-    n, e = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)
-    eligible = topk_group * (e // n_group) if n_group > 1 else e
-    k_cap = min(k_max, eligible)
-    ids = torch.empty((n, k_max), dtype=torch.int32, device=logits.device)
-    num = torch.empty((n,), dtype=torch.int32, device=logits.device)
-    counts = torch.zeros((e,), dtype=torch.int32, device=logits.device)
+def route_select_triton(probs: torch.Tensor, *, top_p: float, k_max: int, k_cap: int, min_k: int, n_group: int,
+                        topk_group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the routing kernel on ``probs [N, E]`` (fp32, no grad): ``expert_ids [N, k_max]``,
+    ``num_selected [N]``, ``tokens_per_expert [E]``, all int32. (The body of the
+    ``dasg_kernels::moe_route_select`` custom op.)"""
+    n, e = probs.shape
+    ids = torch.empty((n, k_max), dtype=torch.int32, device=probs.device)
+    num = torch.empty((n,), dtype=torch.int32, device=probs.device)
+    counts = torch.zeros((e,), dtype=torch.int32, device=probs.device)
     if n > 0:
-        p_in = probs.detach()
-        if p_in.stride(-1) != 1:
-            p_in = p_in.contiguous()
+        p_in = probs if probs.stride(-1) == 1 else probs.contiguous()
         e_pad = triton.next_power_of_2(e)
         block_t = _route_block_t(n, e_pad)
         _route_kernel[(triton.cdiv(n, block_t),)](
@@ -128,6 +117,28 @@ def route_triton(
             N_GROUP=n_group, TOPK_GROUP=topk_group, G_PAD=triton.next_power_of_2(n_group),
             BLOCK_T=block_t, E_PAD=e_pad,
         )
+    return ids, num, counts
+
+
+def route_triton(
+    logits: torch.Tensor,
+    *,
+    top_p: float,
+    k_max: int,
+    min_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+) -> Routing:
+    """Softmax, the routing kernel (as the ``moe_route_select`` custom op), then the
+    differentiable weights. Arguments are validated by the caller."""
+    from dasg_kernels.moe import ops
+
+    n, e = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    eligible = topk_group * (e // n_group) if n_group > 1 else e
+    k_cap = min(k_max, eligible)
+    ids, num, counts = ops.moe_route_select(probs.detach(), float(top_p), k_max, k_cap, min_k, n_group, topk_group)
     used = ids >= 0
     w = probs.gather(1, ids.clamp(min=0).long()) * used
     if renormalize:
