@@ -1,0 +1,447 @@
+"""Backward kernels (FA2 split): preprocess, dk/dv over key blocks, dq over query blocks.
+
+1. ``_bwd_preprocess_kernel``: ``delta = rowsum(dO * O)`` (fp32, ``[B, Hq, T]``).
+2. ``_swa_bwd_dkdv_kernel`` with ``IS_SUMMARY=True`` (only with summaries): one program
+   per (summary block, batch * kv head, split of the query rows) computes the partial
+   gradient of the pooled summary keys/values ``dks, dvs`` (fp32) over the query tiles
+   of its split that see the block (a summary is seen by O(T) queries, so without the
+   split a handful of programs would each walk the whole sequence).
+3. ``_swa_bwd_dkdv_kernel`` with ``IS_SUMMARY=False``: one program per (key block,
+   batch * kv head); it loops over the ``Hq // Hkv`` query heads of its group and over
+   the query tiles that intersect the window (boundary tiles masked, full tiles not),
+   so GQA gradients are summed in registers, deterministically, with no atomics. Its
+   epilogue adds the pooling backward ``sum_splits(dks)[j // G] / count`` (``ADD_POOL_GRAD``).
+4. ``_swa_bwd_dq_kernel``: one program per (query block, batch * query head), visiting
+   the same local and summary tiles as the forward.
+
+Probabilities are recomputed from the saved lse (natural log, converted to log2).
+Rows with lse ``-inf`` (no visible key) are guarded so their gradients are 0, not NaN.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dasg_kernels.attention import common, configs
+from dasg_kernels.attention.common import (
+    K_LOG2E,
+    LOG2E,
+    _load_tile,
+    _local_key_range,
+    _local_query_range,
+    _local_visible,
+    _store_tile,
+    _summary_key_range,
+    _summary_query_range,
+    _summary_visible,
+)
+from dasg_kernels.attention.configs import PREPROCESS_BLOCK_M, launch_meta, tuned, win_key
+from dasg_kernels.attention.fwd import dot_precision, effective_window, summary_flags
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_ot, stride_oh,
+    stride_dob, stride_dot, stride_doh,
+    stride_db, stride_dh,
+    T, H,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H).to(tl.int64)
+    i_h = (i_bh % H).to(tl.int64)
+    start_m = i_m * BLOCK_M
+    o_m = tl.arange(0, BLOCK_M)
+    rows = start_m + o_m
+    o_d = tl.arange(0, BLOCK_D)
+    b_o = _load_tile(O + i_b * stride_ob + i_h * stride_oh, start_m, o_m, o_m[:, None] * stride_ot + o_d[None, :],
+                     stride_ot, o_d, T, HEAD_DIM, BLOCK_D, True)
+    b_do = _load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_d[None, :],
+                      stride_dot, o_d, T, HEAD_DIM, BLOCK_D, True)
+    b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(DELTA + i_b * stride_db + i_h * stride_dh + rows, b_delta, mask=rows < T)
+
+
+@triton.jit
+def _load_row_stats(p_lse, p_delta, rows, n_q, CHECK_ROWS: tl.constexpr):
+    """lse (as log2, with -inf rows mapped to 0: their probabilities are masked to 0) and delta."""
+    if CHECK_ROWS:
+        b_lse = tl.load(p_lse + rows, mask=rows < n_q, other=0.0)
+        b_delta = tl.load(p_delta + rows, mask=rows < n_q, other=0.0)
+    else:
+        b_lse = tl.load(p_lse + rows)
+        b_delta = tl.load(p_delta + rows)
+    b_lse2 = tl.where(b_lse == float("-inf"), 0.0, b_lse * K_LOG2E)
+    return b_lse2, b_delta
+
+
+@triton.jit
+def _dkdv_tiles(
+    b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+    lo, hi, left, right, G, n_keys, n_q, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Accumulate dk, dv of the key block over the query tiles ``[lo, hi)`` (transposed scores)."""
+    o_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + o_m
+        b_q = _load_tile(p_q, start_m, o_m, o_q2d, stride_qt, o_d, n_q, HEAD_DIM, BLOCK_D, MASK)
+        b_do = _load_tile(p_do, start_m, o_m, o_do2d, stride_dot, o_d, n_q, HEAD_DIM, BLOCK_D, MASK)
+        b_lse2, b_delta = _load_row_stats(p_lse, p_delta, rows, n_q, MASK)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+        if MASK:
+            if IS_SUMMARY:
+                m_vis = _summary_visible(rows[None, :], cols[:, None], left, right, G, n_keys,
+                                         SUM_BEFORE, SUM_AFTER)
+            else:
+                m_vis = _local_visible(rows[None, :], cols[:, None], left, right, n_keys)
+            m_vis = m_vis & (rows < n_q)[None, :]
+            b_st = tl.where(m_vis, b_st, float("-inf"))
+        b_pt = tl.exp2(b_st - b_lse2[None, :])
+        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
+        b_dst = b_pt * (b_dpt - b_delta[None, :])
+        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
+    return b_dk, b_dv
+
+
+@tuned("dkdv")
+@triton.jit
+def _swa_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dkb, stride_dkt, stride_dkh,
+    stride_dvb, stride_dvt, stride_dvh,
+    stride_dss, stride_dsb, stride_dst, stride_dsh,
+    stride_lb, stride_lh,
+    T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT, N_SPLITS,
+    WIN_KEY,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    i_n = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H_KV).to(tl.int64)
+    i_hk = i_bh % H_KV
+
+    start_n = i_n * BLOCK_N
+    o_n = tl.arange(0, BLOCK_N)
+    cols = start_n + o_n
+    o_d = tl.arange(0, BLOCK_D)
+    i_hk64 = i_hk.to(tl.int64)
+    b_k = _load_tile(K + i_b * stride_kb + i_hk64 * stride_kh, start_n, o_n, o_n[:, None] * stride_kt + o_d[None, :],
+                     stride_kt, o_d, N_KEYS, HEAD_DIM, BLOCK_D, True)
+    b_v = _load_tile(V + i_b * stride_vb + i_hk64 * stride_vh, start_n, o_n, o_n[:, None] * stride_vt + o_d[None, :],
+                     stride_vt, o_d, N_KEYS, HEAD_DIM, BLOCK_D, True)
+    o_mm = tl.arange(0, BLOCK_M)
+    o_q2d = o_mm[:, None] * stride_qt + o_d[None, :]
+    o_do2d = o_mm[:, None] * stride_dot + o_d[None, :]
+    b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    last_n = tl.minimum(start_n + BLOCK_N, N_KEYS) - 1
+
+    if IS_SUMMARY:
+        # Every summary is seen by O(T) queries: program_id(2) takes the query rows
+        # [r0, r1) only (a multiple of BLOCK_M) and writes its partial sum to split i_s.
+        i_s = tl.program_id(2)
+        r0 = i_s * ROWS_PER_SPLIT
+        r1 = tl.minimum(r0 + ROWS_PER_SPLIT, T)
+        a_hi, b_lo, b_full, b_tail = _summary_query_range(start_n, last_n, left, right, G, T, BLOCK_M,
+                                                          SUM_BEFORE, SUM_AFTER)
+        a_lo = r0
+        a_hi = tl.minimum(a_hi, r1)
+        b_mid = tl.minimum(tl.maximum(b_full, r0), r1)
+        b_lo = tl.maximum(b_lo, r0)
+        b_full = tl.minimum(b_full, r1)
+        b_tail = tl.minimum(tl.maximum(b_tail, r0), r1)
+        b_end = r1
+        DK += i_s.to(tl.int64) * stride_dss
+        DV += i_s.to(tl.int64) * stride_dss
+    else:
+        lo, full_lo, full_hi, hi = _local_query_range(start_n, last_n, left, right, T, BLOCK_M)
+
+    # The q heads of the group, unrolled (constexpr): a runtime loop around the tile loops
+    # made the compiler spill (cuobjdump on sm_90: 648 -> 176 bytes of stack at 32x64, 8 warps).
+    for j in tl.static_range(KV_GROUP):
+        i_h = (i_hk * KV_GROUP + j).to(tl.int64)
+        p_q = Q + i_b * stride_qb + i_h * stride_qh
+        p_do = DO + i_b * stride_dob + i_h * stride_doh
+        p_lse = LSE + i_b * stride_lb + i_h * stride_lh
+        p_delta = DELTA + i_b * stride_lb + i_h * stride_lh
+        if IS_SUMMARY:
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     b_lo, b_full, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     b_mid, b_tail, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     b_tail, b_end, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        else:
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                     full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+
+    b_dk = b_dk * sm_scale
+    p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
+    p_dv = DV + i_b * stride_dvb + i_hk64 * stride_dvh
+    if ADD_POOL_GRAD:
+        # backward of the group mean: every position of group g gets d(summary_g) / count_g,
+        # summed over the query-row splits in a fixed order (deterministic). dk is finished
+        # and stored before dv's partial sums are read, to keep fewer tiles live.
+        grp = cols // G
+        inv_cnt = 1.0 / tl.maximum(tl.minimum(T - grp * G, G), 1).to(tl.float32)  # rows past T: not stored
+        m_g = (cols < N_KEYS)[:, None] & (o_d < HEAD_DIM)[None, :]
+        o_g2d = grp[:, None] * stride_dst + o_d[None, :]
+        p_ds = i_b * stride_dsb + i_hk64 * stride_dsh
+        for i_s in range(0, N_SPLITS):
+            p_s = p_ds + tl.cast(i_s, tl.int64) * stride_dss
+            b_dk += tl.load(DKS + p_s + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
+        _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+        for i_s in range(0, N_SPLITS):
+            p_s = p_ds + tl.cast(i_s, tl.int64) * stride_dss
+            b_dv += tl.load(DVS + p_s + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
+        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+    else:
+        _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dq_tiles(
+    b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+    lo, hi, left, right, G, n_keys, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Accumulate dq of the query block over the key tiles ``[lo, hi)``."""
+    o_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + o_n
+        b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+        b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+        if MASK:
+            if IS_SUMMARY:
+                m_vis = _summary_visible(rows[:, None], cols[None, :], left, right, G, n_keys, SUM_BEFORE, SUM_AFTER)
+            else:
+                m_vis = _local_visible(rows[:, None], cols[None, :], left, right, n_keys)
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_p = tl.exp2(b_s - b_lse2[:, None])
+        b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        b_ds = b_p * (b_dp - b_delta[:, None])
+        b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
+    return b_dq
+
+
+@tuned("dq")
+@triton.jit
+def _swa_bwd_dq_kernel(
+    Q, K, V, KS, VS, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ksb, stride_kst, stride_ksh,
+    stride_vsb, stride_vst, stride_vsh,
+    stride_dob, stride_dot, stride_doh,
+    stride_dqb, stride_dqt, stride_dqh,
+    stride_lb, stride_lh,
+    T, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
+    WIN_KEY,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    # last query blocks first: with causal full attention they have the most key tiles
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = (i_bh // H_Q).to(tl.int64)
+    i_h = i_bh % H_Q
+    i_hk = (i_h // KV_GROUP).to(tl.int64)
+    i_h = i_h.to(tl.int64)
+
+    start_m = i_m * BLOCK_M
+    o_m = tl.arange(0, BLOCK_M)
+    rows = start_m + o_m
+    o_d = tl.arange(0, BLOCK_D)
+    b_q = _load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
+                     stride_qt, o_d, T, HEAD_DIM, BLOCK_D, True)
+    b_do = _load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_d[None, :],
+                      stride_dot, o_d, T, HEAD_DIM, BLOCK_D, True)
+    b_lse2, b_delta = _load_row_stats(LSE + i_b * stride_lb + i_h * stride_lh,
+                                      DELTA + i_b * stride_lb + i_h * stride_lh, rows, T, True)
+    b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    p_k = K + i_b * stride_kb + i_hk * stride_kh
+    p_v = V + i_b * stride_vb + i_hk * stride_vh
+    o_n = tl.arange(0, BLOCK_N)
+    o_k2d = o_n[:, None] * stride_kt + o_d[None, :]
+    o_v2d = o_n[:, None] * stride_vt + o_d[None, :]
+    first = start_m
+    last = tl.minimum(start_m + BLOCK_M, T) - 1
+    lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T, BLOCK_N)
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                     lo, full_lo, left, right, G, T, qk_scale,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                     full_lo, full_hi, left, right, G, T, qk_scale,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                     full_hi, hi, left, right, G, T, qk_scale,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    if SUM_BEFORE or SUM_AFTER:
+        p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
+        p_vs = VS + i_b * stride_vsb + i_hk * stride_vsh
+        o_ks2d = o_n[:, None] * stride_kst + o_d[None, :]
+        o_vs2d = o_n[:, None] * stride_vst + o_d[None, :]
+        s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N, SUM_BEFORE, SUM_AFTER)
+        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
+                         o_ks2d, o_vs2d, o_d,
+                         0, s_full, left, right, G, NG, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
+                         o_ks2d, o_vs2d, o_d,
+                         s_full, s_bhi, left, right, G, NG, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
+                         o_ks2d, o_vs2d, o_d,
+                         s_alo, NG, left, right, G, NG, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dq = b_dq * sm_scale
+    _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
+
+
+def swa_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    ks: torch.Tensor | None,
+    vs: torch.Tensor | None,
+    *,
+    left: int,
+    right: int,
+    causal: bool,
+    group_size: int | None,
+    summaries: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward of :func:`dasg_kernels.attention.fwd.swa_fwd` (``Tq == Tk``).
+
+    Returns ``dq [B,T,Hq,D]``, ``dk, dv [B,T,Hkv,D]`` in the input dtypes.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    sum_before, sum_after = summary_flags(left, right, causal, summaries)
+    use_sum = sum_before or sum_after
+    l_eff, r_eff = effective_window(left, right, t)
+    dq = common.new_empty((b, t, hq, d), q.dtype, q.device)
+    dk = common.new_empty((b, t, hkv, d), k.dtype, k.device)
+    dv = common.new_empty((b, t, hkv, d), v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if do.stride(-1) != 1:
+        # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
+        # kernels need a unit last-dim stride, so only then is dO copied.
+        do = do.contiguous()
+    block_d = triton.next_power_of_2(d)
+    delta = common.new_empty((b, hq, t), torch.float32, q.device)
+    _bwd_preprocess_kernel[(triton.cdiv(t, PREPROCESS_BLOCK_M), b * hq)](
+        out, do, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        delta.stride(0), delta.stride(1),
+        t, hq,
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
+    )
+    g = group_size if use_sum else 1
+    wk = win_key(l_eff, r_eff, t)
+    flags = dict(HEAD_DIM=d, BLOCK_D=block_d, SUM_BEFORE=sum_before, SUM_AFTER=sum_after,
+                  DOT_PREC=dot_precision(q.dtype))
+    lse = lse.contiguous()  # [B, Hq, T] fp32, produced by the forward (already contiguous)
+
+    if use_sum:
+        ng = ks.shape[1]
+        # Split the summary dk/dv over query rows (see the kernel); the partial sums
+        # [S, B, NG, Hkv, D] are added in a fixed order by the local dk/dv epilogue.
+        rows = configs.SUMMARY_SPLIT_ROWS
+        n_splits = max(1, min(triton.cdiv(t, rows), configs.SUMMARY_SPLIT_BUDGET // max(ng, 1)))
+        rows = triton.cdiv(triton.cdiv(t, n_splits), rows) * rows
+        n_splits = triton.cdiv(t, rows)
+        dks = common.new_empty((n_splits, b, ng, hkv, d), torch.float32, q.device)
+        dvs = common.new_empty((n_splits, b, ng, hkv, d), torch.float32, q.device)
+    else:
+        ng, rows, n_splits = 0, t, 0
+        dks = dvs = dk.unsqueeze(0)  # unused
+
+    def dkdv_launch(kk, vv, dkk, dvv, n_keys, is_summary):
+        def grid(meta):
+            return (triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, n_splits if is_summary else 1)
+
+        _swa_bwd_dkdv_kernel[grid](
+            q, kk, vv, do, lse, delta, dkk, dvv, dks, dvs,
+            q.stride(0), q.stride(1), q.stride(2),
+            kk.stride(0), kk.stride(1), kk.stride(2),
+            vv.stride(0), vv.stride(1), vv.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            *dkk.stride()[-4:-1],
+            *dvv.stride()[-4:-1],
+            *dks.stride()[:4],
+            lse.stride(0), lse.stride(1),
+            t, n_keys, hkv, hq // hkv, l_eff, r_eff, g, scale * LOG2E, scale,
+            rows, n_splits if use_sum else 0, wk,
+            IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, **flags, **launch_meta("dkdv"),
+        )
+
+    if use_sum:
+        dkdv_launch(ks, vs, dks, dvs, ng, True)
+    dkdv_launch(k, v, dk, dv, t, False)
+
+    ks_ = ks if use_sum else k
+    vs_ = vs if use_sum else v
+
+    def dq_grid(meta):
+        return (triton.cdiv(t, meta["BLOCK_M"]), b * hq)
+
+    _swa_bwd_dq_kernel[dq_grid](
+        q, k, v, ks_, vs_, do, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ks_.stride(0), ks_.stride(1), ks_.stride(2),
+        vs_.stride(0), vs_.stride(1), vs_.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        lse.stride(0), lse.stride(1),
+        t, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
+        **flags, **launch_meta("dq"),
+    )
+    return dq, dk, dv

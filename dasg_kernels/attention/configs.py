@@ -1,0 +1,157 @@
+"""Tile sizes: one pinned config under the interpreter, a small autotune space on CUDA.
+
+The choice is made once, when this module is imported, because Triton itself reads
+``TRITON_INTERPRET`` when a kernel is decorated. Under the interpreter
+``@triton.autotune`` with several configs fails ("0 active drivers"), so every kernel
+runs with the pinned block sizes below and the launcher passes them explicitly.
+On CUDA the kernels are wrapped in ``triton.autotune`` keyed on the head dim, a
+bucket of the window width, the summary flags and (implicitly, Triton adds it) the
+dtype of every tensor argument. Nothing here touches ``triton.runtime.driver``.
+
+The CUDA config lists are chosen for Hopper (H100/H200) from offline compiles (register
+and spill counts); their speed has NOT been measured on a GPU yet.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from dasg_kernels.backend import interpreter_enabled
+
+INTERPRET: bool = interpreter_enabled()
+
+#: On CUDA, ``DASG_KERNELS_AUTOTUNE=0`` (or setting this to False) keeps only the first
+#: config of each head-dim class: no benchmarking on a new shape (tests, quick runs).
+AUTOTUNE: bool = os.environ.get("DASG_KERNELS_AUTOTUNE", "1") != "0"
+
+# Pinned block sizes under the interpreter (small tiles keep numpy work per program low).
+PINNED: dict[str, dict[str, int]] = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "dkdv": {"BLOCK_M": 32, "BLOCK_N": 32},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 32},
+}
+
+# Fixed (not tuned) sizes of the small memory-bound kernels.
+PREPROCESS_BLOCK_M = 32 if INTERPRET else 64
+POOL_BLOCK_G = 16 if INTERPRET else 32
+
+# Backward of the summaries: query rows per program of the summary dk/dv kernel (a
+# multiple of every BLOCK_M), and a cap on splits * num_groups (the fp32 partial sums
+# take splits * B * num_groups * Hkv * D * 4 bytes each for dk and dv).
+SUMMARY_SPLIT_ROWS = 512
+SUMMARY_SPLIT_BUDGET = 8192
+
+
+def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# (config, head-dim class it is meant for: 64 = D <= 64, 128 = D in {96, 128}, 256).
+# Chosen from register/spill counts of the kernels compiled offline for sm_90 with
+# Triton 3.6 and 3.9 (``cuobjdump -res-usage``): configs that spill least at bf16.
+# Their SPEED IS UNMEASURED (no GPU in the session that wrote them); D=256 spills in
+# every config tried (pointer-based loads; Hopper TMA descriptors would be the fix).
+_FWD_SPACE = [
+    (_cfg(128, 64, 8, 3), 64),   # 0 B spilled
+    (_cfg(128, 32, 4, 3), 64),   # 0
+    (_cfg(64, 64, 4, 3), 64),    # 112
+    (_cfg(128, 32, 8, 3), 128),  # 0
+    (_cfg(64, 64, 8, 3), 128),   # 136
+    (_cfg(128, 64, 8, 2), 128),  # 288
+    (_cfg(64, 32, 4, 3), 128),   # 168
+    (_cfg(64, 32, 8, 2), 256),   # 440
+    (_cfg(128, 32, 8, 2), 256),  # 512
+    (_cfg(64, 64, 8, 2), 256),   # 912
+]
+_DKDV_SPACE = [  # spills measured with the GQA head loop unrolled, Hq/Hkv = 1..8
+    (_cfg(32, 64, 4, 3), 64),
+    (_cfg(64, 64, 4, 3), 64),
+    (_cfg(64, 128, 8, 2), 64),
+    (_cfg(32, 64, 8, 2), 128),   # 0-370
+    (_cfg(32, 64, 8, 3), 128),
+    (_cfg(64, 64, 8, 2), 128),   # 190-700
+    (_cfg(16, 32, 4, 2), 256),
+    (_cfg(32, 32, 4, 2), 256),
+    (_cfg(32, 64, 8, 2), 256),
+]
+_DQ_SPACE = [
+    (_cfg(64, 64, 4, 3), 64),    # 0
+    (_cfg(128, 64, 8, 2), 64),   # 0
+    (_cfg(128, 32, 4, 3), 64),   # 40
+    (_cfg(64, 32, 8, 3), 128),   # 0
+    (_cfg(128, 32, 8, 2), 128),  # 32
+    (_cfg(128, 64, 8, 2), 128),  # 160
+    (_cfg(64, 32, 4, 3), 128),   # 32
+    (_cfg(64, 32, 8, 2), 256),   # 664
+    (_cfg(32, 32, 4, 2), 256),
+    (_cfg(32, 64, 8, 2), 256),
+]
+SPACES = {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}
+
+# Autotune key: the kernels take these as (otherwise unused or constexpr) arguments.
+# Triton 3.9 rejects key names that are not arguments of the kernel, so it is per kernel.
+TUNE_KEY = ["HEAD_DIM", "WIN_KEY", "SUM_BEFORE", "SUM_AFTER"]
+
+
+def tune_key(name: str) -> list[str]:
+    """The autotune key of kernel ``name`` (``"fwd"``, ``"dkdv"``, ``"dq"``)."""
+    return TUNE_KEY + (["PACK_GQA"] if name == "fwd" else [])
+
+
+def _pruner(space):
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        d = args.get("HEAD_DIM", 128)
+        # Keep the configs meant for this head dim's size class (64 / 128 / 256).
+        cls = 64 if d <= 64 else (128 if d <= 128 else 256)
+        keep = [c for c, dclass in space if dclass == cls]
+        q = args.get("Q")
+        if getattr(q, "dtype", None) is not None and q.dtype.itemsize == 4:
+            # fp32 inputs use exact ("ieee") FMA dots, not tensor cores: small tiles only.
+            keep = [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)]
+        return keep if AUTOTUNE else keep[:1]
+
+    return prune
+
+
+def tuned(name: str):
+    """Decorator: autotune the kernel on CUDA; leave it alone under the interpreter."""
+
+    def wrap(fn):
+        return fn if INTERPRET else autotuner(name, fn)
+
+    return wrap
+
+
+def autotuner(name: str, fn):
+    """Wrap ``fn`` in ``triton.autotune`` with the config space of kernel ``name``."""
+    space = SPACES[name]
+    return triton.autotune(
+        configs=[c for c, _ in space],
+        key=tune_key(name),
+        prune_configs_by={"early_config_prune": _pruner(space)},
+    )(fn)
+
+
+def untuned(kernel):
+    """The plain ``JITFunction`` under an autotuner (to launch it with an explicit config)."""
+    return kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+
+
+def decode_config(rows: int, head_dim: int) -> dict[str, int]:
+    """Fixed launch config for decode (``rows <= 64`` packed query rows): no autotuning
+    inside a generation loop. Unmeasured guess: memory-bound, so small M, 4 warps."""
+    return {"BLOCK_M": min(64, max(16, triton.next_power_of_2(rows))), "BLOCK_N": 64 if head_dim <= 128 else 32,
+            "num_warps": 4, "num_stages": 2}
+
+
+def launch_meta(name: str) -> dict[str, int]:
+    """Keyword arguments the launcher passes: the pinned block sizes, or none when tuned."""
+    return dict(PINNED[name]) if INTERPRET else {}
+
+
+def win_key(left: int, right: int, t_k: int) -> int:
+    """Autotune bucket of the window width (power of two, capped)."""
+    w = min(left + right + 1, t_k)
+    return min(triton.next_power_of_2(max(w, 1)), 1 << 16)

@@ -1,0 +1,272 @@
+"""Forward kernel: flash-style sliding-window attention with group summaries.
+
+One program per (query block, batch * query head); the kv head is ``h // (Hq // Hkv)``.
+Online softmax in the log2 domain (``exp2``, ``softmax_scale * log2(e)`` folded into
+the scores), fp32 accumulators. The program visits only
+
+* the local key tiles that intersect the window of its query block, split into
+  boundary tiles (masked) and fully-visible tiles (no mask), and
+* the summary tiles that some query of the block sees (the group means computed by
+  :mod:`dasg_kernels.attention.pool`), in the same online softmax,
+
+so the work is ``O(T * (W + T/G))``. Rows that see no key get output 0 and
+lse ``-inf`` (the ``-inf - -inf`` case is guarded). Query blocks run last-first
+(the heaviest blocks of full causal attention start first). ``PACK_GQA`` (decode)
+packs the query heads of one kv head into the rows of a program instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dasg_kernels.attention import common
+from dasg_kernels.attention.common import (
+    K_LN2,
+    LOG2E,
+    _load_tile,
+    _local_key_range,
+    _local_visible,
+    _store_tile,
+    _summary_key_range,
+    _summary_visible,
+)
+from dasg_kernels.attention.configs import INTERPRET, launch_meta, tuned, untuned, win_key
+from dasg_kernels.attention.pool import group_means_fwd
+
+
+@triton.jit
+def _fwd_tiles(
+    b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+    lo, hi, left, right, G, n_keys, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Fold the key tiles ``[lo, hi)`` (local keys or summaries) into the online softmax."""
+    o_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + o_n
+        b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+        b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+        if MASK:
+            if IS_SUMMARY:
+                m_vis = _summary_visible(pos_m[:, None], cols[None, :], left, right, G, n_keys,
+                                         SUM_BEFORE, SUM_AFTER)
+            else:
+                m_vis = _local_visible(pos_m[:, None], cols[None, :], left, right, n_keys)
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
+        if MASK:
+            # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
+            b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        else:
+            b_m_use = b_m_new
+        b_alpha = tl.exp2(b_m - b_m_use)
+        b_p = tl.exp2(b_s - b_m_use[:, None])
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None]
+        b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)
+        b_m = b_m_new
+    return b_acc, b_l, b_m
+
+
+@tuned("fwd")
+@triton.jit
+def _swa_fwd_kernel(
+    Q, K, V, KS, VS, O, LSE,
+    stride_qb, stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ksb, stride_kst, stride_ksh,
+    stride_vsb, stride_vst, stride_vsh,
+    stride_ob, stride_ot, stride_oh,
+    stride_lb, stride_lh,
+    T_Q, T_K, Q_OFFSET, H_Q, KV_GROUP, left, right, G, NG, qk_scale,
+    WIN_KEY,  # autotune key only
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    PACK_GQA: tl.constexpr,
+):
+    # last query blocks first: with causal full attention they have the most key tiles
+    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    i_bh = tl.program_id(1)
+    start_m = i_m * BLOCK_M
+    o_m = tl.arange(0, BLOCK_M)
+    rows = start_m + o_m
+    o_d = tl.arange(0, BLOCK_D)
+    if PACK_GQA:
+        # decode: one program per (row block, batch * kv head); packed row r is query
+        # position r // KV_GROUP of q head kv_head * KV_GROUP + r % KV_GROUP, so every
+        # key tile is loaded once for all the q heads that share it.
+        H_KV = H_Q // KV_GROUP
+        i_b = (i_bh // H_KV).to(tl.int64)
+        i_hk = (i_bh % H_KV).to(tl.int64)
+        n_rows = T_Q * KV_GROUP
+        t_q = rows // KV_GROUP
+        h_q = (i_hk * KV_GROUP + rows % KV_GROUP).to(tl.int64)
+        m_q = (rows < n_rows)[:, None] & (o_d < HEAD_DIM)[None, :]
+        o_q = t_q.to(tl.int64) * stride_qt + h_q * stride_qh
+        b_q = tl.load(Q + i_b * stride_qb + o_q[:, None] + o_d[None, :], mask=m_q, other=0.0)
+        first = start_m // KV_GROUP + Q_OFFSET
+        last = (tl.minimum(start_m + BLOCK_M, n_rows) - 1) // KV_GROUP + Q_OFFSET
+    else:
+        i_b = (i_bh // H_Q).to(tl.int64)
+        i_h = i_bh % H_Q
+        i_hk = (i_h // KV_GROUP).to(tl.int64)
+        i_h = i_h.to(tl.int64)
+        t_q = rows
+        b_q = _load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
+                         stride_qt, o_d, T_Q, HEAD_DIM, BLOCK_D, True)
+        first = start_m + Q_OFFSET
+        last = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
+    pos_m = t_q + Q_OFFSET
+    p_k = K + i_b * stride_kb + i_hk * stride_kh
+    p_v = V + i_b * stride_vb + i_hk * stride_vh
+
+    o_n = tl.arange(0, BLOCK_N)
+    o_k2d = o_n[:, None] * stride_kt + o_d[None, :]
+    o_v2d = o_n[:, None] * stride_vt + o_d[None, :]
+
+    b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T_K, BLOCK_N)
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 lo, full_lo, left, right, G, T_K, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 full_lo, full_hi, left, right, G, T_K, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 full_hi, hi, left, right, G, T_K, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+
+    if SUM_BEFORE or SUM_AFTER:
+        p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
+        p_vs = VS + i_b * stride_vsb + i_hk * stride_vsh
+        o_ks2d = o_n[:, None] * stride_kst + o_d[None, :]
+        o_vs2d = o_n[:, None] * stride_vst + o_d[None, :]
+        s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N,
+                                                  SUM_BEFORE, SUM_AFTER)
+        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
+                                     o_ks2d, o_vs2d, o_d,
+                                     0, s_full, left, right, G, NG, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
+                                     o_ks2d, o_vs2d, o_d,
+                                     s_full, s_bhi, left, right, G, NG, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
+                                     o_ks2d, o_vs2d, o_d,
+                                     s_alo, NG, left, right, G, NG, qk_scale,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+
+    m_empty = b_l == 0.0
+    b_out = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(tl.where(m_empty, 1.0, b_l))) * K_LN2)
+    if PACK_GQA:
+        o_o = t_q.to(tl.int64) * stride_ot + h_q * stride_oh
+        tl.store(O + i_b * stride_ob + o_o[:, None] + o_d[None, :], b_out.to(O.dtype.element_ty), mask=m_q)
+        tl.store(LSE + i_b * stride_lb + h_q * stride_lh + t_q, b_lse, mask=rows < n_rows)
+    else:
+        _store_tile(O + i_b * stride_ob + i_h * stride_oh, b_out, start_m, o_m, stride_ot, o_d, T_Q, HEAD_DIM,
+                    BLOCK_D)
+        tl.store(LSE + i_b * stride_lb + i_h * stride_lh + rows, b_lse, mask=rows < T_Q)
+
+
+def effective_window(left: int, right: int, t_k: int) -> tuple[int, int]:
+    """Map ``-1`` (unbounded) and bounds beyond the sequence to ``t_k`` (see :mod:`.common`)."""
+    left = t_k if left < 0 else min(left, t_k)
+    right = t_k if right < 0 else min(right, t_k)
+    return left, right
+
+
+def summary_flags(left: int, right: int, causal: bool, summaries: bool) -> tuple[bool, bool]:
+    """(SUM_BEFORE, SUM_AFTER) from the *user* window (``-1`` = unbounded, causal applied)."""
+    return summaries and left >= 0, summaries and not causal and right >= 0
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact ``"ieee"`` for fp32 inputs (the tests hold fp32 to
+    ~1e-4, TF32 would not pass), Triton's default for fp16/bf16 (where it does not apply)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def swa_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    left: int,
+    right: int,
+    causal: bool,
+    group_size: int | None,
+    summaries: bool,
+    scale: float,
+    q_offset: int | None = None,
+    summary_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pack_gqa: bool = False,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the forward. ``left, right`` are the user's window with ``causal`` applied.
+
+    Args:
+        q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]`` (any strides, last stride 1).
+        q_offset: position of query row 0 (default ``Tk - Tq``).
+        summary_kv: precomputed group means ``(ks, vs)`` (e.g. a decode cache); pooled here if ``None``.
+        pack_gqa: put the ``Hq // Hkv`` query heads of a kv head in the rows of one
+            program (decode: few query positions, many heads per kv head).
+        config: explicit launch config (``BLOCK_M, BLOCK_N, num_warps, num_stages``) that
+            bypasses the autotuner (decode); ignored under the interpreter.
+    Returns:
+        ``out [B, Tq, Hq, D]`` (q.dtype), ``lse [B, Hq, Tq]`` fp32, and the pooled
+        summaries ``ks, vs [B, ceil(Tk/G), Hkv, D]`` (``None`` when no summary is visible).
+    """
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    q_offset = tk - tq if q_offset is None else q_offset
+    sum_before, sum_after = summary_flags(left, right, causal, summaries)
+    use_sum = sum_before or sum_after
+    l_eff, r_eff = effective_window(left, right, tk)
+    out = common.new_empty((b, tq, hq, d), q.dtype, q.device)
+    lse = common.new_empty((b, hq, tq), torch.float32, q.device)
+    ks = vs = None
+    if use_sum:  # summaries that no query can see (e.g. left=-1 and causal) are skipped
+        ks, vs = group_means_fwd(k, v, group_size) if summary_kv is None else summary_kv
+    if out.numel() == 0 or tk == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse, ks, vs
+    g = group_size if use_sum else 1
+    ng = ks.shape[1] if use_sum else 0
+    ks_ = ks if use_sum else k
+    vs_ = vs if use_sum else v
+
+    pack_gqa = pack_gqa and hq != hkv
+    n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
+
+    def grid(meta):
+        return (triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads)
+
+    kernel, meta = _swa_fwd_kernel, launch_meta("fwd")
+    if config is not None and not INTERPRET:
+        kernel, meta = untuned(_swa_fwd_kernel), dict(config)
+    kernel[grid](
+        q, k, v, ks_, vs_, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        ks_.stride(0), ks_.stride(1), ks_.stride(2),
+        vs_.stride(0), vs_.stride(1), vs_.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        tq, tk, q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
+        win_key(l_eff, r_eff, tk),
+        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
+        **meta,
+    )
+    return out, lse, ks, vs

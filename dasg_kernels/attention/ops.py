@@ -1,0 +1,89 @@
+"""The Triton attention launchers as ``torch.library`` custom ops.
+
+``torch.ops.dasg_kernels.swa_attention_fwd`` / ``swa_attention_bwd`` wrap
+:func:`~dasg_kernels.attention.fwd.swa_fwd` and :func:`~dasg_kernels.attention.bwd.swa_bwd`
+with fake (meta) implementations and an autograd formula, so ``torch.compile`` sees one
+opaque op per call (no graph break at the Triton launch) and eager autograd works the
+same way. Validation happens before, in :mod:`dasg_kernels.attention.interface`.
+
+(No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations
+to build the op schema.)
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_EMPTY_SHAPE = (0,)
+
+
+def _uses_summaries(left: int, right: int, causal: bool, summaries: bool) -> bool:
+    from dasg_kernels.attention.fwd import summary_flags
+
+    before, after = summary_flags(left, right, causal, summaries)
+    return before or after
+
+
+@torch.library.custom_op("dasg_kernels::swa_attention_fwd", mutates_args=())
+def swa_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, left: int, right: int, causal: bool,
+    group_size: Optional[int], summaries: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> ``out [B,T,Hq,D]``, ``lse [B,Hq,T]`` fp32, pooled ``ks, vs [B,ceil(T/G),Hkv,D]`` (empty when unused)."""
+    from dasg_kernels.attention.fwd import swa_fwd
+
+    out, lse, ks, vs = swa_fwd(q, k, v, left=left, right=right, causal=causal, group_size=group_size,
+                               summaries=summaries, scale=scale)
+    if ks is None:
+        ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    return out, lse, ks, vs
+
+
+@swa_attention_fwd.register_fake
+def _swa_attention_fwd_fake(q, k, v, left, right, causal, group_size, summaries, scale):
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    out = q.new_empty((b, t, hq, d))
+    lse = q.new_empty((b, hq, t), dtype=torch.float32)
+    if _uses_summaries(left, right, causal, summaries):
+        ng = (t + group_size - 1) // group_size  # works for SymInts too
+        ks, vs = k.new_empty((b, ng, hkv, d)), v.new_empty((b, ng, hkv, d))
+    else:
+        ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    return out, lse, ks, vs
+
+
+@torch.library.custom_op("dasg_kernels::swa_attention_bwd", mutates_args=())
+def swa_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ks: Tensor, vs: Tensor,
+    left: int, right: int, causal: bool, group_size: Optional[int], summaries: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> ``dq, dk, dv`` (``ks, vs`` are the forward's pooled summaries, empty when unused)."""
+    from dasg_kernels.attention.bwd import swa_bwd
+
+    use = _uses_summaries(left, right, causal, summaries)
+    return swa_bwd(dout, q, k, v, out, lse, ks if use else None, vs if use else None,
+                   left=left, right=right, causal=causal, group_size=group_size,
+                   summaries=summaries, scale=scale)
+
+
+@swa_attention_bwd.register_fake
+def _swa_attention_bwd_fake(dout, q, k, v, out, lse, ks, vs, left, right, causal, group_size, summaries, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, left, right, causal, group_size, summaries, scale = inputs
+    out, lse, ks, vs = output
+    ctx.save_for_backward(q, k, v, out, lse, ks, vs)
+    ctx.args = (left, right, causal, group_size, summaries, scale)
+    ctx.mark_non_differentiable(lse, ks, vs)
+
+
+def _backward(ctx, dout, dlse, dks, dvs):
+    q, k, v, out, lse, ks, vs = ctx.saved_tensors
+    dq, dk, dv = swa_attention_bwd(dout, q, k, v, out, lse, ks, vs, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+swa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
