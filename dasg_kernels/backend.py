@@ -81,6 +81,13 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
     raise ValueError(f"{op}: backend='triton' cannot run here: {reason}")
 
 
+def autotune_enabled() -> bool:
+    """Whether the CUDA kernels autotune (``DASG_AUTOTUNE=0`` pins one config per kernel:
+    no benchmarking on a new shape, for tests, quick runs and cross-process reproducibility).
+    Read at each launch; the interpreter never autotunes."""
+    return os.environ.get("DASG_AUTOTUNE", "1") != "0"
+
+
 def on_gpu() -> bool:
     """True when a CUDA device is usable (never queries the Triton driver)."""
     return torch.cuda.is_available()

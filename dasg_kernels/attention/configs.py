@@ -13,17 +13,13 @@ and spill counts); their speed has NOT been measured on a GPU yet.
 """
 from __future__ import annotations
 
-import os
 
 import triton
 
-from dasg_kernels.backend import interpreter_enabled
+from dasg_kernels.backend import autotune_enabled, interpreter_enabled
 
 INTERPRET: bool = interpreter_enabled()
 
-#: On CUDA, ``DASG_KERNELS_AUTOTUNE=0`` (or setting this to False) keeps only the first
-#: config of each head-dim class: no benchmarking on a new shape (tests, quick runs).
-AUTOTUNE: bool = os.environ.get("DASG_KERNELS_AUTOTUNE", "1") != "0"
 
 # Pinned block sizes under the interpreter (small tiles keep numpy work per program low).
 PINNED: dict[str, dict[str, int]] = {
@@ -110,7 +106,8 @@ def _pruner(space):
         if getattr(q, "dtype", None) is not None and q.dtype.itemsize == 4:
             # fp32 inputs use exact ("ieee") FMA dots, not tensor cores: small tiles only.
             keep = [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)]
-        return keep if AUTOTUNE else keep[:1]
+        # DASG_AUTOTUNE=0 (see dasg_kernels.backend.autotune_enabled): the first config only
+        return keep if autotune_enabled() else keep[:1]
 
     return prune
 

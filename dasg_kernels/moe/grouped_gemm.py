@@ -29,13 +29,12 @@ Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from dasg_kernels.backend import interpreter_enabled
+from dasg_kernels.backend import autotune_enabled, interpreter_enabled
 from dasg_kernels.moe.dispatch import DispatchPlan
 
 # --------------------------------------------------------------------------- helpers
@@ -341,10 +340,6 @@ def _fixed_gpu_config(block_m: int, elsize: int) -> dict:
 _TUNED: dict = {}
 
 
-def _autotune_enabled() -> bool:
-    return os.environ.get("DASG_AUTOTUNE", "1") != "0"
-
-
 def _launch(kernel, grid, *args, **kwargs):
     """Launch ``kernel``: fixed config under the interpreter, autotuned on CUDA.
 
@@ -355,7 +350,7 @@ def _launch(kernel, grid, *args, **kwargs):
     if interpreter_enabled():
         kernel[grid(INTERPRET_CONFIG)](*args, **kwargs, **INTERPRET_CONFIG)
         return
-    if not _autotune_enabled():
+    if not autotune_enabled():
         cfg = _fixed_gpu_config(kwargs["BLOCK_M"], _operand_elsize(args))
         kernel[grid(cfg)](*args, **kwargs, **cfg)
         return
