@@ -527,7 +527,7 @@ def test_pairwise_all_head_dims_and_dtypes_gpu(_no_autotune):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("window,group", [((256, 0), 256), ((1024, 0), None), ((-1, -1), None)])
-def test_long_sequence_gpu(window, group, dtype, device):
+def test_long_sequence_gpu(window, group, dtype, device, _no_autotune):
     q, k, v = make_inputs(1, 4096 + 3, 8, 2, 128, dtype, device)
     check_against_reference(q, k, v, window=window, causal=True, group_size=group, summaries=group is not None)
 
@@ -570,6 +570,24 @@ def test_autotuner_wrapping_is_valid():
                          ("dq", bwd._swa_bwd_dq_kernel)]:
         tuned = configs.autotuner(name, configs.untuned(kernel))
         assert set(configs.tune_key(name)) <= set(tuned.arg_names)
+
+
+def test_do_not_specialize_names_are_kernel_args():
+    """Triton silently ignores a ``do_not_specialize`` name that is not an argument of the
+    kernel (the kernel would then compile anew for every ``T``/window/``G`` on the GPU)."""
+    from dasg_kernels.attention import bwd, configs, fwd, pool
+
+    for kernel in (fwd._swa_fwd_kernel, bwd._bwd_preprocess_kernel, bwd._swa_bwd_dkdv_kernel,
+                   bwd._swa_bwd_dq_kernel, pool._group_mean_kernel):
+        jf = configs.untuned(kernel)
+        names = jf.kwargs["do_not_specialize"] if hasattr(jf, "kwargs") else jf.do_not_specialize
+        assert names and set(names) <= set(jf.arg_names), (jf.fn.__name__, names)
+
+
+def test_grid_limit_is_a_clear_error():
+    with pytest.raises(ValueError, match="exceeds the CUDA grid limit 65535"):
+        common.check_grid("swa_attention", 65536, "batch * q heads")
+    common.check_grid("swa_attention", 65535, "batch * q heads")
 
 
 def test_math_constants():

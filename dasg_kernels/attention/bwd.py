@@ -30,17 +30,17 @@ from dasg_kernels.attention.common import (
     _load_tile,
     _local_key_range,
     _local_query_range,
-    _local_visible,
+    _qk_tile,
     _store_tile,
     _summary_key_range,
     _summary_query_range,
-    _summary_visible,
+    _visible,
 )
 from dasg_kernels.attention.configs import PREPROCESS_BLOCK_M, launch_meta, tuned, win_key
 from dasg_kernels.attention.fwd import dot_precision, effective_window, summary_flags
 
 
-@triton.jit
+@triton.jit(do_not_specialize=common.no_specialize("stride_db stride_dh T H"))
 def _bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_ot, stride_oh,
@@ -95,11 +95,7 @@ def _dkdv_tiles(
         b_lse2, b_delta = _load_row_stats(p_lse, p_delta, rows, n_q, MASK)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         if MASK:
-            if IS_SUMMARY:
-                m_vis = _summary_visible(rows[None, :], cols[:, None], left, right, G, n_keys,
-                                         SUM_BEFORE, SUM_AFTER)
-            else:
-                m_vis = _local_visible(rows[None, :], cols[:, None], left, right, n_keys)
+            m_vis = _visible(rows[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
             m_vis = m_vis & (rows < n_q)[None, :]
             b_st = tl.where(m_vis, b_st, float("-inf"))
         b_pt = tl.exp2(b_st - b_lse2[None, :])
@@ -111,7 +107,8 @@ def _dkdv_tiles(
 
 
 @tuned("dkdv")
-@triton.jit
+@triton.jit(do_not_specialize=common.no_specialize(
+    "stride_lb stride_lh T N_KEYS H_KV left right G ROWS_PER_SPLIT N_SPLITS WIN_KEY"))
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS,
     stride_qb, stride_qt, stride_qh,
@@ -157,13 +154,15 @@ def _swa_bwd_dkdv_kernel(
         r1 = tl.minimum(r0 + ROWS_PER_SPLIT, T)
         a_hi, b_lo, b_full, b_tail = _summary_query_range(start_n, last_n, left, right, G, T, BLOCK_M,
                                                           SUM_BEFORE, SUM_AFTER)
+        # clipped to the split: the "after" queries [r0, a_hi) (masked), then the "before"
+        # ones laid out like the local ranges below: masked [lo, full_lo), unmasked
+        # [full_lo, full_hi) (they see the whole block), masked [full_hi, hi)
         a_lo = r0
         a_hi = tl.minimum(a_hi, r1)
-        b_mid = tl.minimum(tl.maximum(b_full, r0), r1)
-        b_lo = tl.maximum(b_lo, r0)
-        b_full = tl.minimum(b_full, r1)
-        b_tail = tl.minimum(tl.maximum(b_tail, r0), r1)
-        b_end = r1
+        lo = tl.maximum(b_lo, r0)
+        full_lo = tl.minimum(tl.maximum(b_full, r0), r1)
+        full_hi = tl.minimum(tl.maximum(b_tail, r0), r1)
+        hi = r1
         DK += i_s.to(tl.int64) * stride_dss
         DV += i_s.to(tl.int64) * stride_dss
     else:
@@ -182,31 +181,18 @@ def _swa_bwd_dkdv_kernel(
                                      stride_qt, stride_dot, o_q2d, o_do2d, o_d,
                                      a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
                                      HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     b_lo, b_full, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     b_mid, b_tail, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     b_tail, b_end, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        else:
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                 lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                 full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                 full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
 
     b_dk = b_dk * sm_scale
     p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
@@ -218,8 +204,10 @@ def _swa_bwd_dkdv_kernel(
         grp = cols // G
         inv_cnt = 1.0 / tl.maximum(tl.minimum(T - grp * G, G), 1).to(tl.float32)  # rows past T: not stored
         m_g = (cols < N_KEYS)[:, None] & (o_d < HEAD_DIM)[None, :]
-        o_g2d = grp[:, None] * stride_dst + o_d[None, :]
-        p_ds = i_b * stride_dsb + i_hk64 * stride_dsh
+        # groups relative to the block's first one (int32 tile offsets, int64 scalar base)
+        g0 = start_n // G
+        o_g2d = (grp - g0)[:, None] * stride_dst + o_d[None, :]
+        p_ds = i_b * stride_dsb + i_hk64 * stride_dsh + tl.cast(g0, tl.int64) * stride_dst
         for i_s in range(0, N_SPLITS):
             p_s = p_ds + tl.cast(i_s, tl.int64) * stride_dss
             b_dk += tl.load(DKS + p_s + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
@@ -244,16 +232,9 @@ def _dq_tiles(
     """Accumulate dq of the query block over the key tiles ``[lo, hi)``."""
     o_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + o_n
-        b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
-        b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-        if MASK:
-            if IS_SUMMARY:
-                m_vis = _summary_visible(rows[:, None], cols[None, :], left, right, G, n_keys, SUM_BEFORE, SUM_AFTER)
-            else:
-                m_vis = _local_visible(rows[:, None], cols[None, :], left, right, n_keys)
-            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_k, b_v, b_s = _qk_tile(b_q, rows, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 left, right, G, n_keys, qk_scale,
+                                 HEAD_DIM, BLOCK_D, MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_p = tl.exp2(b_s - b_lse2[:, None])
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -262,7 +243,8 @@ def _dq_tiles(
 
 
 @tuned("dq")
-@triton.jit
+@triton.jit(do_not_specialize=common.no_specialize(
+    "stride_lb stride_lh T H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_bwd_dq_kernel(
     Q, K, V, KS, VS, DO, LSE, DELTA, DQ,
     stride_qb, stride_qt, stride_qh,
@@ -337,6 +319,7 @@ def _swa_bwd_dq_kernel(
     _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
 
 
+@common.on_device_of_first_arg
 def swa_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -368,6 +351,7 @@ def swa_bwd(
     dv = common.new_empty((b, t, hkv, d), v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    common.check_grid("swa_attention backward", b * hq, "batch * q heads")
     if do.stride(-1) != 1:
         # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
         # kernels need a unit last-dim stride, so only then is dO copied.

@@ -14,6 +14,9 @@ also switch the summaries off exactly as :func:`reference.summary_mask` does.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -36,32 +39,56 @@ def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     return t
 
 
-@triton.jit
-def _load_rows(base, rows, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-               CHECK_ROWS: tl.constexpr):
-    """Load a ``[len(rows), BLOCK_D]`` tile; rows ``>= n_rows`` and columns ``>= HEAD_DIM`` read 0.
+#: CUDA limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1): the launchers put the
+#: ``batch * heads`` programs there.
+MAX_GRID_YZ = 65535
 
-    ``rows * stride_t`` is computed in int64 so long sequences with large strides cannot overflow.
+
+def no_specialize(names: str) -> list[str]:
+    """``do_not_specialize`` list of a kernel from its space-separated int argument names.
+
+    Triton compiles a separate kernel for each combination of "== 1" / "divisible by 16"
+    / other of every int argument. For sequence lengths, window bounds, group sizes and
+    head counts that only multiplies compilations (each distinct (T, window, G) of a test
+    sweep would compile anew, 2-10 s per kernel on sm_90) for no gain: none of them sets
+    the alignment of a tile load. Nor do the strides of ``lse [B, H, T]`` and ``delta``
+    (``T`` and ``H*T``: 1, divisible by 16 or neither, depending on ``T``); they only
+    address vectors of ``BLOCK_M`` floats. The q/k/v/o strides stay specialized (``D`` and
+    multiples: divisibility by 16 gives vectorized tile loads).
+    ``tests/test_attention.py`` checks that the names are arguments.
     """
-    p = base + rows.to(tl.int64)[:, None] * stride_t + o_d[None, :]
-    if CHECK_ROWS:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(p, mask=(rows < n_rows)[:, None], other=0.0)
-        else:
-            x = tl.load(p, mask=(rows < n_rows)[:, None] & (o_d < HEAD_DIM)[None, :], other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            x = tl.load(p)
-        else:
-            x = tl.load(p, mask=(o_d < HEAD_DIM)[None, :], other=0.0)
-    return x
+    return names.split()
+
+
+def check_grid(op: str, n_programs: int, what: str) -> None:
+    """Raise a ``ValueError`` (instead of a CUDA launch error) past the grid-axis limit."""
+    if n_programs > MAX_GRID_YZ:
+        raise ValueError(f"{op}: {what} = {n_programs} exceeds the CUDA grid limit {MAX_GRID_YZ} "
+                         f"of the kernels' second grid axis; split the batch")
+
+
+def on_device_of_first_arg(fn):
+    """Run a launcher with the CUDA device of its first (tensor) argument current.
+
+    Triton launches on the *current* device, so a tensor on ``cuda:1`` while ``cuda:0``
+    is current would be read by a kernel on the wrong device (FLA's ``input_guard``).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(x, *args, **kwargs):
+        ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+        with ctx:
+            return fn(x, *args, **kwargs)
+
+    return wrapper
 
 
 @triton.jit
 def _load_tile(base, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
-    """Load rows ``start + o_t`` (a contiguous tile): like :func:`_load_rows`, but only the
-    scalar ``start * stride_t`` is int64, and the int32 tile offsets
+    """Load rows ``start + o_t`` (a contiguous tile); rows ``>= n_rows`` (when ``CHECK_ROWS``)
+    and columns ``>= HEAD_DIM`` read 0. Only the scalar ``start * stride_t`` is int64 (long
+    sequences with large strides cannot overflow), and the int32 tile offsets
     ``o_2d = o_t[:, None] * stride_t + o_d[None, :]`` are computed once by the kernel and
     shared by all its loops (one loop-invariant tensor instead of one per inlined loop:
     measured with cuobjdump on sm_90, this is what keeps register spills down)."""
@@ -90,16 +117,6 @@ def _store_tile(base, x, start, o_t, stride_t, o_d, n_rows, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def _store_rows(base, x, rows, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Store a ``[len(rows), BLOCK_D]`` tile (cast to the buffer's dtype), masked."""
-    p = base + rows.to(tl.int64)[:, None] * stride_t + o_d[None, :]
-    if BLOCK_D == HEAD_DIM:
-        tl.store(p, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None])
-    else:
-        tl.store(p, x.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (o_d < HEAD_DIM)[None, :])
-
-
-@triton.jit
 def _local_visible(i, j, left, right, n_keys):
     """Query position ``i`` sees local key ``j`` (broadcasting)."""
     return (j >= i - left) & (j <= i + right) & (j < n_keys)
@@ -119,6 +136,36 @@ def _summary_visible(i, g, left, right, G, NG, SUM_BEFORE: tl.constexpr, SUM_AFT
     else:
         vis = g >= (i + right) // G + 1
     return vis & (g < NG)
+
+
+@triton.jit
+def _visible(i, j, left, right, G, n_keys, IS_SUMMARY: tl.constexpr, SUM_BEFORE: tl.constexpr,
+             SUM_AFTER: tl.constexpr):
+    """Query position ``i`` sees key ``j``: a local key, or the summary of group ``j``
+    when ``IS_SUMMARY`` (broadcasting)."""
+    if IS_SUMMARY:
+        vis = _summary_visible(i, j, left, right, G, n_keys, SUM_BEFORE, SUM_AFTER)
+    else:
+        vis = _local_visible(i, j, left, right, n_keys)
+    return vis
+
+
+@triton.jit
+def _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+             left, right, G, n_keys, qk_scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
+             SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The key/value tile at ``start_n`` (local keys or summaries) and the scaled scores
+    ``b_q @ b_k^T`` of the query rows at positions ``pos_m``; with ``MASK`` the keys a row
+    does not see score ``-inf`` (the head of the forward and dq tile loops)."""
+    b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+    b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
+    if MASK:
+        m_vis = _visible(pos_m[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
+                         IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+        b_s = tl.where(m_vis, b_s, float("-inf"))
+    return b_k, b_v, b_s
 
 
 @triton.jit
@@ -168,16 +215,10 @@ def _summary_key_range(first, last, left, right, G, NG, BLOCK_N: tl.constexpr,
 def _local_query_range(first_n, last_n, left, right, n_q, BLOCK_M: tl.constexpr):
     """Query tiles that see some key of ``[first_n, last_n]`` (the dk/dv loop).
 
-    Same contract as :func:`_local_key_range`, with the roles swapped: query ``i``
-    sees key ``j`` when ``j - right <= i <= j + left``.
+    Query ``i`` sees key ``j`` when ``j - right <= i <= j + left``: the same relation as in
+    :func:`_local_key_range` with ``left`` and ``right`` swapped, so it is that function.
     """
-    lo = tl.maximum(first_n - right, 0) // BLOCK_M * BLOCK_M
-    hi = tl.minimum(last_n + left + 1, n_q)
-    full_lo = (tl.maximum(last_n - right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
-    full_hi = tl.minimum(first_n + left + 1, n_q) // BLOCK_M * BLOCK_M
-    full_hi = tl.maximum(full_hi, full_lo)
-    return lo, full_lo, full_hi, hi
+    return _local_key_range(first_n, last_n, right, left, n_q, BLOCK_M)
 
 
 @triton.jit

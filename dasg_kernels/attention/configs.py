@@ -85,14 +85,35 @@ _DQ_SPACE = [
 ]
 SPACES = {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}
 
+# fp32 inputs use exact ("ieee") FMA dots, not tensor cores (a test / reference dtype, not a
+# fast path): small tiles, per head-dim class, for all three kernels. Offline sm_90 compiles
+# (Triton 3.9; bytes of stack spilled per thread, compile time of one variant):
+#   D=128  64x32 4 warps: fwd 8208 B 29 s, dq 11776 B 23 s, dk/dv 15816 B 73 s
+#          32x32 8 warps: fwd  384 B  5 s, dq   352 B  4 s, dk/dv   616 B 19 s
+#          16x32 8 warps: fwd    0 B  3 s, dq     8 B  3 s, dk/dv    40 B  7 s
+#   D=256  64x32 4 warps: fwd 10864 B 60 s, dq 12728 B 60 s (200 KB of shared memory)
+#          16x32 8 warps: fwd    0 B  4 s, dq     0 B  5 s, dk/dv   144 B 15 s
+# (D=64: 32x32 with 4 warps spills nothing.)
+_FP32_CONFIGS = {
+    64: [_cfg(32, 32, 4, 2)],
+    128: [_cfg(16, 32, 8, 2), _cfg(32, 32, 8, 2)],
+    256: [_cfg(16, 32, 8, 2)],
+}
+
 # Autotune key: the kernels take these as (otherwise unused or constexpr) arguments.
 # Triton 3.9 rejects key names that are not arguments of the kernel, so it is per kernel.
 TUNE_KEY = ["HEAD_DIM", "WIN_KEY", "SUM_BEFORE", "SUM_AFTER"]
 
 
 def tune_key(name: str) -> list[str]:
-    """The autotune key of kernel ``name`` (``"fwd"``, ``"dkdv"``, ``"dq"``)."""
-    return TUNE_KEY + (["PACK_GQA"] if name == "fwd" else [])
+    """The autotune key of kernel ``name`` (``"fwd"``, ``"dkdv"``, ``"dq"``).
+
+    dk/dv: the summary launch and the local launch of the same kernel differ only by
+    ``IS_SUMMARY``; without it in the key (fp32 inputs, where every pointer argument has
+    the same dtype in both launches) the local launch would reuse the config tuned for
+    the summary one.
+    """
+    return TUNE_KEY + {"fwd": ["PACK_GQA"], "dkdv": ["IS_SUMMARY"]}.get(name, [])
 
 
 def _pruner(space):
@@ -104,8 +125,7 @@ def _pruner(space):
         keep = [c for c, dclass in space if dclass == cls]
         q = args.get("Q")
         if getattr(q, "dtype", None) is not None and q.dtype.itemsize == 4:
-            # fp32 inputs use exact ("ieee") FMA dots, not tensor cores: small tiles only.
-            keep = [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)]
+            keep = list(_FP32_CONFIGS[cls])
         # DASG_AUTOTUNE=0 (see dasg_kernels.backend.autotune_enabled): the first config only
         return keep if autotune_enabled() else keep[:1]
 

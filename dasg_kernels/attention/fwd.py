@@ -26,10 +26,9 @@ from dasg_kernels.attention.common import (
     LOG2E,
     _load_tile,
     _local_key_range,
-    _local_visible,
+    _qk_tile,
     _store_tile,
     _summary_key_range,
-    _summary_visible,
 )
 from dasg_kernels.attention.configs import INTERPRET, launch_meta, tuned, untuned, win_key
 from dasg_kernels.attention.pool import group_means_fwd
@@ -46,17 +45,9 @@ def _fwd_tiles(
     """Fold the key tiles ``[lo, hi)`` (local keys or summaries) into the online softmax."""
     o_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + o_n
-        b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
-        b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
-        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-        if MASK:
-            if IS_SUMMARY:
-                m_vis = _summary_visible(pos_m[:, None], cols[None, :], left, right, G, n_keys,
-                                         SUM_BEFORE, SUM_AFTER)
-            else:
-                m_vis = _local_visible(pos_m[:, None], cols[None, :], left, right, n_keys)
-            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_k, b_v, b_s = _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 left, right, G, n_keys, qk_scale,
+                                 HEAD_DIM, BLOCK_D, MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         if MASK:
             # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
@@ -73,7 +64,8 @@ def _fwd_tiles(
 
 
 @tuned("fwd")
-@triton.jit
+@triton.jit(do_not_specialize=common.no_specialize(
+    "stride_lb stride_lh T_Q T_K Q_OFFSET H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_fwd_kernel(
     Q, K, V, KS, VS, O, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -195,6 +187,7 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@common.on_device_of_first_arg
 def swa_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -247,6 +240,7 @@ def swa_fwd(
 
     pack_gqa = pack_gqa and hq != hkv
     n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
+    common.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads)

@@ -18,7 +18,7 @@ from dasg_kernels.attention import common
 from dasg_kernels.attention.configs import POOL_BLOCK_G
 
 
-@triton.jit
+@triton.jit(do_not_specialize=common.no_specialize("T H G"))
 def _group_mean_kernel(
     K, V, KS, VS,
     stride_kb, stride_kt, stride_kh,
@@ -54,6 +54,7 @@ def _group_mean_kernel(
     tl.store(p_vs, (b_vs / cnt).to(VS.dtype.element_ty), mask=m_d)
 
 
+@common.on_device_of_first_arg
 def group_means_fwd(k: torch.Tensor, v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``k, v [B, T, H, D]`` (any strides, last stride 1) to ``[B, ceil(T/G), H, D]``."""
     b, t, h, d = k.shape
@@ -62,6 +63,7 @@ def group_means_fwd(k: torch.Tensor, v: torch.Tensor, group_size: int) -> tuple[
     vs = common.new_empty((b, ng, h, d), v.dtype, v.device)
     if ks.numel() == 0:
         return ks, vs
+    common.check_grid("group_means", b * h, "batch * kv heads")
     _group_mean_kernel[(ng, b * h)](
         k, v, ks, vs,
         k.stride(0), k.stride(1), k.stride(2),
