@@ -15,34 +15,13 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe")
 
-import dasg_kernels  # noqa: E402
 from dasg_model.integrations import transformers as dt  # noqa: E402
+from _helpers import require_triton  # noqa: E402
 
 VOCAB, T = 97, 23
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
               head_dim=32, max_position_embeddings=128)
 
-_TRITON_STATUS: dict[tuple[str, str], str | None] = {}
-
-
-def triton_unavailable(op: str, device: torch.device) -> str | None:
-    """``None`` when ``op`` runs with ``backend="triton"`` on ``device``, else the reason (measured)."""
-    key = (op, str(device))
-    if key not in _TRITON_STATUS:
-        try:
-            if op == "swa_attention":
-                q = torch.randn(1, 8, 2, 32, device=device)
-                k = torch.randn(1, 8, 1, 32, device=device)
-                dasg_kernels.swa_attention(q, k, k, window=(3, 0), backend="triton")
-            else:
-                x = torch.randn(4, 32, device=device)
-                ids = torch.tensor([[0], [1], [-1], [0]], dtype=torch.int32, device=device)
-                dasg_kernels.expert_ffn(x, torch.randn(2, 64, 32, device=device), torch.randn(2, 32, 32, device=device),
-                                        (ids, torch.ones(4, 1, device=device)), backend="triton")
-            _TRITON_STATUS[key] = None
-        except (NotImplementedError, ValueError) as e:
-            _TRITON_STATUS[key] = f"{op}: backend='triton' not available here: {type(e).__name__}: {e}"
-    return _TRITON_STATUS[key]
 
 
 def build(arch: str, **overrides):
@@ -105,9 +84,7 @@ def tol(device) -> dict:
 def test_dasg_equals_eager(arch, backend, device):
     model = build(arch).to(device)
     if backend == "triton":
-        for op in ("swa_attention", "expert_ffn") if has_experts(model) else ("swa_attention",):
-            if (reason := triton_unavailable(op, device)) is not None:
-                pytest.skip(reason)
+        require_triton(device, "swa_attention", "expert_ffn")
     ids = torch.randint(0, VOCAB, (2, T), device=device)
     assert T > model.config.sliding_window
     ref, g_ref = loss_and_grads(set_impl(model, "eager"), ids)
@@ -137,9 +114,7 @@ def test_dasg_half_precision_error_bound(arch, backend, device):
     fp16 against fp32 eager is at most twice the error of eager itself in fp16."""
     model = build(arch).to(device)
     if backend == "triton":
-        for op in ("swa_attention", "expert_ffn") if has_experts(model) else ("swa_attention",):
-            if (reason := triton_unavailable(op, device)) is not None:
-                pytest.skip(reason)
+        require_triton(device, "swa_attention", "expert_ffn")
     ids = torch.randint(0, VOCAB, (2, T), device=device)
     with torch.no_grad():
         ref = set_impl(model, "eager")(ids).logits
@@ -249,9 +224,7 @@ def test_expert_biases_and_sinks_fall_back_and_match_eager():
 def test_greedy_generate_with_kv_cache_matches_eager(backend):
     model = build("mixtral").eval()
     if backend == "triton":
-        for op in ("swa_attention", "expert_ffn"):
-            if (reason := triton_unavailable(op, torch.device("cpu"))) is not None:
-                pytest.skip(reason)
+        require_triton(torch.device("cpu"), "swa_attention", "expert_ffn")
     ids = torch.randint(0, VOCAB, (1, 12))
     kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     ref = set_impl(model, "eager").generate(ids, **kw)
@@ -292,17 +265,14 @@ def test_mask_function_builds_no_mask_for_plain_patterns():
 
 
 def test_register_three_lines(tmp_path):
-    """The README's example, verbatim apart from the backend choice when a kernel is missing."""
+    """The README's three lines, verbatim."""
     src = build("mixtral")
     src.save_pretrained(tmp_path)
     ids = torch.randint(0, VOCAB, (1, T))
-    missing = [op for op in ("swa_attention", "expert_ffn") if triton_unavailable(op, torch.device("cpu"))]
-    backend = "auto" if not missing or not dasg_kernels.interpreter_enabled() else "torch"
-
     from transformers import AutoModelForCausalLM
 
     from dasg_model.integrations.transformers import register
-    register(backend=backend)
+    register()
     model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="dasg", experts_implementation="dasg")
 
     assert model.config._attn_implementation == "dasg" and model.config._experts_implementation == "dasg"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dasg_kernels
+from _helpers import require_triton
 from dasg_kernels import reference
 from dasg_model import (
     AdaptiveDynamicRouter,
@@ -29,40 +29,6 @@ from dasg_model import (
 )
 
 # --------------------------------------------------------------------------- helpers
-
-_TRITON_STATUS: dict[tuple[str, str], str | None] = {}
-
-
-def triton_unavailable(op: str, device: torch.device) -> str | None:
-    """``None`` when ``op`` runs with ``backend="triton"`` on ``device``, else the reason."""
-    key = (op, str(device))
-    if key not in _TRITON_STATUS:
-        try:
-            if op == "swa_attention":
-                q = torch.randn(1, 8, 2, 32, device=device)
-                k = torch.randn(1, 8, 1, 32, device=device)
-                dasg_kernels.swa_attention(q, k, k, window=(3, 0), group_size=2, summaries=True, backend="triton")
-            elif op == "route":
-                dasg_kernels.route(torch.randn(4, 4, device=device), top_p=0.5, k_max=2, backend="triton")
-            elif op == "expert_ffn":
-                x = torch.randn(4, 32, device=device)
-                ids = torch.tensor([[0], [1], [-1], [0]], dtype=torch.int32, device=device)
-                dasg_kernels.expert_ffn(x, torch.randn(2, 64, 32, device=device), torch.randn(2, 32, 32, device=device),
-                                        (ids, torch.ones(4, 1, device=device)), backend="triton")
-            else:  # pragma: no cover
-                raise KeyError(op)
-            _TRITON_STATUS[key] = None
-        except (NotImplementedError, ValueError) as e:
-            _TRITON_STATUS[key] = f"{op}: backend='triton' not available here: {type(e).__name__}: {e}"
-    return _TRITON_STATUS[key]
-
-
-def require_triton(device: torch.device, *ops: str) -> None:
-    for op in ops:
-        reason = triton_unavailable(op, device)
-        if reason is not None:
-            pytest.skip(reason)
-
 
 def tol(device: torch.device) -> dict:
     # fp32 everywhere; GPU kernels may use TF32 tensor-core dots.
