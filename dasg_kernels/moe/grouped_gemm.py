@@ -41,13 +41,59 @@ from dasg_kernels.moe.dispatch import DispatchPlan
 
 
 @triton.jit
-def _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M: tl.constexpr):
-    """Rows of tile ``i_t``: their indices, the pair they hold, a mask and the token."""
-    o_r = i_t * BLOCK_M + tl.arange(0, BLOCK_M)
+def _load_rows(row_pair, r0, K_SLOTS, BLOCK_M: tl.constexpr):
+    """The ``BLOCK_M`` rows from ``r0``: their indices, the pair they hold, a mask and the token."""
+    o_r = r0 + tl.arange(0, BLOCK_M)
     pair = tl.load(row_pair + o_r)
     m_r = pair >= 0
     tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
     return o_r.to(tl.int64), pair, m_r, tok
+
+
+@triton.jit
+def _rows_dot_weight(
+    acc, p_a, m_r, p_w, m_n, stride_wk, K, acc2, p_w2,
+    K_CONTIG: tl.constexpr, DUAL: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``acc += A[rows, :K] @ W[:K, cols]`` over masked ``BLOCK_K`` steps, in order.
+
+    ``p_a`` points at each row's start (``[BLOCK_M, 1]``, rows masked by ``m_r``), ``p_w``
+    at each column's start (``[1, BLOCK_N]``, masked by ``m_n``); W steps along K by
+    ``stride_wk``, or by 1 with ``K_CONTIG``. With ``DUAL`` a second weight ``p_w2`` shares
+    each A tile and accumulates into ``acc2`` (else ``acc2`` comes back as given).
+    """
+    for k0 in range(0, K, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < K
+        b_a = tl.load(p_a + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
+        m_w = m_k[:, None] & m_n[None, :]
+        if K_CONTIG:
+            o_w = o_k[:, None]
+        else:
+            o_w = o_k[:, None].to(tl.int64) * stride_wk
+        b_w = tl.load(p_w + o_w, mask=m_w, other=0.0)
+        if DUAL:
+            b_w2 = tl.load(p_w2 + o_w, mask=m_w, other=0.0)
+        acc = tl.dot(b_a, b_w, acc, input_precision=DOT_PREC)
+        if DUAL:
+            acc2 = tl.dot(b_a, b_w2, acc2, input_precision=DOT_PREC)
+    return acc, acc2
+
+
+@triton.jit
+def _dw_out_tile(i_p, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight-gradient output tile ``i_p`` (row-major over ``cdiv(N, BLOCK_N) x cdiv(K, BLOCK_K)``)."""
+    n_k = tl.cdiv(K, BLOCK_K)
+    o_n = (i_p // n_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = (i_p % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    return o_n, o_k, o_n < N, o_k < K
+
+
+@triton.jit
+def _store_dw(dw, acc, e, o_n, o_k, m_n, m_k, stride_we, stride_wn):
+    """``dw[e, o_n, o_k] = acc`` (K contiguous), in ``dw``'s dtype."""
+    p_dw = dw + e.to(tl.int64) * stride_we + o_n[:, None].to(tl.int64) * stride_wn + o_k[None, :]
+    tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_n[:, None] & m_k[None, :])
 
 
 # --------------------------------------------------------------------------- forward
@@ -66,7 +112,7 @@ def _gate_up_fwd_kernel(
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
-    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < F
     p_x = x + tok[:, None] * stride_xn
@@ -74,15 +120,8 @@ def _gate_up_fwd_kernel(
     p_u = p_g + F.to(tl.int64) * stride_wf
     acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < D
-        b_x = tl.load(p_x + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        m_w = m_k[:, None] & m_n[None, :]
-        b_g = tl.load(p_g + o_k[:, None], mask=m_w, other=0.0)
-        b_u = tl.load(p_u + o_k[:, None], mask=m_w, other=0.0)
-        acc_g = tl.dot(b_x, b_g, acc_g, input_precision=DOT_PREC)
-        acc_u = tl.dot(b_x, b_u, acc_u, input_precision=DOT_PREC)
+    acc_g, acc_u = _rows_dot_weight(acc_g, p_x, m_r, p_g, m_n, 1, D, acc_u, p_u,
+                                    K_CONTIG=True, DUAL=True, DOT_PREC=DOT_PREC, BLOCK_K=BLOCK_K)
     m_o = m_r[:, None] & m_n[None, :]
     # gate and up are rounded to the input dtype first, whether or not they are saved:
     # the backward recomputes h from exactly these values, and the forward's result does
@@ -112,18 +151,14 @@ def _down_fwd_kernel(
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
-    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = o_n < D
     p_h = h + o_r[:, None] * stride_hr
     p_w = w + e.to(tl.int64) * stride_we + o_n[None, :].to(tl.int64) * stride_wd
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < F
-        b_h = tl.load(p_h + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w + o_k[:, None], mask=m_k[:, None] & m_n[None, :], other=0.0)
-        acc = tl.dot(b_h, b_w, acc, input_precision=DOT_PREC)
+    acc, _ = _rows_dot_weight(acc, p_h, m_r, p_w, m_n, 1, F, acc, p_w,
+                              K_CONTIG=True, DUAL=False, DOT_PREC=DOT_PREC, BLOCK_K=BLOCK_K)
     m_o = m_r[:, None] & m_n[None, :]
     if SAVE_SLOT:
         tl.store(y_slot + o_r[:, None] * stride_sr + o_n[None, :], acc.to(y_slot.dtype.element_ty), mask=m_o)
@@ -150,18 +185,14 @@ def _down_bwd_kernel(
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
-    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # over F
     m_n = o_n < F
     p_dy = dy + tok[:, None] * stride_dyn
     p_w = w + e.to(tl.int64) * stride_we + o_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < D
-        b_dy = tl.load(p_dy + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * stride_wd, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        acc = tl.dot(b_dy, b_w, acc, input_precision=DOT_PREC)
+    acc, _ = _rows_dot_weight(acc, p_dy, m_r, p_w, m_n, stride_wd, D, acc, p_w,
+                              K_CONTIG=False, DUAL=False, DOT_PREC=DOT_PREC, BLOCK_K=BLOCK_K)
     m_o = m_r[:, None] & m_n[None, :]
     p_gu = gu + o_r[:, None] * stride_gr + o_n[None, :]
     b_g = tl.load(p_gu, mask=m_o, other=0.0).to(tl.float32)
@@ -202,18 +233,14 @@ def _gate_up_bwd_dx_kernel(
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
-    o_r, pair, m_r, tok = _load_rows(row_pair, i_t, K_SLOTS, BLOCK_M)
+    o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # over D
     m_n = o_n < D
     p_a = dgu + o_r[:, None] * stride_dgr
     p_w = w + e.to(tl.int64) * stride_we + o_n[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, 2 * F, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        m_k = o_k < 2 * F
-        b_a = tl.load(p_a + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-        b_w = tl.load(p_w + o_k[:, None].to(tl.int64) * stride_wf, mask=m_k[:, None] & m_n[None, :], other=0.0)
-        acc = tl.dot(b_a, b_w, acc, input_precision=DOT_PREC)
+    acc, _ = _rows_dot_weight(acc, p_a, m_r, p_w, m_n, stride_wf, 2 * F, acc, p_w,
+                              K_CONTIG=False, DUAL=False, DOT_PREC=DOT_PREC, BLOCK_K=BLOCK_K)
     m_o = m_r[:, None] & m_n[None, :]
     if FUSE_COMBINE:
         o_out = tok  # one slot per token: the row is the token's dx
@@ -233,31 +260,21 @@ def _dw_down_kernel(
     """dW_d[e, d, f] = sum_r w_r dy[tok_r, d] h[r, f]; BLOCK_N over D, BLOCK_K over F."""
     i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(D, BN) * cdiv(F, BK) can pass 65535
     e = tl.program_id(1)
-    n_f = tl.cdiv(F, BLOCK_K)
-    i_d = i_p // n_f
-    i_f = i_p % n_f
-    o_d = i_d * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_f = i_f * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_d = o_d < D
-    m_f = o_f < F
+    o_d, o_f, m_d, m_f = _dw_out_tile(i_p, D, F, BLOCK_N, BLOCK_K)
     start = tl.load(expert_offsets + e)
     end = tl.load(expert_offsets + e + 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
-        o_r = r0 + tl.arange(0, BLOCK_M)
-        pair = tl.load(row_pair + o_r)
-        m_r = pair >= 0
-        tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
+        o_r, pair, m_r, tok = _load_rows(row_pair, r0, K_SLOTS, BLOCK_M)
         b_dy = tl.load(dy + tok[None, :] * stride_dyn + o_d[:, None], mask=m_d[:, None] & m_r[None, :], other=0.0)
         m_h = m_r[:, None] & m_f[None, :]
-        p_gu = gu + o_r[:, None].to(tl.int64) * stride_gr + o_f[None, :]
+        p_gu = gu + o_r[:, None] * stride_gr + o_f[None, :]
         b_g = tl.load(p_gu, mask=m_h, other=0.0).to(tl.float32)
         b_u = tl.load(p_gu + F, mask=m_h, other=0.0).to(tl.float32)
         b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
         b_h = b_g * tl.sigmoid(b_g) * b_u * b_w8[:, None]
         acc = tl.dot(b_dy, b_h.to(b_dy.dtype), acc, input_precision=DOT_PREC)
-    p_dw = dw + e.to(tl.int64) * stride_we + o_d[:, None].to(tl.int64) * stride_wd + o_f[None, :]
-    tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_d[:, None] & m_f[None, :])
+    _store_dw(dw, acc, e, o_d, o_f, m_d, m_f, stride_we, stride_wd)
 
 
 @triton.jit
@@ -271,27 +288,17 @@ def _dw_gate_up_kernel(
     """dW_gu[e, j, d] = sum_r dgu[r, j] x[tok_r, d]; BLOCK_N over 2F, BLOCK_K over D."""
     i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(2F, BN) * cdiv(D, BK) can pass 65535
     e = tl.program_id(1)
-    n_d = tl.cdiv(D, BLOCK_K)
-    i_j = i_p // n_d
-    i_d = i_p % n_d
-    o_j = i_j * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_d = i_d * BLOCK_K + tl.arange(0, BLOCK_K)
-    m_j = o_j < 2 * F
-    m_d = o_d < D
+    o_j, o_d, m_j, m_d = _dw_out_tile(i_p, 2 * F, D, BLOCK_N, BLOCK_K)
     start = tl.load(expert_offsets + e)
     end = tl.load(expert_offsets + e + 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for r0 in range(start, end, BLOCK_M):
-        o_r = r0 + tl.arange(0, BLOCK_M)
-        pair = tl.load(row_pair + o_r)
-        m_r = pair >= 0
-        tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
-        p_a = dgu + o_r[None, :].to(tl.int64) * stride_dgr + o_j[:, None]
+        o_r, pair, m_r, tok = _load_rows(row_pair, r0, K_SLOTS, BLOCK_M)
+        p_a = dgu + o_r[None, :] * stride_dgr + o_j[:, None]
         b_a = tl.load(p_a, mask=m_j[:, None] & m_r[None, :], other=0.0)
         b_x = tl.load(x + tok[:, None] * stride_xn + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)
         acc = tl.dot(b_a, b_x, acc, input_precision=DOT_PREC)
-    p_dw = dw + e.to(tl.int64) * stride_we + o_j[:, None].to(tl.int64) * stride_wf + o_d[None, :]
-    tl.store(p_dw, acc.to(dw.dtype.element_ty), mask=m_j[:, None] & m_d[None, :])
+    _store_dw(dw, acc, e, o_j, o_d, m_j, m_d, stride_we, stride_wf)
 
 
 # --------------------------------------------------------------------------- configs
