@@ -175,16 +175,7 @@ def kernel_available(device: torch.device) -> tuple[bool, str]:
     w2 = torch.randn(2, 16, 16, device=device, dtype=dt)
     ids = torch.tensor([[0, 1]] * 4, device=device, dtype=torch.int32)
     w = torch.full((4, 2), 0.5, device=device)
-    try:
-        dk.expert_ffn(x, w1, w2, (ids, w), backend="triton")
-    except NotImplementedError as exc:
-        return False, f"the Triton expert kernels are not built yet ({exc})"
-    except ValueError as exc:
-        if "cannot run" in str(exc):
-            return False, str(exc)
-    except Exception:
-        pass
-    return True, ""
+    return _op_available(lambda: dk.expert_ffn(x, w1, w2, (ids, w), backend="triton"))
 
 
 def _op_available(fn: Callable[[], Any]) -> tuple[bool, str]:
