@@ -73,18 +73,47 @@ def test_route_layout_invariants(device):
     assert int(r.tokens_per_expert.sum()) == int(r.num_selected.sum())
 
 
-@pytest.mark.parametrize("top_p,groups", [(1.0, None), (0.7, (4, 2))])
-def test_route_gradient(device, top_p, groups):
-    logits = torch.randn(33, 16, device=device, requires_grad=True)
-    kw = dict(top_p=top_p, k_max=4)
+@pytest.mark.parametrize("n,e", [(1, 4), (33, 16), (64, 64)])
+@pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5])
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("renormalize,min_k", [(True, 1), (False, 1), (True, 2)])
+def test_route_gradient(device, n, e, top_p, groups, renormalize, min_k):
+    logits = torch.randn(n, e, device=device, requires_grad=True)
+    kw = dict(top_p=top_p, k_max=4, min_k=min_k, renormalize=renormalize)
     if groups:
-        kw.update(n_group=groups[0], topk_group=groups[1])
-    g = torch.randn(33, 4, device=device)
+        kw.update(n_group=GROUPS[e][0], topk_group=GROUPS[e][1])
+    g = torch.randn(n, 4, device=device)
     r = dk.route(logits, backend="triton", **kw)
     (grad,) = torch.autograd.grad((r.weights * g).sum(), logits)
     ref = route_ref(logits, **kw)
+    assert torch.equal(r.expert_ids, ref.expert_ids)
     (grad_ref,) = torch.autograd.grad((ref.weights * g).sum(), logits)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", [None, (4, 2)])
+@pytest.mark.parametrize("top_p,min_k", [(1.0, 1), (0.6, 1), (0.6, 2)])
+def test_route_nan_rows_stay_in_bounds(device, groups, top_p, min_k):
+    # NaN, +inf or all -inf logits make a row's probabilities NaN: the row must go to
+    # its lowest eligible experts like torch.sort ranks NaN, with NaN weights, and
+    # never write an expert id outside [0, E) (the histogram would be written out of bounds)
+    logits = torch.randn(12, 8, device=device)
+    logits[1] = float("-inf")
+    logits[4, 3] = float("nan")
+    logits[7, 5] = float("inf")
+    logits[9, :4] = float("-inf")  # partly -inf is a normal row
+    kw = dict(top_p=top_p, k_max=3, min_k=min_k)
+    if groups:
+        kw.update(n_group=groups[0], topk_group=groups[1])
+    r = dk.route(logits, backend="triton", **kw)
+    ref = route_ref(logits, **kw)
+    assert torch.equal(r.expert_ids, ref.expert_ids)
+    assert torch.equal(r.num_selected, ref.num_selected)
+    assert torch.equal(r.tokens_per_expert, ref.tokens_per_expert)
+    assert int(r.expert_ids.max()) < 8 and int(r.tokens_per_expert.sum()) == int(r.num_selected.sum())
+    torch.testing.assert_close(r.weights, ref.weights, rtol=1e-6, atol=1e-7, equal_nan=True)
+    bad = torch.tensor([1, 4, 7], device=device)
+    assert torch.isnan(r.weights[bad, 0]).all() and torch.isfinite(r.weights[9]).all()
 
 
 def test_route_low_precision_logits(device):

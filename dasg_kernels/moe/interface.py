@@ -134,7 +134,10 @@ def route(
     experts of its best ``topk_group`` groups (default: all). Eligible experts are
     taken by descending probability (ties to the lower index) while the mass before
     the next one is ``< top_p``; at least ``min_k``, at most ``k_max`` (and at most the
-    number of eligible experts). ``top_p=1.0`` is plain top-``k_max``.
+    number of eligible experts). ``top_p=1.0`` is plain top-``k_max``. A row whose
+    probabilities are NaN (its logits hold NaN or ``+inf``, or are all ``-inf``) is
+    routed to its lowest-index eligible experts, as ``torch.sort`` ranks NaN, and its
+    weights are NaN: the bad input shows in the output, never out of bounds.
 
     Returns:
         :class:`Routing`: ``expert_ids [N, k_max]`` int32 (``-1`` = unused slot),

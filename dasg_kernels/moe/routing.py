@@ -45,6 +45,10 @@ def _route_kernel(
     m_e = o_e < E
     p_p = probs + o_t[:, None].to(tl.int64) * stride_pn + o_e[None, :]
     b_p = tl.load(p_p, mask=m_t[:, None] & m_e[None, :], other=float("-inf"))
+    # NaN probabilities (a row of logits holding NaN or +inf, or all -inf) rank above
+    # every real probability, in index order, as torch.sort ranks NaN; 2.0 > any
+    # probability keeps every pick inside [0, E) and the top-p count finite
+    b_p = tl.where(b_p != b_p, 2.0, b_p)
 
     if N_GROUP > 1:
         # group-limited: score each group by its best expert, keep the best TOPK_GROUP
