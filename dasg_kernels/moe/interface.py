@@ -25,6 +25,9 @@ from dasg_kernels.moe.types import Routing
 from dasg_kernels.validation import check_int, check_same, check_tensor
 
 K_MAX_LIMIT = 8
+# the dispatch kernels hold a [16, next_pow2(E)] one-hot tile per step: beyond this many
+# experts it outgrows the registers (and Triton's tensor-size limit); use backend="torch"
+E_TRITON_LIMIT = 4096
 INT_DTYPES = (torch.int32, torch.int64)
 
 # --------------------------------------------------------------------------- validation
@@ -99,10 +102,17 @@ def _check_expert_weights(op, x, gate_up_proj, down_proj, activation, triton_pat
     if activation != "swiglu":
         raise ValueError(f"{op}: activation must be 'swiglu', got {activation!r}")
     if triton_path:
+        _check_triton_num_experts(op, "gate_up_proj.shape[0]", e)
         if d % 16 != 0:
             raise ValueError(f"{op}: the hidden size D (x.shape[1]) must be a multiple of 16, got {d}")
         if f % 16 != 0:
             raise ValueError(f"{op}: the expert size F (gate_up_proj.shape[1] // 2) must be a multiple of 16, got {f}")
+
+
+def _check_triton_num_experts(op, what, e):
+    if e > E_TRITON_LIMIT:
+        raise ValueError(f"{op}: the Triton kernels support up to {E_TRITON_LIMIT} experts, got {what}={e}; "
+                         f"use backend='torch'")
 
 
 def _unpack_routing(op, routing):
@@ -204,6 +214,8 @@ def dispatch(
             raise ValueError(f"{op}: tokens_per_expert must have shape [{num_experts}], got {tuple(tokens_per_expert.shape)}")
         check_same(op, "device", expert_ids=expert_ids, tokens_per_expert=tokens_per_expert)
     be = resolve_backend(backend, expert_ids, op=op)
+    if be == "triton":
+        _check_triton_num_experts(op, "num_experts", num_experts)
     return build_plan(expert_ids, num_experts, block_m, tokens_per_expert, use_triton=be == "triton")
 
 
@@ -272,6 +284,8 @@ def expert_ffn(
                     ("expert_ids", expert_ids), ("weights", weights)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    check_same(op, "device", x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, expert_ids=expert_ids,
+               weights=weights)
     be = resolve_backend(backend, x, gate_up_proj, down_proj, expert_ids, weights, op=op)
     _check_ffn_args(op, x, gate_up_proj, down_proj, expert_ids, weights, activation, be == "triton")
     if not isinstance(recompute, bool):
@@ -338,6 +352,9 @@ def moe_ffn(
     check_tensor("gate_up_proj", gate_up_proj, ndim=3, op=op)
     check_tensor("down_proj", down_proj, ndim=3, op=op)
     check_same(op, "dtype", x=x, router_weight=router_weight)
+    check_same(op, "device", x=x, router_weight=router_weight, gate_up_proj=gate_up_proj, down_proj=down_proj)
+    if not isinstance(recompute, bool):
+        raise TypeError(f"{op}: recompute must be a bool, got {type(recompute).__name__}")
     if router_weight.shape[1] != x.shape[1]:
         raise ValueError(
             f"{op}: router_weight must have shape [E, D] with D={x.shape[1]} (x.shape[1]), got {tuple(router_weight.shape)}"
