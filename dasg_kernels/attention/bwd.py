@@ -352,9 +352,10 @@ def swa_bwd(
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     common.check_grid("swa_attention backward", b * hq, "batch * q heads")
-    if do.stride(-1) != 1:
+    common.check_row_stride("swa_attention backward", q=q, k=k, v=v)
+    if do.stride(-1) != 1 or not common.row_stride_ok(do):
         # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
-        # kernels need a unit last-dim stride, so only then is dO copied.
+        # kernels need a unit last-dim stride (and int32 tile offsets), so only then is dO copied.
         do = do.contiguous()
     block_d = triton.next_power_of_2(d)
     delta = common.new_empty((b, hq, t), torch.float32, q.device)

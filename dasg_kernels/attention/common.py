@@ -60,6 +60,26 @@ def no_specialize(names: str) -> list[str]:
     return names.split()
 
 
+#: Rows of the largest tile any config loads. The in-tile offsets
+#: ``o_t * stride_t + o_d`` are int32 (see :func:`_load_tile`), so a row stride must keep
+#: ``MAX_TILE_ROWS * stride_t`` below 2**31.
+MAX_TILE_ROWS = 256
+MAX_ROW_STRIDE = (2**31 - 1) // MAX_TILE_ROWS - 256
+
+
+def row_stride_ok(t: torch.Tensor) -> bool:
+    """Whether the tile offsets of ``t [B, T, H, D]`` fit in int32 (stride of T, in elements)."""
+    return t.shape[1] <= 1 or t.stride(1) <= MAX_ROW_STRIDE
+
+
+def check_row_stride(op: str, **tensors: torch.Tensor) -> None:
+    """Raise a ``ValueError`` for a sequence stride the int32 tile offsets cannot address."""
+    for name, t in tensors.items():
+        if not row_stride_ok(t):
+            raise ValueError(f"{op}: {name}.stride(1) = {t.stride(1)} elements between positions exceeds the "
+                             f"kernels' limit {MAX_ROW_STRIDE}; call {name}.contiguous() first")
+
+
 def check_grid(op: str, n_programs: int, what: str) -> None:
     """Raise a ``ValueError`` (instead of a CUDA launch error) past the grid-axis limit."""
     if n_programs > MAX_GRID_YZ:
@@ -88,7 +108,8 @@ def _load_tile(base, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.const
                CHECK_ROWS: tl.constexpr):
     """Load rows ``start + o_t`` (a contiguous tile); rows ``>= n_rows`` (when ``CHECK_ROWS``)
     and columns ``>= HEAD_DIM`` read 0. Only the scalar ``start * stride_t`` is int64 (long
-    sequences with large strides cannot overflow), and the int32 tile offsets
+    sequences cannot overflow), and the int32 tile offsets (in range: the launchers
+    reject row strides above ``MAX_ROW_STRIDE``, :func:`check_row_stride`)
     ``o_2d = o_t[:, None] * stride_t + o_d[None, :]`` are computed once by the kernel and
     shared by all its loops (one loop-invariant tensor instead of one per inlined loop:
     measured with cuobjdump on sm_90, this is what keeps register spills down)."""

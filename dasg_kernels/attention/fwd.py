@@ -169,9 +169,14 @@ def _swa_fwd_kernel(
         tl.store(LSE + i_b * stride_lb + i_h * stride_lh + rows, b_lse, mask=rows < T_Q)
 
 
-def effective_window(left: int, right: int, t_k: int) -> tuple[int, int]:
-    """Map ``-1`` (unbounded) and bounds beyond the sequence to ``t_k`` (see :mod:`.common`)."""
-    left = t_k if left < 0 else min(left, t_k)
+def effective_window(left: int, right: int, t_k: int, last_pos: int | None = None) -> tuple[int, int]:
+    """Map ``-1`` (unbounded) and bounds beyond the sequence to a finite bound (see :mod:`.common`).
+
+    ``last_pos`` is the position of the last query (default ``t_k - 1``). A left bound of
+    ``max(t_k, last_pos + 1)`` already reaches key 0 from every query, and a right bound of
+    ``t_k`` reaches the last key from every query at a position ``>= 0``."""
+    span = t_k if last_pos is None else max(t_k, last_pos + 1)
+    left = span if left < 0 else min(left, span)
     right = t_k if right < 0 else min(right, t_k)
     return left, right
 
@@ -223,7 +228,13 @@ def swa_fwd(
     q_offset = tk - tq if q_offset is None else q_offset
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
     use_sum = sum_before or sum_after
-    l_eff, r_eff = effective_window(left, right, tk)
+    l_eff, r_eff = effective_window(left, right, tk, q_offset + tq - 1)
+    pack_gqa = pack_gqa and hq != hkv
+    n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
+    common.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
+    common.check_row_stride("swa_attention", q=q, k=k, v=v)
+    if summary_kv is not None:
+        common.check_row_stride("swa_attention", k_summary=summary_kv[0], v_summary=summary_kv[1])
     out = common.new_empty((b, tq, hq, d), q.dtype, q.device)
     lse = common.new_empty((b, hq, tq), torch.float32, q.device)
     ks = vs = None
@@ -237,10 +248,6 @@ def swa_fwd(
     ng = ks.shape[1] if use_sum else 0
     ks_ = ks if use_sum else k
     vs_ = vs if use_sum else v
-
-    pack_gqa = pack_gqa and hq != hkv
-    n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
-    common.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
 
     def grid(meta):
         return (triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads)

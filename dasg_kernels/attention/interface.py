@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from dasg_kernels import reference
-from dasg_kernels.attention import ops
-from dasg_kernels.backend import resolve_backend
+from dasg_kernels.attention import common, ops
+from dasg_kernels.backend import interpreter_enabled, resolve_backend
 from dasg_kernels.validation import (
     FLOAT_DTYPES,
     check_int,
@@ -120,7 +120,19 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
                          f"(use backend='torch' for other head dims)")
     names = ("q", "k_cache", "v_cache") if op == "swa_decode" else ("q", "k", "v")
     check_last_dim_contiguous(op, **dict(zip(names, (q, k, v))))
+    common.check_row_stride(op, **dict(zip(names, (q, k, v))))
+    b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
+    if op == "swa_decode" and hq != hkv:  # decode packs the q heads of a kv head into one program
+        common.check_grid(op, b * hkv, "batch * kv heads")
+    else:
+        common.check_grid(op, b * hq, "batch * q heads")
     return be
+
+
+def _interpreted_bf16(q: torch.Tensor) -> bool:
+    """bf16 under Triton's CPU interpreter: its ``tl.dot`` multiplies bf16 bit patterns
+    (triton-lang/triton#11584), so the launchers run the fp32 kernels and round the result."""
+    return q.dtype == torch.bfloat16 and interpreter_enabled()
 
 
 def _check_summary_kv(op, summary_kv, k_cache, group_size, summaries) -> None:
@@ -164,6 +176,11 @@ def swa_attention_with_lse(
             q, k, v, window=window, causal=causal, group_size=group_size,
             summaries=summaries, softmax_scale=scale,
         )
+    if _interpreted_bf16(q):  # the gradients follow the casts
+        out, lse = swa_attention_with_lse(q.float(), k.float(), v.float(), window=window, causal=causal,
+                                          group_size=group_size, summaries=summaries, softmax_scale=scale,
+                                          backend="triton")
+        return out.to(q.dtype), lse
     out, lse, _, _ = ops.swa_attention_fwd(q, k, v, left, right, causal, group_size, summaries, scale)
     return out, lse
 
@@ -259,7 +276,14 @@ def swa_decode(
 
             if summary_kv is not None:
                 check_last_dim_contiguous(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
+                common.check_row_stride(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
+            out_dtype = q.dtype
+            if _interpreted_bf16(q):
+                q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
+                if summary_kv is not None:
+                    summary_kv = (summary_kv[0].float(), summary_kv[1].float())
             out, lse = swa_decode_fwd(q, k_cache, v_cache, left=left, right=right, causal=causal,
                                       group_size=group_size, summaries=summaries, scale=scale,
                                       summary_kv=summary_kv)
+            out = out.to(out_dtype)
     return (out, lse) if return_lse else out
