@@ -248,6 +248,29 @@ def test_summary_backward_split_over_query_rows(causal, window, device, monkeypa
     check_against_reference(q, k, v, window=window, causal=causal, group_size=8, summaries=True)
 
 
+TILE_SHAPES = {  # (BLOCK_M, BLOCK_N) of fwd, dkdv, dq: shapes the GPU configs use
+    "tall-wide": ((16, 64), (64, 16), (16, 64)),
+    "wide-tall": ((64, 16), (16, 64), (64, 16)),
+    "large": ((64, 64), (64, 32), (32, 64)),
+}
+
+
+@pytest.mark.parametrize("shapes", list(TILE_SHAPES))
+def test_other_tile_shapes(shapes, device, monkeypatch):
+    """CPU tests pin 32x32 tiles; the GPU autotunes over others (and ``DASG_AUTOTUNE=0``
+    pins one per class). Windows that start and end inside tiles of every shape, summaries
+    split over 128 query rows, forward and backward."""
+    from dasg_kernels.attention import configs
+
+    for name, (bm, bn) in zip(("fwd", "dkdv", "dq"), TILE_SHAPES[shapes]):
+        monkeypatch.setitem(configs.PINNED, name, {"BLOCK_M": bm, "BLOCK_N": bn})
+    monkeypatch.setattr(configs, "SUMMARY_SPLIT_ROWS", 128)
+    q, k, v = make_inputs(1, 150, 4, 2, 32, torch.float32, device)
+    for window, causal, group in [((20, 0), True, 8), ((7, 5), False, 32), ((-1, -1), True, None),
+                                  ((-1, 3), False, None), ((0, 0), True, 16)]:
+        check_against_reference(q, k, v, window=window, causal=causal, group_size=group, summaries=group is not None)
+
+
 @pytest.mark.parametrize("d", [96, 256])
 def test_other_head_dims_small(d, device):
     """D=96 (BLOCK_D=128 with masked columns) and D=256 on a tiny case (full sweep on GPU)."""
