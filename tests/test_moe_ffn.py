@@ -74,6 +74,14 @@ def _ids_topk(n, e, k, device):
     return torch.argsort(torch.rand(n, e, device=device), dim=-1)[:, :k].int()
 
 
+def _problem(n, d, f, e, k, device, dtype=torch.float32):
+    """``x [n, d]``, expert weights, top-``k`` ids of ``e`` experts and routing weights."""
+    x = torch.randn(n, d, device=device).to(dtype)
+    w1, w2 = _weights(e, d, f, dtype, device)
+    ids = _ids_topk(n, e, k, device)
+    return x, w1, w2, ids, _routing(ids, device)
+
+
 DTYPES = [torch.float32, torch.float16]
 
 
@@ -237,10 +245,7 @@ def test_expert_ffn_recompute_same_result_less_memory(device, k):
 @pytest.mark.parametrize("block_m", [32, 64])
 def test_expert_ffn_block_m(device, block_m):
     n, d, f, e, k = 70, 32, 32, 4, 2
-    x = torch.randn(n, d, device=device)
-    w1, w2 = _weights(e, d, f, torch.float32, device)
-    ids = _ids_topk(n, e, k, device)
-    wt = _routing(ids, device)
+    x, w1, w2, ids, wt = _problem(n, d, f, e, k, device)
     y = dk.expert_ffn(x, w1, w2, (ids, wt), backend="triton", block_m=block_m)
     torch.testing.assert_close(y, expert_ffn_ref(x, w1, w2, ids, wt), rtol=1e-4, atol=1e-5)
 
@@ -263,10 +268,7 @@ def test_expert_ffn_routing_result_and_logit_grad(device):
 
 def test_expert_ffn_partial_grads_and_no_grad(device):
     n, d, f, e = 21, 16, 16, 4
-    x = torch.randn(n, d, device=device)
-    w1, w2 = _weights(e, d, f, torch.float32, device)
-    ids = _ids_topk(n, e, 2, device)
-    wt = _routing(ids, device)
+    x, w1, w2, ids, wt = _problem(n, d, f, e, 2, device)
     ref = expert_ffn_ref(x, w1, w2, ids, wt)
     with torch.no_grad():
         torch.testing.assert_close(dk.expert_ffn(x, w1, w2, (ids, wt), backend="triton"), ref, rtol=1e-4, atol=1e-5)
@@ -304,10 +306,7 @@ def test_expert_ffn_strided_inputs(device):
 @pytest.mark.parametrize("k", [1, 3])
 def test_expert_ffn_deterministic(device, dtype, recompute, k):
     n, d, f, e = 40, 32, 32, 4
-    x = torch.randn(n, d, device=device).to(dtype)
-    w1, w2 = _weights(e, d, f, dtype, device)
-    ids = _ids_topk(n, e, k, device)
-    wt = _routing(ids, device)
+    x, w1, w2, ids, wt = _problem(n, d, f, e, k, device, dtype)
     dy = torch.randn(n, d, device=device).to(dtype)
 
     def kernel(*t):
@@ -370,10 +369,7 @@ def test_expert_ffn_empty_batch(device):
 
 def test_expert_ffn_bad_arguments(device):
     n, d, f, e = 4, 32, 48, 4
-    x = torch.randn(n, d, device=device)
-    w1, w2 = _weights(e, d, f, torch.float32, device)
-    ids = _ids_topk(n, e, 2, device)
-    wt = _routing(ids, device)
+    x, w1, w2, ids, wt = _problem(n, d, f, e, 2, device)
     r = (ids, wt)
     cases = [
         (dict(gate_up_proj=w1.transpose(1, 2)), ValueError, r"gate_up_proj must have shape \[E, 2F, D\]"),
@@ -428,10 +424,7 @@ def test_moe_ffn_bad_arguments(device):
 
 def test_expert_ffn_device_and_expert_limits(device):
     n, d, f, e = 4, 32, 16, 4
-    x = torch.randn(n, d, device=device)
-    w1, w2 = _weights(e, d, f, torch.float32, device)
-    ids = _ids_topk(n, e, 2, device)
-    wt = _routing(ids, device)
+    x, w1, w2, ids, wt = _problem(n, d, f, e, 2, device)
     with pytest.raises(ValueError, match="weights=meta"):
         dk.expert_ffn(x, w1, w2, (ids, wt.to("meta")))
     with pytest.raises(TypeError, match="weights must have dtype"):
