@@ -248,6 +248,20 @@ def test_summary_backward_split_over_query_rows(causal, window, device, monkeypa
     check_against_reference(q, k, v, window=window, causal=causal, group_size=8, summaries=True)
 
 
+@pytest.mark.parametrize("heads", [(8, 1), (6, 2)], ids=lambda h: f"H{h[0]}x{h[1]}")
+def test_large_gqa_groups(heads, device):
+    """GQA groups above ``MAX_HEADS_UNROLLED`` (8 and 3 q heads per kv head): the dk/dv
+    kernel loops over the heads at run time instead of unrolling them."""
+    from dasg_kernels.attention import configs
+
+    group = heads[0] // heads[1]
+    assert group > configs.MAX_HEADS_UNROLLED and configs.heads_unrolled(group) == 1
+    assert configs.heads_unrolled(2) == 2
+    q, k, v = make_inputs(1, 70, heads[0], heads[1], 32, torch.float32, device)
+    check_against_reference(q, k, v, window=(16, 0), causal=True, group_size=8, summaries=True)
+    check_against_reference(q, k, v, window=(7, 5), causal=False)
+
+
 TILE_SHAPES = {  # (BLOCK_M, BLOCK_N) of fwd, dkdv, dq: shapes the GPU configs use
     "tall-wide": ((16, 64), (64, 16), (16, 64)),
     "wide-tall": ((64, 16), (16, 64), (64, 16)),

@@ -106,6 +106,42 @@ def _dkdv_tiles(
     return b_dk, b_dv
 
 
+@triton.jit
+def _dkdv_head(
+    b_dk, b_dv, b_k, b_v, cols, i_h, i_b, Q, DO, LSE, DELTA,
+    stride_qb, stride_qh, stride_dob, stride_doh, stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+    a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """dk, dv of the key block from the query tiles of q head ``i_h``: for a summary block
+    the "after" rows ``[a_lo, a_hi)``, then masked ``[lo, full_lo)``, unmasked
+    ``[full_lo, full_hi)`` and masked ``[full_hi, hi)``."""
+    i_h = i_h.to(tl.int64)
+    p_q = Q + i_b * stride_qb + i_h * stride_qh
+    p_do = DO + i_b * stride_dob + i_h * stride_doh
+    p_lse = LSE + i_b * stride_lb + i_h * stride_lh
+    p_delta = DELTA + i_b * stride_lb + i_h * stride_lh
+    if IS_SUMMARY:
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                 a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
+                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                             stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                             lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                             stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                             full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                             stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                             full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                             HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    return b_dk, b_dv
+
+
 @tuned("dkdv")
 @triton.jit(do_not_specialize=common.no_specialize(
     "stride_lb stride_lh T N_KEYS H_KV left right G ROWS_PER_SPLIT N_SPLITS WIN_KEY"))
@@ -119,7 +155,7 @@ def _swa_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_dss, stride_dsb, stride_dst, stride_dsh,
     stride_lb, stride_lh,
-    T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT, N_SPLITS,
+    T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT, N_SPLITS,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
@@ -168,31 +204,27 @@ def _swa_bwd_dkdv_kernel(
     else:
         lo, full_lo, full_hi, hi = _local_query_range(start_n, last_n, left, right, T, BLOCK_M)
 
-    # The q heads of the group, unrolled (constexpr): a runtime loop around the tile loops
-    # made the compiler spill (cuobjdump on sm_90: 648 -> 176 bytes of stack at 32x64, 8 warps).
-    for j in tl.static_range(KV_GROUP):
-        i_h = (i_hk * KV_GROUP + j).to(tl.int64)
-        p_q = Q + i_b * stride_qb + i_h * stride_qh
-        p_do = DO + i_b * stride_dob + i_h * stride_doh
-        p_lse = LSE + i_b * stride_lb + i_h * stride_lh
-        p_delta = DELTA + i_b * stride_lb + i_h * stride_lh
-        if IS_SUMMARY:
-            b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                     stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                     a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                 lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                 full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-                                 full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    # The q heads of the group: HEADS_UNROLLED of them unrolled (constexpr) per step of a
+    # runtime loop. Unrolling a group of 2 spills less; larger groups compile for minutes
+    # unrolled and spill no less looped (configs.heads_unrolled has the measurements).
+    if not IS_SUMMARY:
+        a_lo = 0
+        a_hi = 0
+    if HEADS_UNROLLED == KV_GROUP:
+        for j in tl.static_range(KV_GROUP):
+            b_dk, b_dv = _dkdv_head(b_dk, b_dv, b_k, b_v, cols, i_hk * KV_GROUP + j, i_b,
+                                    Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_dob, stride_doh,
+                                    stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                    a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    else:
+        for j0 in range(0, KV_GROUP, HEADS_UNROLLED):
+            for j in tl.static_range(HEADS_UNROLLED):
+                b_dk, b_dv = _dkdv_head(b_dk, b_dv, b_k, b_v, cols, i_hk * KV_GROUP + j0 + j, i_b,
+                                        Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_dob, stride_doh,
+                                        stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                        a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                                        HEAD_DIM, BLOCK_D, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
 
     b_dk = b_dk * sm_scale
     p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
@@ -401,7 +433,7 @@ def swa_bwd(
             *dvv.stride()[-4:-1],
             *dks.stride()[:4],
             lse.stride(0), lse.stride(1),
-            t, n_keys, hkv, hq // hkv, l_eff, r_eff, g, scale * LOG2E, scale,
+            t, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
             rows, n_splits if use_sum else 0, wk,
             IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, **flags, **launch_meta("dkdv"),
         )

@@ -39,6 +39,23 @@ SUMMARY_SPLIT_ROWS = 512
 SUMMARY_SPLIT_BUDGET = 8192
 
 
+#: q heads the dk/dv kernel unrolls in its loop over a GQA group: the whole group when
+#: it has at most this many heads, else none (a runtime loop over the heads).
+#: Offline sm_90 compiles (Triton 3.9, bf16, D=128, 32x64 tiles, 8 warps; stack bytes
+#: spilled / compile seconds) for group size G unrolled fully vs looped:
+#:   G=2: 8 / 4.2 s vs 48 / 1.7 s      G=3: 56 / 5.4 s vs 48 / 1.7 s
+#:   G=4: 48 / 17.6 s vs 48 / 2.3 s    G=8: 88 / 31.4 s vs 48 / 2.0 s
+#:   G=16: unrolled did not finish in 295 CPU-seconds;  G=32 looped: 48 / 1.8 s
+#: (partial unrolls of 2 or 4 heads per step spilled as much or more). Run time is
+#: unmeasured (no GPU yet).
+MAX_HEADS_UNROLLED = 2
+
+
+def heads_unrolled(kv_group: int) -> int:
+    """How many of the ``kv_group`` q heads of a kv head the dk/dv kernel unrolls per loop step."""
+    return kv_group if kv_group <= MAX_HEADS_UNROLLED else 1
+
+
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
