@@ -38,6 +38,10 @@ def build(arch: str, **overrides):
                                shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
                                use_sliding_window=True, sliding_window=8, max_window_layers=2)
         cls = t.Qwen2MoeForCausalLM
+    elif arch == "phimoe":  # builds a sliding mask, passes no window to the attention
+        cfg = t.PhimoeConfig(**COMMON, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                             sliding_window=8)
+        cls = t.PhimoeForCausalLM
     elif arch == "gemma2":
         cfg = t.Gemma2Config(**COMMON, intermediate_size=64, sliding_window=8, query_pre_attn_scalar=16,
                              final_logit_softcapping=None)
@@ -51,7 +55,8 @@ def build(arch: str, **overrides):
     for k, v in overrides.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
-    return cls(cfg).float()
+    # eval: PhiMoE's router samples experts at random in training mode
+    return cls(cfg).float().eval()
 
 
 def has_experts(model) -> bool:
@@ -80,7 +85,7 @@ def tol(device) -> dict:
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("arch", ["mistral", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch", ["mistral", "mixtral", "qwen2_moe", "phimoe"])
 def test_dasg_equals_eager(arch, backend, device):
     model = build(arch).to(device)
     if backend == "triton":
@@ -282,3 +287,20 @@ def test_register_three_lines(tmp_path):
         ref = set_impl(src, "eager")(ids).logits
     assert dt.call_counts()["attention"] == 2 and dt.call_counts()["experts"] == 2
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_window_from_the_config_when_the_call_names_none():
+    # the window the model passes wins (None included); else the module's attribute; else
+    # the config: the layer's layer_types entry, or the config's window for every layer
+    from types import SimpleNamespace as NS
+
+    cfg = NS(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    assert dt._sliding_window(NS(config=cfg, layer_idx=0), dt._UNSET) == 8
+    assert dt._sliding_window(NS(config=cfg, layer_idx=1), dt._UNSET) is None
+    assert dt._sliding_window(NS(config=cfg, layer_idx=0), None) is None
+    assert dt._sliding_window(NS(config=cfg, layer_idx=0, sliding_window=4), dt._UNSET) == 4
+    assert dt._sliding_window(NS(config=NS(sliding_window=8)), dt._UNSET) == 8
+    assert dt._sliding_window(NS(config=NS(sliding_window=8, use_sliding_window=False)), dt._UNSET) is None
+    q = torch.randn(1, 2, 5, 32)
+    with pytest.raises(RuntimeError, match="cannot tell this layer's sliding window"):
+        dt.dasg_attention_forward(NS(config=cfg), q, q[:, :1], q[:, :1], None)

@@ -171,8 +171,43 @@ def dasg_mask(
 # --------------------------------------------------------------------------- attention
 
 
-def _sliding_window(module: torch.nn.Module, sliding_window: int | None) -> int | None:
-    w = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+_UNSET: Any = object()
+
+
+class _AmbiguousWindow(Exception):
+    pass
+
+
+def _config_window(module: torch.nn.Module) -> int | None:
+    """The window of a layer whose attention call names none, from the model config.
+
+    Some models (e.g. PhiMoE) build a sliding-window *mask* from ``config.sliding_window``
+    but pass no ``sliding_window`` to the attention; our mask function returns ``None`` for
+    the plain pattern, so the window must come from the config: the layer's entry of
+    ``config.layer_types`` when there is one, else the config's window for every layer.
+    """
+    cfg = getattr(module, "config", None)
+    w = getattr(cfg, "sliding_window", None)
+    if not isinstance(w, int) or isinstance(w, bool) or w <= 0 or getattr(cfg, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is None:
+        return w
+    idx = getattr(module, "layer_idx", None)
+    if not isinstance(idx, int) or not 0 <= idx < len(layer_types):
+        raise _AmbiguousWindow(f"config.layer_types is set but {type(module).__name__} has no layer_idx")
+    return w if layer_types[idx] == "sliding_attention" else None
+
+
+def _sliding_window(module: torch.nn.Module, sliding_window: Any) -> int | None:
+    """The layer's window: the ``sliding_window`` the model passed (``None`` included), else
+    the module's ``sliding_window`` attribute, else :func:`_config_window`."""
+    if sliding_window is not _UNSET:
+        w = sliding_window
+    elif hasattr(module, "sliding_window"):
+        w = module.sliding_window
+    else:
+        w = _config_window(module)
     if w is None or isinstance(w, bool) or not isinstance(w, int) or w <= 0:
         return None
     return w
@@ -245,7 +280,7 @@ def dasg_attention_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    sliding_window: int | None = None,
+    sliding_window: int | None = _UNSET,
     softcap: float | None = None,
     is_causal: bool | None = None,
     **kwargs: Any,
@@ -253,9 +288,16 @@ def dasg_attention_forward(
     """The ``"dasg"`` entry of transformers' ``AttentionInterface``.
 
     ``query [B, Hq, T, D]``, ``key, value [B, Hkv, T, D]`` -> ``(out [B, T, Hq, D], None)``.
+    The sliding window is the one the model passes, else the module's attribute, else the
+    model config's (see :func:`_config_window`); a layer whose window cannot be told is an
+    error, never a silently different pattern.
     """
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    window = _sliding_window(module, sliding_window)
+    try:
+        window = _sliding_window(module, sliding_window)
+    except _AmbiguousWindow as e:
+        raise RuntimeError(f"attn_implementation='dasg': cannot tell this layer's sliding window ({e}); "
+                           f"use another attn_implementation for this model") from None
     reason = _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, kwargs)
     if reason is not None:
         _CALLS["attention_fallback"] += 1
