@@ -133,9 +133,11 @@ class DASGForCausalLM(nn.Module):
                     + cfg.entropy_coef * aux_losses["entropy"])
         out = DASGCausalLMOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, moe=moe_outs)
         if labels is not None:
+            # mean over the targets that count; 0 (not NaN) when none does (T=1, all -100)
+            targets = labels[:, 1:].reshape(-1)
             lm_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1), ignore_index=-100
-            )
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+            ) / (targets != -100).sum().clamp(min=1)
             out.lm_loss = lm_loss
             out.loss = lm_loss + aux_loss
         return out

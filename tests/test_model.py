@@ -360,6 +360,24 @@ def test_causal_lm_loss_generate_and_stats():
         assert torch.equal(gen[:, 8], model(gen[:, :8]).logits[:, -1].argmax(-1))
 
 
+def test_causal_lm_loss_ignores_masked_labels_and_never_nans():
+    cfg = small_config()
+    model = DASGForCausalLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    out = model(ids, labels=labels)
+    ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, cfg.vocab_size), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.lm_loss, ce)
+    # no target at all (every label -100, or T=1): lm_loss is 0, not NaN, and so is its gradient
+    for ids_, labels_ in ((ids, torch.full_like(ids, -100)), (ids[:, :1], ids[:, :1])):
+        out = model(ids_, labels=labels_)
+        assert out.lm_loss.item() == 0.0 and torch.isfinite(out.loss)
+        model.zero_grad()
+        out.lm_loss.backward()
+        assert all(p.grad is None or (p.grad == 0).all() for p in model.parameters())
+
+
 def test_causal_lm_torch_vs_triton(device):
     require_triton(device, "swa_attention", "route", "expert_ffn")
     cfg = small_config()
