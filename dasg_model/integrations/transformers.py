@@ -240,7 +240,8 @@ def _attention_unsupported(query, key, value, attention_mask, dropout, softcap, 
         return "query heads not a multiple of key/value heads"
     if not is_causal and window is not None:
         return "a bidirectional sliding window"
-    if _SETTINGS["backend"] == "triton" and query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    if _SETTINGS["backend"] != "torch" and query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        # "auto" would quietly run our PyTorch reference: the model's own path is faster
         return f"head dim {query.shape[-1]} (the Triton kernels support {SUPPORTED_HEAD_DIMS})"
     return None
 
