@@ -259,4 +259,8 @@ def expert_ffn_ref(
             continue
         y = swiglu_ref(x[token].to(cdt), gate_up_proj[e].to(cdt), down_proj[e].to(cdt))
         out = out.index_add(0, token, y * weights[token, slot, None].to(cdt))
+    if not (expert_ids >= 0).any():
+        # nothing routed: keep every input in the graph (adding the sum of an empty slice,
+        # exactly 0) so its gradient is zeros, as on the Triton path, not None (DDP needs it)
+        out = out + sum(t[:0].sum().to(cdt) for t in (x, gate_up_proj, down_proj, weights))
     return out.to(x.dtype)

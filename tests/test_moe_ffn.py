@@ -359,6 +359,19 @@ def test_moe_ffn_end_to_end(device, case, dtype):
     assert all(torch.equal(u, v) for u, v in zip(g, g2))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_expert_ffn_nothing_routed_gives_zero_gradients(device, backend):
+    # a bank no token uses (e.g. the deep experts when no token is deep): every input gets a
+    # zero gradient on both backends, never None (DDP and optimizers treat None differently)
+    x, w1, w2, ids, wt = _problem(6, 16, 16, 4, 2, device)
+    ids = torch.full_like(ids, -1)
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2, wt)]
+    y = dk.expert_ffn(leaves[0], leaves[1], leaves[2], (ids, leaves[3]), backend=backend)
+    assert torch.all(y == 0)
+    grads = torch.autograd.grad(y.sum(), leaves)
+    assert all(g is not None and torch.all(g == 0) for g in grads)
+
+
 def test_expert_ffn_empty_batch(device):
     w1, w2 = _weights(4, 16, 16, torch.float32, device)
     x = torch.randn(0, 16, device=device)
