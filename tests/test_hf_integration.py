@@ -317,3 +317,23 @@ def test_window_from_the_config_when_the_call_names_none():
     q = torch.randn(1, 2, 5, 32)
     with pytest.raises(RuntimeError, match="cannot tell this layer's sliding window"):
         dt.dasg_attention_forward(NS(config=cfg), q, q[:, :1], q[:, :1], None)
+
+
+def test_enable_sets_the_backend_per_model(monkeypatch):
+    seen = []
+    real = dt.swa_attention
+
+    def spy(*a, backend, **kw):
+        seen.append(backend)
+        return real(*a, backend="torch", **kw)
+
+    monkeypatch.setattr(dt, "swa_attention", spy)
+    m1, m2 = build("mistral"), build("mistral")
+    dt.enable(m1, backend="torch")
+    dt.enable(m2, backend="auto")  # must not switch m1
+    ids = torch.randint(0, VOCAB, (1, T))
+    with torch.no_grad():
+        m1(ids)
+        assert seen == ["torch", "torch"]
+        m2(ids)
+        assert seen[2:] == ["auto", "auto"]

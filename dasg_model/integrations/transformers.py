@@ -64,6 +64,11 @@ __all__ = [
 
 NAME = "dasg"
 _SETTINGS: dict[str, Any] = {"backend": "auto"}
+
+
+def _backend(module: torch.nn.Module) -> str:
+    """The backend :func:`enable` set on this model's modules, else :func:`register`'s."""
+    return module.__dict__.get("_dasg_backend", _SETTINGS["backend"])
 _CALLS: Counter = Counter()
 _WARNED: set[str] = set()
 
@@ -213,7 +218,8 @@ def _sliding_window(module: torch.nn.Module, sliding_window: Any) -> int | None:
     return w
 
 
-def _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, kwargs) -> str | None:
+def _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, backend,
+                           kwargs) -> str | None:
     if attention_mask is not None:
         return "an attention mask with real padding or a custom pattern"
     if kwargs.get("output_attentions", False):
@@ -240,7 +246,7 @@ def _attention_unsupported(query, key, value, attention_mask, dropout, softcap, 
         return "query heads not a multiple of key/value heads"
     if not is_causal and window is not None:
         return "a bidirectional sliding window"
-    if _SETTINGS["backend"] != "torch" and query.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    if backend != "torch" and query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         # "auto" would quietly run our PyTorch reference: the model's own path is faster
         return f"head dim {query.shape[-1]} (the Triton kernels support {SUPPORTED_HEAD_DIMS})"
     return None
@@ -299,7 +305,9 @@ def dasg_attention_forward(
     except _AmbiguousWindow as e:
         raise RuntimeError(f"attn_implementation='dasg': cannot tell this layer's sliding window ({e}); "
                            f"use another attn_implementation for this model") from None
-    reason = _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, kwargs)
+    backend = _backend(module)
+    reason = _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, backend,
+                                    kwargs)
     if reason is not None:
         _CALLS["attention_fallback"] += 1
         _warn_once("attention", reason)
@@ -312,7 +320,7 @@ def dasg_attention_forward(
         window=(-1 if window is None else window - 1, -1),
         causal=bool(is_causal),
         softmax_scale=scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1]),
-        backend=_SETTINGS["backend"],
+        backend=backend,
     )
     return out, None
 
@@ -380,10 +388,11 @@ def dasg_experts_forward(
     ``hidden_states [N, D]``, ``top_k_index [N, k]``, ``top_k_weights [N, k]`` with the
     experts' ``gate_up_proj [E, 2F, D]`` and ``down_proj [E, D, F]`` -> ``[N, D]``.
     """
+    backend = _backend(experts)
     reason = _experts_unsupported(experts)
     if reason is None and getattr(experts, "_is_expert_parallel", False):
         reason = "expert parallelism"
-    if reason is None and resolve_backend(_SETTINGS["backend"], hidden_states, op="expert_ffn") == "triton":
+    if reason is None and resolve_backend(backend, hidden_states, op="expert_ffn") == "triton":
         d, f = experts.down_proj.shape[1], experts.down_proj.shape[2]
         if d % 16 or f % 16:
             reason = f"hidden size {d} / expert size {f} not multiples of 16 (Triton kernels)"
@@ -395,7 +404,7 @@ def dasg_experts_forward(
     return expert_ffn(
         hidden_states, experts.gate_up_proj, experts.down_proj,
         (top_k_index.to(torch.int32), top_k_weights.to(torch.float32)),
-        backend=_SETTINGS["backend"],
+        backend=backend,
     )
 
 
@@ -431,8 +440,14 @@ def register(name: str = NAME, *, backend: str = "auto", attention: bool = True,
 
 
 def enable(model: torch.nn.Module, *, backend: str = "auto", attention: bool = True, experts: bool = True):
-    """``register()`` and switch a loaded transformers ``model`` to ``"dasg"`` in place; returns it."""
+    """``register()`` and switch a loaded transformers ``model`` to ``"dasg"`` in place; returns it.
+
+    ``backend`` applies to this model only (it is recorded on its modules): enabling a
+    second model with another backend leaves this one as it is.
+    """
     register(backend=backend, attention=attention, experts=experts)
+    for m in model.modules():
+        m.__dict__["_dasg_backend"] = backend
     if attention:
         model.set_attn_implementation(NAME)
     if experts and hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
