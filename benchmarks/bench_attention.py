@@ -146,7 +146,11 @@ def _with_summaries(k: torch.Tensor, v: torch.Tensor, g: int, slots: int) -> tup
     from dasg_kernels.reference import group_means_ref
 
     def pool(x):
-        s = group_means_ref(x.transpose(1, 2), g).transpose(1, 2)
+        t = x.shape[2]
+        if t % g == 0:  # the benchmark shapes: a mean in the input dtype, no fp32 copy of x
+            s = x.unflatten(2, (t // g, g)).mean(3)
+        else:
+            s = group_means_ref(x.transpose(1, 2), g).transpose(1, 2)
         return F.pad(s, (0, 0, 0, slots - s.shape[2]))
 
     return torch.cat([k, pool(k)], dim=2), torch.cat([v, pool(v)], dim=2)

@@ -168,18 +168,18 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             need = 1.0 if shape == "mixtral" else 1.2
             add("moe", f"fwd+bwd >= {need}x torch._grouped_mm", cid,
                 _ratio(ix.ms("moe", cid, "grouped_mm", "fwd+bwd"), ix.ms("moe", cid, "ours", "fwd+bwd")), need)
-            for mode in ("fwd", "fwd+bwd"):
-                o, d = ix.get("moe", cid, "ours", mode), ix.get("moe", cid, "dense_gemm", mode)
-                frac = (o["tflops"] / d["tflops"] if o and d and o.get("status") == "ok" and d.get("status") == "ok"
-                        and o.get("tflops") and d.get("tflops") else None)
-                add("moe", f"{mode} >= 60% of equal-FLOP dense GEMM TFLOP/s", cid, frac, 0.6, unit="fraction")
+            # the issue's 60% clause belongs to its forward+backward sentence
+            o, d = ix.get("moe", cid, "ours", "fwd+bwd"), ix.get("moe", cid, "dense_gemm", "fwd+bwd")
+            frac = (o["tflops"] / d["tflops"] if o and d and o.get("status") == "ok" and d.get("status") == "ok"
+                    and o.get("tflops") and d.get("tflops") else None)
+            add("moe", "fwd+bwd >= 60% of equal-FLOP dense GEMM TFLOP/s", cid, frac, 0.6, unit="fraction")
         if n <= 16:
             o, b = ix.ms("moe", cid, "ours", "fwd"), ix.ms("moe", cid, "decode_bound", "fwd")
             add("moe", "decode fwd <= 1.5x (active expert bytes / copy bandwidth)", cid,
                 o / b if o and b else None, 1.5, higher_better=False)
     for r in ix.records("moe", method="layer", mode="fwd"):
         cid = r["case_id"]
-        if r.get("case", {}).get("N", 0) < 4096:
+        if r.get("case", {}).get("N", 0) < 16384:  # the issue states this target at N=16384
             continue
         layer = ix.ms("moe", cid, "layer", "fwd")
         route = ix.ms("moe", cid, "route", "fwd")

@@ -351,6 +351,27 @@ def test_targets_pass_and_miss_on_a_gpu_result():
     assert "1.5x" in md and "NOT meaningful" not in md
 
 
+def test_moe_targets_follow_the_issue_wording():
+    # 60% of the dense GEMM is a forward+backward target only; routing + dispatch is judged at
+    # N=16384 only (a --quick run stops at 4096 and must not claim it)
+    res = _fake_gpu_results(flex_ms=1.5)
+    for n in (4096, 16384):
+        cid = f"fine N={n}"
+        case = {"N": n, "shape": "fine"}
+        for meth, mode, ms, tf in (("ours", "fwd", 1.0, 50.0), ("ours", "fwd+bwd", 3.0, 70.0),
+                                   ("grouped_mm", "fwd+bwd", 3.9, 50.0), ("dense_gemm", "fwd", 0.5, 100.0),
+                                   ("dense_gemm", "fwd+bwd", 1.5, 100.0), ("layer", "fwd", 1.2, None),
+                                   ("route", "fwd", 0.05, None), ("dispatch", "fwd", 0.03, None)):
+            res["records"].append({"family": "moe", "case_id": cid, "case": case, "method": meth, "mode": mode,
+                                   "status": "ok", "ms": ms, "tflops": tf, "peak_mib": 1.0})
+    got = [(t["target"], t["case"], t["status"]) for t in report.evaluate_targets(res) if t["family"] == "moe"]
+    assert ("fwd+bwd >= 1.2x torch._grouped_mm", "fine N=4096", "PASS") in got
+    assert ("fwd+bwd >= 60% of equal-FLOP dense GEMM TFLOP/s", "fine N=16384", "PASS") in got
+    assert not any(t.startswith("fwd >= 60%") for t, _, _ in got)
+    routing = [(c, st) for t, c, st in got if t.startswith("routing + dispatch")]
+    assert routing == [("fine N=16384", "PASS")]
+
+
 def test_latest_snippet_without_and_with_a_gpu_run(tmp_path):
     assert "No GPU benchmark run has been committed yet" in report.latest_snippet(str(tmp_path))
     res = _fake_gpu_results(flex_ms=1.5)
