@@ -42,6 +42,12 @@ def triton_available() -> bool:
     return True
 
 
+def interpreted_bf16(t: torch.Tensor) -> bool:
+    """A bf16 tensor under Triton's CPU interpreter, whose bf16 ``tl.dot`` multiplies bit
+    patterns (triton-lang/triton#11584): the launchers run the fp32 kernels and round."""
+    return t.dtype == torch.bfloat16 and interpreter_enabled()
+
+
 def triton_can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device`` in this process."""
     if not triton_available():

@@ -18,7 +18,7 @@ import torch
 
 from dasg_kernels import reference
 from dasg_kernels.attention import common, ops
-from dasg_kernels.backend import interpreter_enabled, resolve_backend
+from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.validation import (
     FLOAT_DTYPES,
     check_int,
@@ -129,12 +129,6 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
     return be
 
 
-def _interpreted_bf16(q: torch.Tensor) -> bool:
-    """bf16 under Triton's CPU interpreter: its ``tl.dot`` multiplies bf16 bit patterns
-    (triton-lang/triton#11584), so the launchers run the fp32 kernels and round the result."""
-    return q.dtype == torch.bfloat16 and interpreter_enabled()
-
-
 def _check_summary_kv(op, summary_kv, k_cache, group_size, summaries) -> None:
     if not summaries:
         raise ValueError(f"{op}: summary_kv is only used with summaries=True")
@@ -176,7 +170,7 @@ def swa_attention_with_lse(
             q, k, v, window=window, causal=causal, group_size=group_size,
             summaries=summaries, softmax_scale=scale,
         )
-    if _interpreted_bf16(q):  # the gradients follow the casts
+    if interpreted_bf16(q):  # the gradients follow the casts
         out, lse = swa_attention_with_lse(q.float(), k.float(), v.float(), window=window, causal=causal,
                                           group_size=group_size, summaries=summaries, softmax_scale=scale,
                                           backend="triton")
@@ -278,7 +272,7 @@ def swa_decode(
                 check_last_dim_contiguous(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
                 common.check_row_stride(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
             out_dtype = q.dtype
-            if _interpreted_bf16(q):
+            if interpreted_bf16(q):
                 q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
                 if summary_kv is not None:
                     summary_kv = (summary_kv[0].float(), summary_kv[1].float())

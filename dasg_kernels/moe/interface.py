@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dasg_kernels import reference
-from dasg_kernels.backend import interpreter_enabled, resolve_backend
+from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.moe import grouped_gemm as _gg
 from dasg_kernels.moe import ops as _ops
 from dasg_kernels.moe.dispatch import DispatchPlan, build_plan
@@ -303,7 +303,7 @@ def expert_ffn(
 
 
 def _expert_ffn_planned(x, gate_up_proj, down_proj, weights, plan: DispatchPlan, recompute: bool) -> torch.Tensor:
-    if x.dtype == torch.bfloat16 and interpreter_enabled():
+    if interpreted_bf16(x):
         # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
         # run the fp32 kernels there and round the result (the gradients follow the casts).
         y = _expert_ffn_planned(x.float(), gate_up_proj.float(), down_proj.float(), weights, plan, recompute)
