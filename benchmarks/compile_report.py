@@ -1,0 +1,697 @@
+"""``python -m benchmarks.compile_report``: what the kernels compile to on Hopper, without a GPU.
+
+Every hot kernel (attention forward, dq, dk/dv with and without summaries and GQA,
+pooling, the backward preprocess, decode; MoE route, dispatch, the grouped SwiGLU GEMMs
+forward and backward, combine) is launched by its real launcher on ``meta`` tensors of
+the benchmark shapes, recorded (:mod:`benchmarks.offline_compile`), and compiled offline
+for sm_90a (and sm_80 / sm_100 without ``--quick``) for **every config its pruner keeps**,
+fp16 and bf16. For each kernel x config it records registers, spills, shared memory,
+wgmma vs mma.sync, TMA / cp.async / plain loads, the SASS instructions and MUFU per
+main-loop iteration and whether some warps duplicate others' tiles; for each kernel and
+shape it derives three caps, all PREDICTIONS (nothing here is measured):
+
+* tensor bound: main-loop iterations x tensor-core cycles per iteration (duplicated
+  and masked work included) on an H100 SXM (132 SMs, 1.83 GHz, 989 bf16 TFLOP/s);
+* issue bound: the same iterations x (SASS instructions per iteration x warps / 4
+  schedulers);
+* HBM bound: bytes moved at 3.35 TB/s, including the re-reads the grid order causes
+  (a wave of concurrently resident programs shares what it reads, nothing across waves).
+
+``predicted_tflops`` = useful FLOPs / the largest of the three. Writes
+``benchmarks/results/compile-sm90a.json`` and ``.md`` (``--out DIR`` elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+# The kernels must be real @triton.jit functions, not the interpreter's: rerun without it.
+if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
+    if __name__ == "__main__":
+        env = dict(os.environ, TRITON_INTERPRET="0")
+        os.execvpe(sys.executable, [sys.executable, "-m", "benchmarks.compile_report", *sys.argv[1:]], env)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ["DASG_AUTOTUNE"] = "1"  # record every config the pruners keep
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from benchmarks.offline_compile import Launch, analyse, capture_launches, compile_launch, meta, targets  # noqa: E402
+
+SMS, CLOCK_HZ, HBM_BYTES_S = 132, 1.83e9, 3.35e12
+SMEM_PER_SM, REGS_PER_SM = 228 * 1024, 65536
+
+# --------------------------------------------------------------------------- shapes
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    b: int = 1
+    t: int = 32768
+    hq: int = 32
+    hkv: int = 8
+    left: int = 2047
+    g: int = 256
+    summaries: bool = True
+
+    @property
+    def label(self) -> str:
+        return (f"B={self.b} T={self.t} Hq={self.hq} Hkv={self.hkv} left={self.left} causal "
+                + (f"G={self.g} summaries" if self.summaries else "no summaries"))
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    name: str
+    n: int
+    d: int
+    f: int
+    e: int
+    k: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} N={self.n} D={self.d} F={self.f} E={self.e} k={self.k}"
+
+
+ATTN_MAIN = AttnShape()
+ATTN_LONG = AttnShape(t=65536, g=256)  # the summary-epilogue target
+ATTN_NOSUM = AttnShape(hkv=32, summaries=False)
+MOE_SHAPES = (MoEShape("mixtral", 16384, 4096, 14336, 8, 2), MoEShape("deepseek", 16384, 2048, 1408, 64, 6))
+
+
+# --------------------------------------------------------------------------- the work model
+# Iteration counts port the kernels' own loop bounds (dasg_kernels/attention/common.py).
+
+
+def _local_key_range(first, last, left, right, n_keys, bn):
+    lo = max(first - left, 0) // bn * bn
+    hi = min(last + right + 1, n_keys)
+    full_lo = (max(last - left, 0) + bn - 1) // bn * bn
+    full_lo = min(max(full_lo, lo), hi)
+    full_hi = max(min(first + right + 1, n_keys) // bn * bn, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+def _tiles(a, b, step):
+    return max(0, -(-(b - a) // step))
+
+
+def _summary_tiles(first, last, left, g, ng, bn):
+    b_hi = max(last - left, 0) // g
+    full = max(first - left, 0) // g // bn * bn
+    return _tiles(0, full, bn), _tiles(full, b_hi, bn)
+
+
+def attn_pairs(s: AttnShape) -> tuple[float, float]:
+    """(local, summary) visible query-key pairs per head (causal, window ``left``)."""
+    t, left = s.t, s.left
+    local = sum(min(i, left) + 1 for i in range(t))
+    summ = sum(max(i - left, 0) // s.g for i in range(t)) if s.summaries else 0
+    return float(local), float(summ)
+
+
+def attn_q_iters(s: AttnShape, bm: int, bn: int) -> tuple[int, int]:
+    """(unmasked, masked) key-tile iterations of every query-block program (fwd and dq)."""
+    ng = -(-s.t // s.g)
+    full = masked = 0
+    for start in range(0, s.t, bm):
+        first, last = start, min(start + bm, s.t) - 1
+        lo, flo, fhi, hi = _local_key_range(first, last, s.left, 0, s.t, bn)
+        full += _tiles(flo, fhi, bn)
+        masked += _tiles(lo, flo, bn) + _tiles(fhi, hi, bn)
+        if s.summaries:
+            f, m = _summary_tiles(first, last, s.left, s.g, ng, bn)
+            full, masked = full + f, masked + m
+    heads = s.b * s.hq
+    return full * heads, masked * heads
+
+
+def attn_kv_iters(s: AttnShape, bm: int, bn: int) -> tuple[int, int]:
+    """(unmasked, masked) query-tile iterations of the local dk/dv programs (all GQA heads)."""
+    full = masked = 0
+    for start in range(0, s.t, bn):
+        first, last = start, min(start + bn, s.t) - 1
+        lo, flo, fhi, hi = _local_key_range(first, last, 0, s.left, s.t, bm)  # left/right swapped
+        full += _tiles(flo, fhi, bm)
+        masked += _tiles(lo, flo, bm) + _tiles(fhi, hi, bm)
+    heads = s.b * s.hq
+    return full * heads, masked * heads
+
+
+def attn_summary_kv_iters(s: AttnShape, bm: int, bn: int) -> tuple[int, int]:
+    """(unmasked, masked) query-tile iterations of the summary dk/dv programs."""
+    ng = -(-s.t // s.g)
+    full = masked = 0
+    for g0 in range(0, ng, bn):
+        g1 = min(g0 + bn, ng) - 1
+        b_lo = ((g0 + 1) * s.g + s.left) // bm * bm
+        b_full = min(max(((g1 + 1) * s.g + s.left + bm - 1) // bm * bm, b_lo), s.t)
+        b_tail = max(s.t // bm * bm, b_full)
+        masked += _tiles(b_lo, b_full, bm) + _tiles(b_tail, s.t, bm)
+        full += _tiles(b_full, b_tail, bm)
+    heads = s.b * s.hq
+    return full * heads, masked * heads
+
+
+@dataclass
+class Work:
+    """What one launch does at a benchmark shape: loop iterations, useful FLOPs, HBM bytes."""
+
+    shape: str
+    iters_full: float
+    iters_masked: float
+    flops: float
+    hbm_bytes: float
+    notes: dict = field(default_factory=dict)
+
+
+def _attn_bytes(s: AttnShape, d: int, el: int, n_q_tensors: int, n_kv_tensors: int) -> float:
+    ng = -(-s.t // s.g) if s.summaries else 0
+    q_side = s.b * s.t * s.hq * d * el * n_q_tensors
+    kv_side = s.b * s.hq * (s.t + ng) * d * el * n_kv_tensors  # each q head reads its kv head's window
+    return float(q_side + kv_side + s.b * s.hq * s.t * 4 * 2)
+
+
+def attn_work(kind: str, s: AttnShape, d: int, el: int, bm: int, bn: int) -> Work:
+    local, summ = attn_pairs(s)
+    heads = s.b * s.hq
+    if kind in ("fwd", "dq"):
+        full, masked = attn_q_iters(s, bm, bn)
+        mm = 2 if kind == "fwd" else 3
+        flops = 2.0 * mm * d * (local + summ) * heads
+        nbytes = _attn_bytes(s, d, el, 2 if kind == "fwd" else 3, 2)
+    elif kind == "dkdv":
+        full, masked = attn_kv_iters(s, bm, bn)
+        flops = 8.0 * d * local * heads
+        nbytes = _attn_bytes(s, d, el, 2, 4)
+    else:  # dkdv_summary
+        full, masked = attn_summary_kv_iters(s, bm, bn)
+        flops = 8.0 * d * summ * heads
+        nbytes = _attn_bytes(s, d, el, 2, 0)
+    return Work(s.label, full, masked, flops, nbytes)
+
+
+def _occupancy(rec: dict) -> int:
+    threads = 32 * rec["num_warps"]
+    by_regs = REGS_PER_SM // max(1, (rec["regs"] or 255) * threads)
+    by_smem = SMEM_PER_SM // max(1, rec["smem_bytes"] + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // threads))
+
+
+def _order(n_m: int, n_n: int, group_m: int | None):
+    """(m, n) of every program in launch order: M fastest (a 2-D grid with the M tile on
+    axis 0), or grouped by ``group_m`` M tiles (the matmul tutorial's swizzle)."""
+    if not group_m:
+        for n in range(n_n):
+            for m in range(n_m):
+                yield m, n
+        return
+    for base in range(0, n_m, group_m):
+        size = min(group_m, n_m - base)
+        for n in range(n_n):
+            for m in range(base, base + size):
+                yield m, n
+
+
+def rowtile_hbm(tile_expert: list[int], n_cols: int, bm: int, bn: int, k: int, el: int, wave: int,
+                group_m: int | None, dual: bool) -> tuple[float, float]:
+    """Bytes read by the grouped row-tile GEMMs, simulated wave by wave, and how many
+    times over the A operand is read (1 = once)."""
+    a_tile, b_tile = bm * k * el, bn * k * el * (2 if dual else 1)
+    a_bytes = b_bytes = 0.0
+    seen_a: set = set()
+    seen_b: set = set()
+    count = 0
+    for m, n in _order(len(tile_expert), n_cols, group_m):
+        if count == wave:
+            seen_a.clear()
+            seen_b.clear()
+            count = 0
+        count += 1
+        if m not in seen_a:
+            seen_a.add(m)
+            a_bytes += a_tile
+        key = (tile_expert[m], n)
+        if key not in seen_b:
+            seen_b.add(key)
+            b_bytes += b_tile
+    return a_bytes + b_bytes, a_bytes / max(1.0, len(tile_expert) * a_tile)
+
+
+def moe_rows(s: MoEShape, bm: int) -> list[int]:
+    """``tile_expert`` of a uniform routing (``N*k/E`` rows per expert, padded to ``bm``)."""
+    per = s.n * s.k // s.e
+    tiles = []
+    for e in range(s.e):
+        tiles += [e] * -(-per // bm)
+    return tiles
+
+
+#: kernel -> (output columns, K of the GEMM, dual B operand) for a shape (D, F)
+_ROWTILE = {
+    "_gate_up_fwd_kernel": (lambda d, f: (f, d, True)),
+    "_down_fwd_kernel": (lambda d, f: (d, f, False)),
+    "_down_bwd_kernel": (lambda d, f: (f, d, False)),
+    "_gate_up_bwd_dx_kernel": (lambda d, f: (d, 2 * f, False)),
+}
+_DW = {"_dw_down_kernel": (lambda d, f: (d, f)), "_dw_gate_up_kernel": (lambda d, f: (2 * f, d))}
+
+
+def _group_m(launch: Launch, config) -> int | None:
+    kw = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
+    for name in ("GROUP_M", "GROUP_SIZE_M"):
+        if name in kw:
+            return int(kw[name])
+    return None
+
+
+def moe_work(launch: Launch, config, rec: dict, s: MoEShape, el: int, bm: int) -> Work | None:
+    name = launch.name
+    kw = dict(launch.kwargs, **(config.all_kwargs() if config is not None else {}))
+    bn, bk = kw.get("BLOCK_N"), kw.get("BLOCK_K")
+    if bn is None or bk is None:
+        return None
+    rows = s.n * s.k
+    wave = SMS * _occupancy(rec)
+    gm = _group_m(launch, config)
+    if name in _ROWTILE:
+        n_out, k, dual = _ROWTILE[name](s.d, s.f)
+        tiles = moe_rows(s, bm)
+        n_cols = -(-n_out // bn)
+        iters = len(tiles) * n_cols * -(-k // bk)
+        flops = 2.0 * rows * k * n_out * (2 if dual else 1)
+        read, a_reads = rowtile_hbm(tiles, n_cols, bm, bn, k, el, wave, gm, dual)
+        written = rows * n_out * el * (2 if dual else 1)
+        return Work(s.label, iters, 0, flops, read + written, {"a_reads": round(a_reads, 2), "grid_group_m": gm})
+    if name in _DW:
+        n_out, k_out = _DW[name](s.d, s.f)
+        per = s.n * s.k // s.e
+        n_tiles = -(-n_out // bn) * -(-k_out // bk)
+        iters = n_tiles * s.e * -(-per // bm)
+        flops = 2.0 * rows * n_out * k_out
+        # each program reads its expert's rows of both operands for its (n, k) block; a wave
+        # shares the blocks its programs have in common
+        order = list(_order(-(-n_out // bn), -(-k_out // bk), gm))
+        read = 0.0
+        for e in range(s.e):
+            for w0 in range(0, len(order), wave):
+                chunk = order[w0:w0 + wave]
+                read += len({m for m, _ in chunk}) * per * bn * el + len({n for _, n in chunk}) * per * bk * el
+        a_reads = read / max(1.0, rows * (n_out + k_out) * el)
+        return Work(s.label, iters, 0, flops, read + s.e * n_out * k_out * el,
+                    {"operand_reads": round(a_reads, 2), "grid_group_m": gm})
+    return None
+
+
+def predict(rec: dict, work: Work) -> dict:
+    """The three caps (seconds) and the predicted TFLOP/s ceiling of ``rec`` at ``work``."""
+    per_full = max(rec["tensor_cycles_per_iter"], rec["issue_cycles_per_iter"])
+    masked_loops = [lp for lp in rec["other_loops"] if lp["mma"] == rec["mma_per_iter"] and lp["mma"] > 0]
+    masked_issue = max([lp["issue_cycles"] for lp in masked_loops], default=rec["issue_cycles_per_iter"])
+    tensor_s = (work.iters_full + work.iters_masked) * rec["tensor_cycles_per_iter"] / (SMS * CLOCK_HZ)
+    issue_s = (work.iters_full * rec["issue_cycles_per_iter"] + work.iters_masked * masked_issue) / (SMS * CLOCK_HZ)
+    hbm_s = work.hbm_bytes / HBM_BYTES_S
+    worst = max(tensor_s, issue_s, hbm_s, 1e-12)
+    bound = {tensor_s: "tensor", issue_s: "issue", hbm_s: "hbm"}[max(tensor_s, issue_s, hbm_s)]
+    del per_full
+    return {
+        "shape": work.shape,
+        "useful_tflop": work.flops / 1e12,
+        "tensor_bound_ms": tensor_s * 1e3,
+        "issue_bound_ms": issue_s * 1e3,
+        "hbm_bound_ms": hbm_s * 1e3,
+        "bound": bound,
+        "predicted_tflops": work.flops / worst / 1e12,
+        **work.notes,
+    }
+
+
+# --------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """Launches recorded from one launcher call, with their labels and work models."""
+
+    family: str
+    label: Callable[[Launch], str | None]
+    record: Callable[[], list[Launch]]
+    dtype: str
+    head_dim: int | None = None
+    shape: object = None
+    work: Callable | None = None
+
+
+def _attn_label(launch: Launch) -> str | None:
+    kw = launch.kwargs
+    if launch.name == "_swa_fwd_kernel":
+        return "attn_decode" if kw.get("PACK_GQA") else "attn_fwd"
+    if launch.name == "_swa_bwd_dq_kernel":
+        return "attn_dq"
+    if launch.name == "_swa_bwd_dkdv_kernel":
+        return "attn_dkdv_summary" if kw.get("IS_SUMMARY") else "attn_dkdv"
+    return {"_group_mean_kernel": "attn_pool", "_bwd_preprocess_kernel": "attn_bwd_preprocess"}.get(launch.name)
+
+
+def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) -> Callable[[], list[Launch]]:
+    def record():
+        from dasg_kernels.attention.bwd import swa_bwd
+        from dasg_kernels.attention.decode import swa_decode_fwd
+        from dasg_kernels.attention.fwd import swa_fwd
+
+        q, k, v = meta((s.b, s.t, s.hq, d), dt), meta((s.b, s.t, s.hkv, d), dt), meta((s.b, s.t, s.hkv, d), dt)
+        kw = dict(left=s.left, right=0, causal=True, group_size=s.g if s.summaries else None,
+                  summaries=s.summaries, scale=d ** -0.5)
+        with capture_launches() as launches:
+            if decode:
+                swa_decode_fwd(meta((s.b, 1, s.hq, d), dt), k, v, **kw)
+            else:
+                out, lse, ks, vs = swa_fwd(q, k, v, **kw)
+                swa_bwd(out, q, k, v, out, lse, ks, vs, **kw)
+        return launches
+
+    return record
+
+
+def _attn_kind(label: str) -> str | None:
+    return {"attn_fwd": "fwd", "attn_dq": "dq", "attn_dkdv": "dkdv", "attn_dkdv_summary": "dkdv_summary"}.get(label)
+
+
+_MOE_LABELS = {
+    "_route_kernel": "moe_route", "_gate_up_fwd_kernel": "moe_gate_up_fwd", "_down_fwd_kernel": "moe_down_fwd",
+    "_down_bwd_kernel": "moe_down_bwd", "_gate_up_bwd_dx_kernel": "moe_dx", "_dw_down_kernel": "moe_dw_down",
+    "_dw_gate_up_kernel": "moe_dw_gate_up", "_combine_kernel": "moe_combine",
+}
+
+
+def _moe_label(launch: Launch) -> str | None:
+    if launch.name.startswith("_plan_"):
+        return "moe_dispatch" + launch.name[len("_plan"):-len("_kernel")]
+    return _MOE_LABELS.get(launch.name)
+
+
+def _moe_block_m(s: MoEShape) -> int:
+    from dasg_kernels.moe import grouped_gemm as gg
+
+    return gg.choose_block_m(s.n * s.k, s.e)
+
+
+def _moe_record(s: MoEShape, dt: torch.dtype) -> Callable[[], list[Launch]]:
+    def record():
+        import importlib
+
+        # (dasg_kernels.moe exports a function named dispatch: import the modules by path)
+        dispatch, ops, routing = (importlib.import_module(f"dasg_kernels.moe.{m}") for m in ("dispatch", "ops", "routing"))
+
+        bm = _moe_block_m(s)
+        x = meta((s.n, s.d), dt)
+        w1, w2 = meta((s.e, 2 * s.f, s.d), dt), meta((s.e, s.d, s.f), dt)
+        weights = meta((s.n, s.k), torch.float32)
+        with capture_launches() as launches:
+            routing.route_select_triton(meta((s.n, s.e), torch.float32), top_p=1.0, k_max=s.k, k_cap=s.k,
+                                        min_k=1, n_group=1, topk_group=1)
+            ids = meta((s.n, s.k), torch.int32)
+            plan = dispatch.build_plan_triton(ids, s.e, bm)
+            pl = (plan.row_pair, plan.pair_row, plan.expert_offsets, plan.tile_expert)
+            _, gu = ops.moe_expert_ffn_fwd._init_fn(x, w1, w2, weights, *pl, bm, True)
+            ops.moe_expert_ffn_bwd._init_fn(x, x, w1, w2, weights, gu, *pl, bm, True, True, True, True)
+        return launches
+
+    return record
+
+
+def build_cases(quick: bool) -> list[Case]:
+    dtypes = [torch.bfloat16] if quick else [torch.bfloat16, torch.float16]
+    dims = [128] if quick else [64, 128, 256]
+    cases = []
+    for dt in dtypes:
+        dn = str(dt).replace("torch.", "")
+        for d in dims:
+            cases.append(Case("attention", _attn_label, _attn_record(ATTN_MAIN, d, dt), dn, d, ATTN_MAIN))
+            cases.append(Case("attention-long", lambda l: "attn_dkdv" if _attn_label(l) == "attn_dkdv" else None,
+                              _attn_record(ATTN_LONG, d, dt), dn, d, ATTN_LONG))
+            if not quick or d == 128:
+                cases.append(Case("attention-nosum", lambda l: {"attn_fwd": "attn_fwd_nosum", "attn_dq": None,
+                                                                "attn_dkdv": "attn_dkdv_nosum"}.get(_attn_label(l)),
+                                  _attn_record(ATTN_NOSUM, d, dt), dn, d, ATTN_NOSUM))
+                cases.append(Case("decode", _attn_label, _attn_record(ATTN_MAIN, d, dt, decode=True), dn, d, ATTN_MAIN))
+        for s in (MOE_SHAPES[:1] if quick else MOE_SHAPES):
+            cases.append(Case("moe", _moe_label, _moe_record(s, dt), dn, None, s))
+    return cases
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _jobs(cases: list[Case], quick: bool, only: str | None) -> list[tuple]:
+    jobs = []
+    tnames = ["sm_90a"] if quick else list(targets())
+    for ci, case in enumerate(cases):
+        if only and not case.family.startswith(only):
+            continue
+        seen = set()
+        for li, launch in enumerate(case.record()):
+            label = case.label(launch)
+            if label is None or label in seen:
+                continue
+            seen.add(label)
+            configs = launch.configs or [None]
+            for target in tnames:
+                if target != "sm_90a" and label not in ("attn_fwd", "attn_dkdv", "attn_dq", "moe_gate_up_fwd",
+                                                         "moe_down_fwd"):
+                    continue  # other targets: the hottest kernels, first config only
+                for k, cfg in enumerate(configs if target == "sm_90a" else configs[:1]):
+                    jobs.append((ci, li, k, target, label))
+    return jobs
+
+
+_CASES: list[Case] = []
+
+
+def _config_text(launch: Launch, cfg) -> str:
+    kw = cfg.all_kwargs() if cfg is not None else launch.kwargs
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_T", "BLOCK_D", "BLOCK_G", "CHUNK")
+    parts = [f"{kw[k]}" for k in keys if k in kw]
+    return "x".join(parts) + f" w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+
+
+def run_job(job: tuple) -> dict:
+    ci, li, k, target, label = job
+    case = _CASES[ci]
+    launch = case.record()[li]
+    cfg = (launch.configs or [None])[k]
+    t0 = time.time()
+    try:
+        rec = analyse(compile_launch(launch, cfg, target))
+    except Exception as e:  # a config that does not compile is reported, not fatal
+        return {"kernel": label, "target": target, "config": _config_text(launch, cfg), "error": repr(e)[:300],
+                "dtype": case.dtype}
+    rec.update(kernel=label, family=case.family, dtype=case.dtype, config=_config_text(launch, cfg),
+               config_rank=k, compile_s=round(time.time() - t0, 1))
+    if case.head_dim is not None:
+        rec["head_dim"] = case.head_dim
+    rec["shape"] = case.shape.label
+    kw = dict(launch.kwargs, **(cfg.all_kwargs() if cfg is not None else {}))
+    el = 2
+    work = None
+    if target == "sm_90a":
+        kind = _attn_kind(label.replace("_nosum", ""))
+        if kind is not None:
+            work = attn_work(kind, case.shape, case.head_dim, el, kw["BLOCK_M"], kw["BLOCK_N"])
+        elif isinstance(case.shape, MoEShape):
+            work = moe_work(launch, cfg, rec, case.shape, el, kw.get("BLOCK_M", _moe_block_m(case.shape)))
+    if work is not None:
+        rec.update(predict(rec, work))
+        if label == "attn_dkdv":
+            rec.update(_epilogue(rec, launch, work, case))
+    else:
+        rec["predicted_tflops"] = None
+    rec.pop("other_loops")
+    return rec
+
+
+def _epilogue(rec: dict, launch: Launch, work: Work, case: Case) -> dict:
+    """Instructions of the dk/dv epilogue (its loops without tensor-core work, times their
+    trip count ``N_SPLITS``) against those of the main loop, per program."""
+    names = launch.fn.arg_names
+    args = dict(zip(names, launch.args))
+    splits = int(args.get("N_SPLITS", 0) or 0)
+    epi_loops = [lp for lp in rec["other_loops"] if lp["mma"] == 0]
+    epi = sum(lp["instrs"] for lp in epi_loops) * max(splits, 1) if epi_loops else 0
+    kw = dict(launch.kwargs, **(launch.configs[rec["config_rank"]].all_kwargs() if launch.configs else {}))
+    programs = -(-case.shape.t // kw["BLOCK_N"]) * case.shape.b * case.shape.hkv
+    iters = (work.iters_full + work.iters_masked) / programs
+    main = rec["instrs_per_iter"] * iters
+    d = case.head_dim
+    # bytes each program loads: the main loop's q and dO tiles (+ lse, delta) per iteration;
+    # the epilogue's fp32 summary-gradient rows (dk and dv) per split
+    main_bytes = iters * kw["BLOCK_M"] * (2 * d * 2 + 8)
+    epi_bytes = max(splits, 1) * kw["BLOCK_N"] * d * 4 * 2 if epi_loops or splits else 0
+    share = max(epi / max(main, 1), epi_bytes / max(main_bytes, 1))
+    return {"epilogue_instrs": epi, "epilogue_splits": splits, "main_loop_instrs_per_program": round(main),
+            "epilogue_load_bytes": epi_bytes, "main_loop_load_bytes": round(main_bytes),
+            "epilogue_share": round(share, 4)}
+
+
+def run(quick: bool, only: str | None, workers: int) -> list[dict]:
+    global _CASES
+    _CASES = build_cases(quick)
+    jobs = _jobs(_CASES, quick, only)
+    print(f"compile_report: {len(jobs)} compiles (Triton {triton.__version__}), {workers} workers", flush=True)
+    out = []
+    t0 = time.time()
+    if workers > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            for i, rec in enumerate(pool.imap(run_job, jobs)):
+                out.append(rec)
+                _progress(i, len(jobs), rec, t0)
+    else:
+        for i, job in enumerate(jobs):
+            out.append(run_job(job))
+            _progress(i, len(jobs), out[-1], t0)
+    return out
+
+
+def _progress(i: int, n: int, rec: dict, t0: float) -> None:
+    extra = rec.get("error", "") or (f"regs {rec['regs']} spill {rec['spill_bytes']} dup {rec['duplication']} "
+                                     f"instr/it {rec['instrs_per_iter']}")
+    print(f"[{i + 1}/{n} {time.time() - t0:5.0f}s] {rec['kernel']} {rec['dtype']} {rec.get('head_dim', '')} "
+          f"{rec['config']} {rec['target']}: {extra}", flush=True)
+
+
+# --------------------------------------------------------------------------- writing
+
+COLUMNS = ("kernel", "dtype", "head_dim", "config", "target", "regs", "spill_bytes", "smem_bytes", "wgmma",
+           "mma_sync", "tma_loads", "cp_async_loads", "global_loads", "instrs_per_iter", "mufu_per_iter",
+           "tensor_cycles_per_iter", "issue_cycles_per_iter", "duplicated", "bound", "predicted_tflops")
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}"
+    return str(v)
+
+
+def targets_check(records: list[dict]) -> list[str]:
+    """The issue's targets, judged on the predictions (PREDICTED, not measured)."""
+    ok = [r for r in records if "error" not in r and r["target"] == "sm_90a"]
+    lines = []
+
+    def line(name: str, passed: bool, detail: str):
+        lines.append(f"- {'PASS' if passed else 'MISS'} (predicted) {name}: {detail}")
+
+    fwd = [r for r in ok if r["kernel"] == "attn_fwd" and r["dtype"] == "bfloat16" and r.get("head_dim") == 128]
+    if fwd:
+        best = max(fwd, key=lambda r: r["predicted_tflops"] or 0)
+        first = [r for r in fwd if r["config_rank"] == 0][0]
+        line("attention fwd bf16 D=128 T=32k W=2048 ceiling >= 450 TFLOP/s", first["predicted_tflops"] >= 450,
+             f"first config {first['config']}: {first['predicted_tflops']:.0f} TFLOP/s ({first['bound']} bound); "
+             f"best kept config {best['config']}: {best['predicted_tflops']:.0f}")
+    bwd = [r for r in ok if r["kernel"].startswith(("attn_dq", "attn_dkdv")) and r["dtype"] in ("bfloat16", "float16")]
+    if bwd:
+        dup = sorted({f"{r['kernel']} {r['dtype']} D={r.get('head_dim')} {r['config']}" for r in bwd if r["duplicated"]})
+        line("attention bwd: no duplicated work in any kept config", not dup, ", ".join(dup) or "none duplicated")
+    epi = [r for r in ok if r["kernel"] == "attn_dkdv" and r["family"] == "attention-long" and r["config_rank"] == 0
+           and r.get("head_dim") == 128 and r["dtype"] == "bfloat16"]
+    for r in epi:
+        line("dk/dv summary epilogue < 10% of the main loop (instructions and bytes) at T=64k, G=256",
+             r["epilogue_share"] < 0.10,
+             f"per program {r['epilogue_instrs']} epilogue vs {r['main_loop_instrs_per_program']} main-loop "
+             f"instructions, {r['epilogue_load_bytes']} vs {r['main_loop_load_bytes']} bytes loaded "
+             f"({r['epilogue_splits']} splits; share {100 * r['epilogue_share']:.1f}%, the larger of the two)")
+    gemm = [r for r in ok if "a_reads" in r and r["config_rank"] == 0]
+    if gemm:
+        worst = max(gemm, key=lambda r: r["a_reads"])
+        line("MoE GEMMs: no A operand read from HBM more than twice", worst["a_reads"] <= 2.0,
+             f"worst {worst['kernel']} {worst['shape']}: A read {worst['a_reads']}x")
+    dw = [r for r in ok if r["kernel"] in ("moe_dw_down", "moe_dw_gate_up") and r["config_rank"] == 0]
+    for r in dw:
+        ratio = r["issue_cycles_per_iter"] / max(r["tensor_cycles_per_iter"], 1e-9)
+        line(f"{r['kernel']} {r['dtype']} within 1.5x of its tensor-bound cycles ({r['shape']})", ratio <= 1.5,
+             f"{r['issue_cycles_per_iter']:.0f} issue vs {r['tensor_cycles_per_iter']:.0f} tensor cycles per "
+             f"iteration ({ratio:.2f}x)")
+    spills = sorted({f"{r['kernel']} {r['dtype']} D={r.get('head_dim')} {r['config']}" for r in ok
+                     if r["dtype"] in ("bfloat16", "float16") and (r["duplicated"] or r["spill_ops_in_main_loop"])})
+    line("every fp16/bf16 kept config: no duplicated work, no spill in the main loop", not spills,
+         ", ".join(spills) or "all clean")
+    return lines
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def write(records: list[dict], out_dir: str, quick: bool) -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    header = {"triton": triton.__version__, "torch": torch.__version__,
+              "date": datetime.date.today().isoformat(), "commit": _commit(), "quick": quick,
+              "model": {"sms": SMS, "clock_hz": CLOCK_HZ, "hbm_bytes_s": HBM_BYTES_S,
+                        "fma_per_clk_wgmma": 2048, "fma_per_clk_mma_sync": 1024}}
+    jpath = os.path.join(out_dir, "compile-sm90a.json")
+    with open(jpath, "w") as f:
+        json.dump({"meta": header, "records": records}, f, indent=1)
+    lines = [
+        "# Offline compile report (PREDICTED from compiled code, not measured)", "",
+        f"Triton {header['triton']}, torch {header['torch']}, {header['date']}, commit {header['commit']}"
+        f"{' (--quick)' if quick else ''}. Kernels compiled offline with `triton.compile` for sm_90a (no GPU);",
+        "SASS read with the wheel's `cuobjdump`. Caps assume an H100 SXM (132 SMs, 1.83 GHz, "
+        "989 bf16 TFLOP/s dense, 3.35 TB/s) and are predictions.", "",
+        "Shapes: attention " + ATTN_MAIN.label + f" (dk/dv epilogue also at T={ATTN_LONG.t}); MoE "
+        + "; ".join(s.label for s in MOE_SHAPES) + ".", "",
+        "## Targets (predicted)", "", *targets_check(records), "",
+        "## Per kernel and config", "",
+        "`instrs_per_iter`, `mufu_per_iter`, cycles: per thread and main-loop iteration (the innermost loop with the",
+        "most tensor-core instructions; the shortest such loop when masked and unmasked copies exist).",
+        "`duplicated`: some warps compute the same dot tile as others.", "",
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
+    ]
+    for r in records:
+        if "error" in r:
+            lines.append(f"| {r['kernel']} | {r['dtype']} | | {r['config']} | {r['target']} | compile error: "
+                         f"{r['error'][:80]} |")
+            continue
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |")
+    mpath = os.path.join(out_dir, "compile-sm90a.md")
+    with open(mpath, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return jpath, mpath
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="bf16, D=128, one MoE shape, sm_90a only")
+    p.add_argument("--only", default=None, help="family prefix: attention, decode, moe")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    a = p.parse_args(argv)
+    from benchmarks.offline_compile import tools_available
+
+    if not tools_available():
+        print("compile_report: this Triton has no NVIDIA ptxas/cuobjdump; nothing to compile", file=sys.stderr)
+        return 2
+    records = run(a.quick, a.only, a.workers)
+    jpath, mpath = write(records, a.out, a.quick)
+    print("\n".join(targets_check(records)))
+    print(f"wrote {jpath} and {mpath}")
+    return 1 if any("error" in r for r in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""Compile Triton kernels for a GPU this machine does not have, and read the machine code.
+
+The launchers of :mod:`dasg_kernels` run unchanged on ``meta`` tensors (shapes and
+strides without storage) inside :func:`capture_launches`, which records every kernel
+launch instead of running it: the kernel, its arguments, and, for an autotuned kernel,
+the configs its pruner keeps. :func:`compile_launch` then specialises the arguments
+exactly as ``JITFunction.run`` does (divisibility-by-16 of ints and pointers, ``== 1``
+ints as constants, ``do_not_specialize`` honoured) and compiles for a chosen target with
+``triton.compile``; nothing here needs a GPU or a driver. The Triton wheel's
+``cuobjdump`` disassembles the cubin, and :func:`analyse` reads from the SASS and the
+TTGIR what a profiler would show: registers, spills, shared memory, wgmma (``HGMMA``)
+vs ``mma.sync`` (``HMMA``), TMA / cp.async / plain global loads, the instructions and
+``MUFU`` of the main loop, and whether some warps compute the same tile as others.
+
+Run it without ``TRITON_INTERPRET`` (the interpreter replaces every ``@triton.jit``).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+import triton
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+
+@dataclass
+class Launch:
+    """One recorded kernel launch: ``fn[grid](*args, **kwargs)`` and the configs to try."""
+
+    fn: JITFunction
+    args: tuple
+    kwargs: dict
+    configs: list = field(default_factory=list)  # triton.Config kept by the pruner; [] = kwargs hold them
+
+    @property
+    def name(self) -> str:
+        return self.fn.fn.__name__
+
+
+@contextlib.contextmanager
+def capture_launches() -> Iterator[list[Launch]]:
+    """Record launches instead of running them (the launcher code runs as usual).
+
+    An autotuned kernel is recorded once with every config its ``early_config_prune``
+    keeps (the report compiles each); a plain kernel with the launch's own options.
+    """
+    launches: list[Launch] = []
+    jit_run, tune_run = JITFunction.run, Autotuner.run
+
+    def fake_jit_run(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, dict(kwargs)))
+
+    def fake_tune_run(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = list(self.prune_configs(kwargs))
+        self.nargs = None
+        fn = self.fn
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        launches.append(Launch(fn, args, dict(kwargs), configs))
+
+    JITFunction.run, Autotuner.run = fake_jit_run, fake_tune_run
+    try:
+        yield launches
+    finally:
+        JITFunction.run, Autotuner.run = jit_run, tune_run
+
+
+def meta(shape, dtype=torch.bfloat16, stride=None) -> torch.Tensor:
+    """A tensor with a shape and strides but no storage (what the launchers are given)."""
+    if stride is None:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+def _stand_in(a: Any) -> Any:
+    # Pointers specialise on their dtype and 16-byte alignment only: a 16-element CPU
+    # tensor (64-byte aligned) stands in for every (meta) tensor.
+    if isinstance(a, torch.Tensor):
+        return torch.empty(16, dtype=a.dtype)
+    return a
+
+
+def targets() -> dict[str, Any]:
+    """The offline targets this Triton can compile for (sm_90a always; sm_80, sm_100 if present)."""
+    from triton.backends.compiler import GPUTarget
+
+    out = {"sm_90a": GPUTarget("cuda", 90, 64)}
+    out["sm_80"] = GPUTarget("cuda", 80, 32)
+    if shutil.which("ptxas-blackwell", path=_bin_dir()) or triton.__version__ >= "3.3":
+        out["sm_100"] = GPUTarget("cuda", 100, 64)
+    return out
+
+
+def _bin_dir() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def tools_available() -> bool:
+    """Whether the installed Triton ships the NVIDIA tools an offline compile needs."""
+    return all(os.path.exists(os.path.join(_bin_dir(), t)) for t in ("ptxas", "cuobjdump"))
+
+
+@dataclass
+class Compiled:
+    name: str
+    target: str
+    num_warps: int
+    num_stages: int
+    shared: int
+    sass: str
+    ttgir: str
+    ptxas_log: str
+    res_usage: str
+
+
+def compile_launch(launch: Launch, config=None, target: str = "sm_90a") -> Compiled:
+    """Compile ``launch`` (with ``config``, a ``triton.Config``) for ``target`` offline."""
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    tgt = targets()[target]
+    backend = make_backend(tgt)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kwargs = dict(launch.kwargs)
+    if config is not None:
+        kwargs.update(config.all_kwargs())
+    kwargs["debug"] = False
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
+    args = tuple(_stand_in(a) for a in launch.args)
+    kwargs = {k: _stand_in(v) for k, v in kwargs.items()}
+    bound, spec, opts = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
+    log = io.StringIO()
+    old = knobs.nvidia.dump_ptxas_log
+    knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=tgt, options=options.__dict__)
+    finally:
+        knobs.nvidia.dump_ptxas_log = old
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(k.asm["cubin"])
+        cuobjdump = os.path.join(_bin_dir(), "cuobjdump")
+        sass = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True, check=True).stdout
+        res = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    return Compiled(launch.name, target, options.num_warps, options.num_stages, k.metadata.shared, sass,
+                    k.asm["ttgir"], log.getvalue(), res)
+
+
+# --------------------------------------------------------------------------- reading SASS
+
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)([^;]*);")
+_BRA_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def parse_sass(sass: str) -> list[tuple[int, str, str]]:
+    """``(address, opcode, operands)`` of every instruction (NOPs dropped)."""
+    out = []
+    for m in _INSTR.finditer(sass):
+        op = m.group(3)
+        if op == "NOP":
+            continue
+        out.append((int(m.group(1), 16), op, m.group(4)))
+    return out
+
+
+def loops(instrs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """Index ranges ``[first, last]`` of the loops (a backward branch closes each)."""
+    index = {a: i for i, (a, _, _) in enumerate(instrs)}
+    out = []
+    for i, (addr, op, rest) in enumerate(instrs):
+        if op.startswith("BRA"):
+            m = _BRA_TARGET.search(rest)
+            if m and int(m.group(1), 16) <= addr and int(m.group(1), 16) in index:
+                out.append((index[int(m.group(1), 16)], i))
+    return out
+
+
+_MMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
+_HMMA_SHAPE = re.compile(r"HMMA\.(16)(8)(\d+)")
+
+
+def mma_fma(op: str) -> tuple[int, str]:
+    """Multiply-adds of one tensor-core instruction and its kind (per warpgroup for
+    ``HGMMA``, per warp for ``HMMA``)."""
+    m = _MMA_SHAPE.match(op)
+    if m:
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), "wgmma"
+    m = _HMMA_SHAPE.match(op)
+    if m:
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), "mma_sync"
+    return 0, ""
+
+
+#: H100 SXM: dense bf16/fp16 tensor peak per SM and clock (989 TFLOP/s = 132 SMs x 1.83 GHz
+#: x 2048 multiply-adds); mma.sync is taken at half of it.
+FMA_PER_CLK_WGMMA = 2048
+FMA_PER_CLK_MMA_SYNC = 1024
+ISSUE_PER_CLK = 4  # one warp instruction per scheduler (4 per SM) per clock
+
+
+def _count(instrs, pred) -> int:
+    return sum(1 for _, op, rest in instrs if pred(op, rest))
+
+
+def loop_stats(body: list[tuple[int, str, str]], num_warps: int) -> dict:
+    """Per iteration of a loop body: instructions, MUFU, tensor and issue cycles per CTA."""
+    fma_wg = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("HGMMA"))
+    fma_w = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("HMMA"))
+    tensor = (num_warps / 4) * fma_wg / FMA_PER_CLK_WGMMA + num_warps * fma_w / FMA_PER_CLK_MMA_SYNC
+    return {
+        "instrs": len(body),
+        "mufu": _count(body, lambda op, _: op.startswith("MUFU")),
+        "mma": _count(body, lambda op, _: op.startswith(("HGMMA", "HMMA"))),
+        "spill_ops": _count(body, lambda op, _: op.startswith(("STL", "LDL"))),
+        "tensor_cycles": tensor,
+        "issue_cycles": len(body) * num_warps / ISSUE_PER_CLK,
+    }
+
+
+_MMA_LAYOUT = re.compile(r"#(mma\d*)\s*=\s*#ttg\.nvidia_mma<\{versionMajor = (\d+).*?warpsPerCTA = \[(\d+), (\d+)\]"
+                         r".*?instrShape = \[(\d+), (\d+)")
+_DOT_RESULT = re.compile(r"(?:warp_group_dot|tt\.dot)\b.*->\s*tensor<(\d+)x(\d+)x\w+, #(mma\d*)>")
+
+
+def duplication(ttgir: str) -> int:
+    """The largest factor by which warps of a CTA recompute the same dot tile.
+
+    A dot of an ``M x N`` tile in an MMA layout with ``warpsPerCTA = [wm, wn]`` covers
+    ``16*wm`` rows (each warp 16; a wgmma warpgroup 64) and ``wn * instrN`` columns;
+    when that is more than the tile, the extra warps hold copies (what Triton does with
+    a 64-row tile on 8 warps laid out [8, 1]: both warpgroups compute the same tile).
+    """
+    layouts = {m.group(1): (int(m.group(3)), int(m.group(4)), int(m.group(6)))
+               for m in _MMA_LAYOUT.finditer(ttgir)}
+    worst = 1
+    for m in _DOT_RESULT.finditer(ttgir):
+        rows, cols, name = int(m.group(1)), int(m.group(2)), m.group(3)
+        if name not in layouts:
+            continue
+        wm, wn, inst_n = layouts[name]
+        dup = max(1, 16 * wm // rows) * max(1, wn * inst_n // cols)
+        worst = max(worst, dup)
+    return worst
+
+
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_REGS = re.compile(r"REG:(\d+)")
+_STACK = re.compile(r"STACK:(\d+)")
+
+
+def analyse(c: Compiled) -> dict:
+    """Everything the report prints about one compiled kernel (see the module docstring).
+
+    The *main loop* is the innermost loop with the most tensor-core instructions (ties:
+    the shortest, i.e. the unmasked steady-state loop of a kernel that splits masked and
+    unmasked tiles); ``instrs_per_iter`` etc. are per iteration of it, per thread.
+    """
+    instrs = parse_sass(c.sass)
+    lps = loops(instrs)
+    inner = [(a, b) for a, b in lps if not any(a <= a2 and b2 <= b and (a2, b2) != (a, b) for a2, b2 in lps)]
+    stats = [(loop_stats(instrs[a:b + 1], c.num_warps), (a, b)) for a, b in inner]
+    with_mma = [s for s in stats if s[0]["mma"] > 0]
+    if with_mma:
+        best = max(s[0]["mma"] for s in with_mma)
+        main, main_range = min((s for s in with_mma if s[0]["mma"] == best), key=lambda s: s[0]["instrs"])
+    elif stats:
+        main, main_range = max(stats, key=lambda s: s[0]["instrs"])
+    else:
+        main, main_range = loop_stats([], c.num_warps), (0, -1)
+    spill = _SPILL.search(c.ptxas_log)
+    regs = _REGS.search(c.res_usage)
+    stack = _STACK.search(c.res_usage)
+    dup = duplication(c.ttgir)
+    return {
+        "target": c.target,
+        "num_warps": c.num_warps,
+        "num_stages": c.num_stages,
+        "regs": int(regs.group(1)) if regs else None,
+        "spill_bytes": int(spill.group(1)) if spill else (int(stack.group(1)) if stack else 0),
+        "stack_bytes": int(stack.group(1)) if stack else 0,
+        "smem_bytes": c.shared,
+        "wgmma": _count(instrs, lambda op, _: op.startswith("HGMMA")),
+        "mma_sync": _count(instrs, lambda op, _: op.startswith("HMMA")),
+        "tma_loads": _count(instrs, lambda op, _: op.startswith("UTMALDG")),
+        "cp_async_loads": _count(instrs, lambda op, _: op.startswith("LDGSTS")),
+        "global_loads": _count(instrs, lambda op, _: op.startswith("LDG")),
+        "total_instrs": len(instrs),
+        "loops": len(lps),
+        "instrs_per_iter": main["instrs"],
+        "mufu_per_iter": main["mufu"],
+        "mma_per_iter": main["mma"],
+        "spill_ops_in_main_loop": main["spill_ops"],
+        "tensor_cycles_per_iter": main["tensor_cycles"],
+        "issue_cycles_per_iter": main["issue_cycles"],
+        "duplicated": dup > 1,
+        "duplication": dup,
+        "other_loops": [dict(s, first=a, last=b) for s, (a, b) in stats if (a, b) != main_range],
+    }
