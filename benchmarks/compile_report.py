@@ -524,9 +524,9 @@ def _epilogue(rec: dict, launch: Launch, work: Work, case: Case) -> dict:
     trip count ``N_SPLITS``) against those of the main loop, per program."""
     names = launch.fn.arg_names
     args = dict(zip(names, launch.args))
-    splits = int(args.get("N_SPLITS", 0) or 0)
-    epi_loops = [lp for lp in rec["other_loops"] if lp["mma"] == 0]
-    epi = sum(lp["instrs"] for lp in epi_loops) * max(splits, 1) if epi_loops else 0
+    splits = int(args.get("N_SPLITS", 1) or 1)  # partial sums each program reads (1: reduced before)
+    epi_loops = [lp for lp in rec["other_loops"] if lp["mma"] == 0 and lp["in_tail"]]
+    epi = rec["tail_instrs"] + sum(lp["instrs"] for lp in epi_loops) * (splits - 1)
     kw = dict(launch.kwargs, **(launch.configs[rec["config_rank"]].all_kwargs() if launch.configs else {}))
     programs = -(-case.shape.t // kw["BLOCK_N"]) * case.shape.b * case.shape.hkv
     iters = (work.iters_full + work.iters_masked) / programs
@@ -535,7 +535,7 @@ def _epilogue(rec: dict, launch: Launch, work: Work, case: Case) -> dict:
     # bytes each program loads: the main loop's q and dO tiles (+ lse, delta) per iteration;
     # the epilogue's fp32 summary-gradient rows (dk and dv) per split
     main_bytes = iters * kw["BLOCK_M"] * (2 * d * 2 + 8)
-    epi_bytes = max(splits, 1) * kw["BLOCK_N"] * d * 4 * 2 if epi_loops or splits else 0
+    epi_bytes = splits * kw["BLOCK_N"] * d * 4 * 2
     share = max(epi / max(main, 1), epi_bytes / max(main_bytes, 1))
     return {"epilogue_instrs": epi, "epilogue_splits": splits, "main_loop_instrs_per_program": round(main),
             "epilogue_load_bytes": epi_bytes, "main_loop_load_bytes": round(main_bytes),

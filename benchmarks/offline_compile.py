@@ -285,6 +285,9 @@ def analyse(c: Compiled) -> dict:
         main, main_range = max(stats, key=lambda s: s[0]["instrs"])
     else:
         main, main_range = loop_stats([], c.num_warps), (0, -1)
+    # the epilogue: everything after the last loop with tensor-core work (loops in it once)
+    mma_ends = [b for a, b in lps if any(op.startswith(("HGMMA", "HMMA")) for _, op, _ in instrs[a:b + 1])]
+    tail_from = max(mma_ends, default=-1) + 1
     spill = _SPILL.search(c.ptxas_log)
     regs = _REGS.search(c.res_usage)
     stack = _STACK.search(c.res_usage)
@@ -312,5 +315,7 @@ def analyse(c: Compiled) -> dict:
         "issue_cycles_per_iter": main["issue_cycles"],
         "duplicated": dup > 1,
         "duplication": dup,
-        "other_loops": [dict(s, first=a, last=b) for s, (a, b) in stats if (a, b) != main_range],
+        "tail_instrs": len(instrs) - tail_from,
+        "other_loops": [dict(s, first=a, last=b, in_tail=a >= tail_from) for s, (a, b) in stats
+                        if (a, b) != main_range],
     }

@@ -144,7 +144,7 @@ def _dkdv_head(
 
 @tuned("dkdv")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T N_KEYS H_KV left right G ROWS_PER_SPLIT N_SPLITS WIN_KEY"))
+    "stride_lb stride_lh T N_KEYS H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS,
     stride_qb, stride_qt, stride_qh,
@@ -155,7 +155,7 @@ def _swa_bwd_dkdv_kernel(
     stride_dvb, stride_dvt, stride_dvh,
     stride_dss, stride_dsb, stride_dst, stride_dsh,
     stride_lb, stride_lh,
-    T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT, N_SPLITS,
+    T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
@@ -230,9 +230,10 @@ def _swa_bwd_dkdv_kernel(
     p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
     p_dv = DV + i_b * stride_dvb + i_hk64 * stride_dvh
     if ADD_POOL_GRAD:
-        # backward of the group mean: every position of group g gets d(summary_g) / count_g,
-        # summed over the query-row splits in a fixed order (deterministic). dk is finished
-        # and stored before dv's partial sums are read, to keep fewer tiles live.
+        # backward of the group mean: every position of group g gets d(summary_g) / count_g.
+        # The launcher has already summed the query-row splits (once, in a fixed order:
+        # deterministic), so this reads one row per group. dk is finished and stored before
+        # dv's row is read, to keep fewer tiles live.
         grp = cols // G
         inv_cnt = 1.0 / tl.maximum(tl.minimum(T - grp * G, G), 1).to(tl.float32)  # rows past T: not stored
         m_g = (cols < N_KEYS)[:, None] & (o_d < HEAD_DIM)[None, :]
@@ -240,13 +241,9 @@ def _swa_bwd_dkdv_kernel(
         g0 = start_n // G
         o_g2d = (grp - g0)[:, None] * stride_dst + o_d[None, :]
         p_ds = i_b * stride_dsb + i_hk64 * stride_dsh + tl.cast(g0, tl.int64) * stride_dst
-        for i_s in range(0, N_SPLITS):
-            p_s = p_ds + tl.cast(i_s, tl.int64) * stride_dss
-            b_dk += tl.load(DKS + p_s + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
+        b_dk += tl.load(DKS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
         _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
-        for i_s in range(0, N_SPLITS):
-            p_s = p_ds + tl.cast(i_s, tl.int64) * stride_dss
-            b_dv += tl.load(DVS + p_s + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
+        b_dv += tl.load(DVS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
         _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
     else:
         _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
@@ -434,12 +431,16 @@ def swa_bwd(
             *dks.stride()[:4],
             lse.stride(0), lse.stride(1),
             t, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
-            rows, n_splits if use_sum else 0, wk,
+            rows, wk,
             IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, **flags, **launch_meta("dkdv"),
         )
 
     if use_sum:
         dkdv_launch(ks, vs, dks, dvs, ng, True)
+        # sum the split partials once ([S, ...] -> [1, ...], a fixed-order reduction), so each
+        # key block's epilogue reads one row per group instead of S of them (offline sm_90a,
+        # T=64k G=256: 32 splits made the epilogue load half as many bytes as the main loop)
+        dks, dvs = dks.sum(0, keepdim=True), dvs.sum(0, keepdim=True)
     dkdv_launch(k, v, dk, dv, t, False)
 
     ks_ = ks if use_sum else k

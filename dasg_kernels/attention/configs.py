@@ -61,44 +61,54 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 
 # (config, head-dim class it is meant for: 64 = D <= 64, 128 = D in {96, 128}, 256).
-# Chosen from register/spill counts of the kernels compiled offline for sm_90 with
-# Triton 3.6 and 3.9 (``cuobjdump -res-usage``): configs that spill least at bf16.
-# Their SPEED IS UNMEASURED (no GPU in the session that wrote them); D=256 spills in
-# every config tried (pointer-based loads; Hopper TMA descriptors would be the fix).
+# Chosen from `python -m benchmarks.compile_report` (offline sm_90a, bf16, Triton 3.9;
+# benchmarks/results/compile-sm90a.md): every kept config issues wgmma with no warp
+# computing another's tile and, except at D=256 dk/dv, no spill inside the main loop.
+# The rule behind "no duplicated work": a dot of M rows on W warps needs M >= 16 * W
+# (a 64-row tile on 8 warps is laid out [8, 1]: both warpgroups compute the same tile).
+# The M of a dot is BLOCK_M in the forward and dq, BLOCK_N (the keys) in dk/dv.
+# Comments: stack bytes spilled outside the main loop / SASS instructions per main-loop
+# iteration. Their SPEED IS UNMEASURED (no GPU yet).
 _FWD_SPACE = [
-    (_cfg(128, 64, 8, 3), 64),   # 0 B spilled
-    (_cfg(128, 32, 4, 3), 64),   # 0
-    (_cfg(64, 64, 4, 3), 64),    # 112
-    (_cfg(128, 32, 8, 3), 128),  # 0
-    (_cfg(64, 64, 8, 3), 128),   # 136
-    (_cfg(128, 64, 8, 2), 128),  # 288
-    (_cfg(64, 32, 4, 3), 128),   # 168
-    (_cfg(64, 32, 8, 2), 256),   # 440
-    (_cfg(128, 32, 8, 2), 256),  # 512
-    (_cfg(64, 64, 8, 2), 256),   # 912
+    (_cfg(128, 64, 8, 3), 64),   # 0 B, 351
+    (_cfg(64, 64, 4, 3), 64),    # 0, 355
+    (_cfg(128, 32, 4, 3), 64),   # 0, 409
+    (_cfg(128, 128, 8, 3), 64),  # 0, 560
+    # D=128: 128x32 w8 s3 (the old first) issues 624 cycles per 512 of tensor work; 128x64
+    # w8 s3 issues 846 per 1024 (FlexAttention's bf16 D=128 H100 choice)
+    (_cfg(128, 64, 8, 3), 128),  # 0, 423
+    (_cfg(128, 128, 8, 2), 128), # 0, 620
+    (_cfg(128, 64, 8, 2), 128),  # 0, 395
+    (_cfg(128, 32, 8, 3), 128),  # 0, 312
+    (_cfg(64, 32, 4, 3), 128),   # 0, 316
+    (_cfg(128, 32, 8, 2), 256),  # 28, 401
+    (_cfg(128, 64, 8, 2), 256),  # 128, 540
 ]
-_DKDV_SPACE = [  # spills measured with the GQA head loop unrolled, Hq/Hkv = 1..8
-    (_cfg(32, 64, 4, 3), 64),
-    (_cfg(64, 64, 4, 3), 64),
-    (_cfg(64, 128, 8, 2), 64),
-    (_cfg(32, 64, 8, 2), 128),   # 0-370
-    (_cfg(32, 64, 8, 3), 128),
-    (_cfg(64, 64, 8, 2), 128),   # 190-700
-    (_cfg(16, 32, 4, 2), 256),
-    (_cfg(32, 32, 4, 2), 256),
-    (_cfg(32, 64, 8, 2), 256),
+_DKDV_SPACE = [  # also the summary dk/dv launch; GQA heads looped (configs.heads_unrolled)
+    (_cfg(32, 128, 8, 2), 64),   # 0, 237
+    (_cfg(32, 64, 4, 3), 64),    # 8, 235
+    (_cfg(64, 128, 8, 2), 64),   # 44, 372
+    (_cfg(64, 64, 4, 3), 64),    # 204, 375
+    # D=128: the old 32x64 / 64x64 on 8 warps duplicated the S and dP tiles
+    (_cfg(32, 128, 8, 2), 128),  # 200, 293
+    (_cfg(16, 128, 8, 2), 128),  # 92, 220
+    (_cfg(32, 128, 8, 3), 128),  # 196, 318
+    # D=256 spills inside the main loop in every config tried (about 260 spill
+    # instructions per iteration): pointer-based loads of four [BLOCK, 256] tiles
+    (_cfg(16, 64, 4, 2), 256),
+    (_cfg(32, 64, 4, 2), 256),
 ]
 _DQ_SPACE = [
-    (_cfg(64, 64, 4, 3), 64),    # 0
-    (_cfg(128, 64, 8, 2), 64),   # 0
-    (_cfg(128, 32, 4, 3), 64),   # 40
-    (_cfg(64, 32, 8, 3), 128),   # 0
-    (_cfg(128, 32, 8, 2), 128),  # 32
-    (_cfg(128, 64, 8, 2), 128),  # 160
-    (_cfg(64, 32, 4, 3), 128),   # 32
-    (_cfg(64, 32, 8, 2), 256),   # 664
-    (_cfg(32, 32, 4, 2), 256),
-    (_cfg(32, 64, 8, 2), 256),
+    (_cfg(64, 64, 4, 3), 64),    # 0, 297
+    (_cfg(128, 64, 8, 2), 64),   # 0, 273
+    (_cfg(128, 32, 4, 3), 64),   # 0, 320
+    (_cfg(128, 32, 8, 2), 128),  # 0, 237 (the old first, 64x32 on 8 warps, duplicated)
+    (_cfg(128, 64, 8, 2), 128),  # 0, 328
+    (_cfg(128, 32, 8, 3), 128),  # 0, 278
+    (_cfg(64, 32, 4, 3), 128),   # 0, 271
+    (_cfg(64, 64, 4, 3), 128),   # 0, 378
+    (_cfg(128, 32, 8, 2), 256),  # 0, 398
+    (_cfg(64, 32, 4, 2), 256),   # 92, 401
 ]
 SPACES = {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}
 
