@@ -452,8 +452,22 @@ def build_cases(quick: bool) -> list[Case]:
 # --------------------------------------------------------------------------- running
 
 
-def _jobs(cases: list[Case], quick: bool, only: str | None) -> list[tuple]:
+#: what ``--smoke`` compiles (the CI test): the first config of the hottest kernels
+SMOKE_KERNELS = ("attn_fwd", "attn_dq", "attn_dkdv", "moe_gate_up_fwd", "moe_down_fwd")
+
+
+def _jobs(cases: list[Case], quick: bool, only: str | None, smoke: bool = False) -> list[tuple]:
     jobs = []
+    if smoke:
+        cases_ok = {"attention", "moe"}
+        for ci, case in enumerate(cases):
+            if case.family not in cases_ok:
+                continue
+            for li, launch in enumerate(case.record()):
+                label = case.label(launch)
+                if label in SMOKE_KERNELS and not any(j[4] == label for j in jobs):
+                    jobs.append((ci, li, 0, "sm_90a", label))
+        return jobs
     tnames = ["sm_90a"] if quick else list(targets())
     for ci, case in enumerate(cases):
         if only and not case.family.startswith(only):
@@ -542,10 +556,10 @@ def _epilogue(rec: dict, launch: Launch, work: Work, case: Case) -> dict:
             "epilogue_share": round(share, 4)}
 
 
-def run(quick: bool, only: str | None, workers: int) -> list[dict]:
+def run(quick: bool, only: str | None, workers: int, smoke: bool = False) -> list[dict]:
     global _CASES
-    _CASES = build_cases(quick)
-    jobs = _jobs(_CASES, quick, only)
+    _CASES = build_cases(quick or smoke)
+    jobs = _jobs(_CASES, quick, only, smoke)
     print(f"compile_report: {len(jobs)} compiles (Triton {triton.__version__}), {workers} workers", flush=True)
     out = []
     t0 = time.time()
@@ -680,13 +694,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None, help="family prefix: attention, decode, moe")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--smoke", action="store_true",
+                   help="first config of " + ", ".join(SMOKE_KERNELS) + " (bf16, D=128): JSON only")
     a = p.parse_args(argv)
     from benchmarks.offline_compile import tools_available
 
     if not tools_available():
         print("compile_report: this Triton has no NVIDIA ptxas/cuobjdump; nothing to compile", file=sys.stderr)
         return 2
-    records = run(a.quick, a.only, a.workers)
+    records = run(a.quick, a.only, a.workers, a.smoke)
+    if a.smoke:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "compile-smoke.json"), "w") as f:
+            json.dump(records, f, indent=1)
+        return 1 if any("error" in r for r in records) else 0
     jpath, mpath = write(records, a.out, a.quick)
     print("\n".join(targets_check(records)))
     print(f"wrote {jpath} and {mpath}")
