@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a session that is lent a device (15 minutes of device time in all):
 # environment, the full test suite on the GPU (bf16 and the `gpu`-marked tests included), then the
-# full benchmark run. Everything lands under $OUT in at most 6 files (the device tool returns 8).
+# full benchmark run. Everything lands under $OUT in at most 7 files (the device tool returns 8).
 #
 #   device run:  bash scripts/gpu_session.sh            (timeout_s 600)
 #   knobs:       TEST_S=200 BENCH_S=270 ONLY=attention TEST_MARK="not slow" bash scripts/gpu_session.sh
@@ -16,7 +16,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 unset TRITON_INTERPRET
 TEST_S=${TEST_S:-200}
-BENCH_S=${BENCH_S:-270}
+BENCH_S=${BENCH_S:-200}
+CONF_S=${CONF_S:-70}
 
 {
   date -u
@@ -42,12 +43,17 @@ DASG_AUTOTUNE=0 timeout "$TEST_S" python3 -m pytest -q $par -p no:cacheprovider 
 echo "pytest exit: $?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -25
 
+echo "== old vs new first configs of the kernels issue 9 changed (limit ${CONF_S}s) =="
+# the offline compile report predicts these; this measures them (benchmarks/bench_configs.py)
+timeout "$CONF_S" python3 -m benchmarks.bench_configs --out "$OUT/results" >"$OUT/configs.log" 2>&1
+echo "bench_configs exit: $?"; tail -12 "$OUT/configs.log"
+
 echo "== benchmarks (budget ${BENCH_S}s) =="
 only=""
 [ -n "${ONLY:-}" ] && only="--only $ONLY"
 # the runner stops itself at BENCH_S + 90 s (SIGALRM) and writes its files; the outer limit only
-# catches a call that never returns. TEST_S + BENCH_S + 100 (570 s by default) stays under the
-# device's 600 s per command, so results.tgz is still written.
+# catches a call that never returns. TEST_S + CONF_S + BENCH_S + 100 (570 s by default) stays under the
+# device's 600 s per command, so results.tgz is still written (with CONF_S: 570 s).
 timeout $((BENCH_S + 100)) python3 -m benchmarks --time-budget "$BENCH_S" $only --no-progress \
   --out "$OUT/results" >"$OUT/bench.log" 2>&1
 echo "benchmarks exit: $?"
