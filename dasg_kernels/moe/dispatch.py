@@ -20,9 +20,11 @@ the pairs sorted by expert, each expert's run padded up to a multiple of
 Everything is sized by the worst case, so the host never waits on the device.
 
 Two builders give the same plan bit for bit: :func:`build_plan_triton` (a counting
-sort in five small Triton launches: the ``triton`` backend) and
+sort in five small Triton launches: the ``triton`` backend, run through the
+``dasg_kernels::moe_dispatch`` custom op of :mod:`dasg_kernels.moe.ops`) and
 :func:`build_plan_torch` (stable sort, cumsum, searchsorted: readable, the ``torch``
-backend and the test oracle).
+backend and the test oracle). This module is the bottom layer: it imports nothing
+from the MoE modules above it.
 """
 from __future__ import annotations
 
@@ -69,7 +71,7 @@ def build_plan_torch(
 ) -> DispatchPlan:
     """Build the plan with device-side torch ops only (no ``.item()``, no sync): the
     readable version, and the ``backend="torch"`` path; :func:`build_plan_triton` is the
-    same plan (bitwise) in four launches.
+    same plan (bitwise) in five launches.
 
     ``expert_ids [N, k]`` int; entries outside ``[0, num_experts)`` count as unused
     (the public :func:`dispatch` rejects them on the CPU, where checking is free).
@@ -272,28 +274,14 @@ def build_plan_triton(expert_ids: torch.Tensor, num_experts: int, block_m: int, 
     )
 
 
-def build_plan(
-    expert_ids: torch.Tensor,
-    num_experts: int,
-    block_m: int,
-    tokens_per_expert: torch.Tensor | None = None,
-    *,
-    use_triton: bool = True,
-) -> DispatchPlan:
-    """The plan from the Triton kernels (``use_triton``) or from torch ops; the same either way.
 
-    The Triton path recounts the pairs itself (the counts come out of the same pass),
-    so ``tokens_per_expert`` only saves work on the torch path. It runs as the
-    ``dasg_kernels::moe_dispatch`` custom op (opaque to ``torch.compile``).
-    """
-    if use_triton:
-        from dasg_kernels.moe import ops
-
-        row_pair, pair_row, offsets, tile_expert, counts = ops.moe_dispatch(expert_ids, num_experts, block_m)
-        return DispatchPlan(
-            row_pair=row_pair, pair_row=pair_row, expert_offsets=offsets, tile_expert=tile_expert,
-            tokens_per_expert=counts, block_m=block_m, num_slots=expert_ids.shape[1],
-            num_tiles=tile_expert.shape[0],
-            num_rows=num_rows_bound(pair_row.shape[0], num_experts, block_m),
-        )
-    return build_plan_torch(expert_ids, num_experts, block_m, tokens_per_expert)
+def plan_from_tensors(row_pair: torch.Tensor, pair_row: torch.Tensor, expert_offsets: torch.Tensor,
+                      tile_expert: torch.Tensor, num_experts: int, num_slots: int, block_m: int,
+                      tokens_per_expert: torch.Tensor | None = None) -> DispatchPlan:
+    """A :class:`DispatchPlan` around plan tensors (as the custom ops pass them), with the
+    sizes derived from their shapes (no data read)."""
+    return DispatchPlan(
+        row_pair=row_pair, pair_row=pair_row, expert_offsets=expert_offsets, tile_expert=tile_expert,
+        tokens_per_expert=tokens_per_expert, block_m=block_m, num_slots=num_slots,
+        num_tiles=tile_expert.shape[0], num_rows=num_rows_bound(pair_row.shape[0], num_experts, block_m),
+    )

@@ -2,7 +2,11 @@
 
 The Triton path runs through the ``torch.library`` custom ops of :mod:`.ops`
 (``torch.ops.dasg_kernels.moe_*``), which carry the autograd formula and fake
-implementations for ``torch.compile``.
+implementations for ``torch.compile``. This is the top layer of the package: it
+composes the ops (the differentiable softmax / gather around the routing kernel, the
+plan around the dispatch op); below it :mod:`.ops`, and below that the kernels and
+their launchers (:mod:`.routing`, :mod:`.dispatch`, :mod:`.grouped_gemm`,
+:mod:`.combine`), none of which imports upwards.
 
 ``route`` -> ``dispatch`` -> ``expert_ffn`` (grouped SwiGLU GEMMs + combine), chained by
 ``moe_ffn``. Every argument is checked here, in Python, before any launch; the
@@ -19,8 +23,7 @@ from dasg_kernels import reference
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.moe import grouped_gemm as _gg
 from dasg_kernels.moe import ops as _ops
-from dasg_kernels.moe.dispatch import DispatchPlan, build_plan
-from dasg_kernels.moe.routing import route_triton
+from dasg_kernels.moe.dispatch import DispatchPlan, build_plan_torch, plan_from_tensors
 from dasg_kernels.moe.types import Routing
 from dasg_kernels.validation import check_int, check_same, check_tensor
 
@@ -126,6 +129,22 @@ def _unpack_routing(op, routing):
 # --------------------------------------------------------------------------- route
 
 
+def _route_triton(logits: torch.Tensor, *, top_p: float, k_max: int, min_k: int, n_group: int, topk_group: int,
+                  renormalize: bool) -> Routing:
+    """Softmax, the routing kernel (as the ``moe_route_select`` custom op), then the
+    differentiable weights. Arguments are validated by the caller."""
+    n, e = logits.shape
+    probs = torch.softmax(logits.float(), dim=-1)
+    eligible = topk_group * (e // n_group) if n_group > 1 else e
+    k_cap = min(k_max, eligible)
+    ids, num, counts = _ops.moe_route_select(probs.detach(), float(top_p), k_max, k_cap, min_k, n_group, topk_group)
+    used = ids >= 0
+    w = probs.gather(1, ids.clamp(min=0).long()) * used
+    if renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return Routing(ids, w, num, counts)
+
+
 def route(
     logits: torch.Tensor,
     *,
@@ -167,13 +186,21 @@ def route(
             logits, top_p=float(top_p), k_max=k_max, min_k=min_k, n_group=n_group,
             topk_group=topk_group, renormalize=renormalize,
         )
-    return route_triton(
+    return _route_triton(
         logits, top_p=float(top_p), k_max=k_max, min_k=min_k, n_group=n_group,
         topk_group=topk_group, renormalize=renormalize,
     )
 
 
 # --------------------------------------------------------------------------- dispatch
+
+
+def _plan_triton(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> DispatchPlan:
+    """The plan from the ``dasg_kernels::moe_dispatch`` custom op (the five-launch counting
+    sort; opaque to ``torch.compile``). It counts the pairs itself."""
+    row_pair, pair_row, offsets, tile_expert, counts = _ops.moe_dispatch(expert_ids, num_experts, block_m)
+    return plan_from_tensors(row_pair, pair_row, offsets, tile_expert, num_experts, expert_ids.shape[1], block_m,
+                             tokens_per_expert=counts)
 
 
 def dispatch(
@@ -216,7 +243,9 @@ def dispatch(
     be = resolve_backend(backend, expert_ids, op=op)
     if be == "triton":
         _check_triton_num_experts(op, "num_experts", num_experts)
-    return build_plan(expert_ids, num_experts, block_m, tokens_per_expert, use_triton=be == "triton")
+    if be == "triton":
+        return _plan_triton(expert_ids, num_experts, block_m)
+    return build_plan_torch(expert_ids, num_experts, block_m, tokens_per_expert)
 
 
 # --------------------------------------------------------------------------- expert FFN
@@ -375,6 +404,6 @@ def moe_ffn(
     if be == "torch" or n == 0:
         return expert_ffn(x, gate_up_proj, down_proj, routing, backend=be, recompute=recompute), routing
     e = gate_up_proj.shape[0]
-    plan = build_plan(routing.expert_ids, e, _gg.choose_block_m(n * k_max, e), use_triton=True)
+    plan = _plan_triton(routing.expert_ids, e, _gg.choose_block_m(n * k_max, e))
     y = _expert_ffn_planned(x, gate_up_proj, down_proj, routing.weights, plan, recompute)
     return y, routing

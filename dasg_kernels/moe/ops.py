@@ -14,6 +14,11 @@ launch group and never tries to trace into Triton (no graph break at the launch)
 eager autograd runs through the same ops. Validation happens before, in
 :mod:`dasg_kernels.moe.interface`.
 
+Layering: this module sits above the kernels and their launchers
+(:mod:`.routing`, :mod:`.dispatch`, :mod:`.grouped_gemm`, :mod:`.combine`), which it
+imports at the top, and below :mod:`.interface`, which composes the ops; nothing here
+imports upwards.
+
 Output sizes depend only on input shapes and int arguments (the worst-case bounds of
 :mod:`dasg_kernels.moe.dispatch`), never on the routing itself, so the fake
 implementations need no data and work with symbolic shapes.
@@ -24,6 +29,11 @@ to build the op schema.)
 import torch
 from torch import Tensor
 
+from dasg_kernels.moe import combine as _combine
+from dasg_kernels.moe import grouped_gemm as _gg
+from dasg_kernels.moe.dispatch import build_plan_triton, num_rows_bound, num_tiles_bound, plan_from_tensors
+from dasg_kernels.moe.routing import route_select_triton
+
 _EMPTY_SHAPE = (0,)
 
 
@@ -31,17 +41,6 @@ def _unit_stride(*ts: Tensor):
     """The kernels take any row strides but need stride 1 along the last dimension (and the
     routing ``weights [N, k]`` fully contiguous); a no-op for what the public ops pass."""
     return [t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous() for t in ts]
-
-
-def _plan(expert_offsets: Tensor, row_pair: Tensor, pair_row: Tensor, tile_expert: Tensor, num_experts: int,
-          num_slots: int, block_m: int, tokens_per_expert=None):
-    from dasg_kernels.moe.dispatch import DispatchPlan, num_rows_bound
-
-    return DispatchPlan(
-        row_pair=row_pair, pair_row=pair_row, expert_offsets=expert_offsets, tile_expert=tile_expert,
-        tokens_per_expert=tokens_per_expert, block_m=block_m, num_slots=num_slots,
-        num_tiles=tile_expert.shape[0], num_rows=num_rows_bound(pair_row.shape[0], num_experts, block_m),
-    )
 
 
 # --------------------------------------------------------------------------- route
@@ -52,8 +51,6 @@ def moe_route_select(
     probs: Tensor, top_p: float, k_max: int, k_cap: int, min_k: int, n_group: int, topk_group: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``probs [N, E]`` fp32 -> ``expert_ids [N, k_max]``, ``num_selected [N]``, ``tokens_per_expert [E]`` (int32)."""
-    from dasg_kernels.moe.routing import route_select_triton
-
     return route_select_triton(probs, top_p=top_p, k_max=k_max, k_cap=k_cap, min_k=min_k, n_group=n_group,
                                topk_group=topk_group)
 
@@ -71,16 +68,12 @@ def _moe_route_select_fake(probs, top_p, k_max, k_cap, min_k, n_group, topk_grou
 @torch.library.custom_op("dasg_kernels::moe_dispatch", mutates_args=())
 def moe_dispatch(expert_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> ``row_pair, pair_row, expert_offsets, tile_expert, tokens_per_expert`` of the plan."""
-    from dasg_kernels.moe.dispatch import build_plan_triton
-
     p = build_plan_triton(expert_ids, num_experts, block_m)
     return p.row_pair, p.pair_row, p.expert_offsets, p.tile_expert, p.tokens_per_expert
 
 
 @moe_dispatch.register_fake
 def _moe_dispatch_fake(expert_ids, num_experts, block_m):
-    from dasg_kernels.moe.dispatch import num_tiles_bound
-
     n, k = expert_ids.shape
     m = n * k
     num_tiles = num_tiles_bound(m, num_experts, block_m)
@@ -101,13 +94,10 @@ def moe_expert_ffn_fwd(
 ) -> tuple[Tensor, Tensor]:
     """-> ``y [N, D]`` in ``x.dtype`` and the gate/up pre-activations ``gu [rows, 2F]``
     (empty unless ``save_gu``; without them the backward reruns the gate/up GEMM)."""
-    from dasg_kernels.moe import combine as _combine
-    from dasg_kernels.moe import grouped_gemm as _gg
-
     x, gate_up_proj, down_proj = _unit_stride(x, gate_up_proj, down_proj)
     weights = weights.contiguous()
     n, k = weights.shape
-    plan = _plan(expert_offsets, row_pair, pair_row, tile_expert, gate_up_proj.shape[0], k, block_m)
+    plan = plan_from_tensors(row_pair, pair_row, expert_offsets, tile_expert, gate_up_proj.shape[0], k, block_m)
     fuse = k == 1
     h, gu = _gg.gate_up_fwd(x, gate_up_proj, plan, save_gu=save_gu)
     y, y_slot = _gg.down_fwd(h, down_proj, plan, weights, n, fuse_combine=fuse, save_slot=not fuse)
@@ -120,8 +110,6 @@ def moe_expert_ffn_fwd(
 @moe_expert_ffn_fwd.register_fake
 def _moe_expert_ffn_fwd_fake(x, gate_up_proj, down_proj, weights, row_pair, pair_row, expert_offsets, tile_expert,
                              block_m, save_gu):
-    from dasg_kernels.moe.dispatch import num_rows_bound
-
     y = x.new_empty(x.shape)
     if not save_gu:
         return y, x.new_empty(_EMPTY_SHAPE)
@@ -140,13 +128,10 @@ def moe_expert_ffn_bwd(
     ``gu`` is the forward's saved pre-activations, or empty: then the gate/up GEMM is
     rerun here to rebuild them (``recompute``).
     """
-    from dasg_kernels.moe import combine as _combine
-    from dasg_kernels.moe import grouped_gemm as _gg
-
     dy, x, gate_up_proj, down_proj = _unit_stride(dy.to(x.dtype), x, gate_up_proj, down_proj)
     weights = weights.contiguous()
     n, k = weights.shape
-    plan = _plan(expert_offsets, row_pair, pair_row, tile_expert, gate_up_proj.shape[0], k, block_m)
+    plan = plan_from_tensors(row_pair, pair_row, expert_offsets, tile_expert, gate_up_proj.shape[0], k, block_m)
     if gu.numel() == 0:
         _, gu = _gg.gate_up_fwd(x, gate_up_proj, plan, save_gu=True, write_h=False)
     dx, dw1, dw2, dwt = (x.new_empty(_EMPTY_SHAPE) for _ in range(4))  # distinct: outputs may not alias

@@ -10,7 +10,9 @@ The softmax itself is ``torch.softmax(logits.float())`` -- the same call as
 :func:`dasg_kernels.reference.route_ref` -- so the kernel ranks bit-identical
 probabilities and the ids match the reference exactly, and the weights are a
 differentiable ``gather`` of those probabilities (the router trains through
-PyTorch's softmax backward).
+PyTorch's softmax backward). That composition lives in
+:mod:`dasg_kernels.moe.interface`; this module holds only the kernel and its launcher
+(the bottom layer: it imports nothing above :mod:`dasg_kernels.moe.types`).
 
 Prefix masses: ``torch.cumsum`` on the CPU accumulates fp32 in fp64 and rounds each
 prefix to fp32; the kernel does the same (``before = fp32(prefix) - p`` compared with
@@ -25,7 +27,6 @@ import triton
 import triton.language as tl
 
 from dasg_kernels.backend import interpreter_enabled
-from dasg_kernels.moe.types import Routing
 
 
 @triton.jit
@@ -123,28 +124,3 @@ def route_select_triton(probs: torch.Tensor, *, top_p: float, k_max: int, k_cap:
         )
     return ids, num, counts
 
-
-def route_triton(
-    logits: torch.Tensor,
-    *,
-    top_p: float,
-    k_max: int,
-    min_k: int,
-    n_group: int,
-    topk_group: int,
-    renormalize: bool,
-) -> Routing:
-    """Softmax, the routing kernel (as the ``moe_route_select`` custom op), then the
-    differentiable weights. Arguments are validated by the caller."""
-    from dasg_kernels.moe import ops
-
-    n, e = logits.shape
-    probs = torch.softmax(logits.float(), dim=-1)
-    eligible = topk_group * (e // n_group) if n_group > 1 else e
-    k_cap = min(k_max, eligible)
-    ids, num, counts = ops.moe_route_select(probs.detach(), float(top_p), k_max, k_cap, min_k, n_group, topk_group)
-    used = ids >= 0
-    w = probs.gather(1, ids.clamp(min=0).long()) * used
-    if renormalize:
-        w = w / w.sum(-1, keepdim=True)
-    return Routing(ids, w, num, counts)
