@@ -9,8 +9,11 @@ kernels (the interpreter's bf16 tl.dot is broken) and is held to the same bar.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import dasg_kernels as dk
+from dasg_kernels.moe.grouped_gemm import _swizzle
 from dasg_kernels.reference import expert_ffn_ref
 
 
@@ -461,6 +464,69 @@ def test_expert_ffn_many_experts(device):
     w1, w2 = _weights(e, d, f, torch.float32, device)
     ids = _ids_topk(n, e, k, device)
     _compare(x, w1, w2, ids, _routing(ids, device), dtype=torch.float32)
+
+
+@triton.jit
+def _swizzle_kernel(out, n_m, n_n, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    i_m, i_n = _swizzle(pid, n_m, n_n, GROUP_M)
+    tl.store(out + 2 * pid, i_m)
+    tl.store(out + 2 * pid + 1, i_n)
+
+
+def _swizzle_ref(n_m, n_n, group_m):
+    """The matmul tutorial's grouped order: ``(m, n)`` of each program id."""
+    order = []
+    for base in range(0, n_m, group_m):
+        size = min(group_m, n_m - base)
+        for n in range(n_n):
+            order += [(m, n) for m in range(base, base + size)]
+    return order
+
+
+@pytest.mark.parametrize("n_m,n_n,group_m", [(5, 3, 2), (7, 4, 8), (1, 5, 3), (6, 1, 4), (9, 2, 1), (16, 3, 8)])
+def test_grid_swizzle_order(device, n_m, n_n, group_m):
+    # the one helper all grouped GEMMs use: a bijection onto the n_m x n_n tiles, GROUP_M row
+    # tiles per group, the row tile fastest inside a group, then the column
+    out = torch.full((n_m * n_n, 2), -1, dtype=torch.int32, device=device)
+    _swizzle_kernel[(n_m * n_n,)](out, n_m, n_n, GROUP_M=group_m)
+    got = [tuple(r) for r in out.cpu().tolist()]
+    assert got == _swizzle_ref(n_m, n_n, group_m)
+    assert sorted(got) == [(m, n) for m in range(n_m) for n in range(n_n)]
+
+
+def test_expert_ffn_program_order_does_not_change_results(device, monkeypatch):
+    # GROUP_M only reorders the programs: every output tile is computed the same way, so
+    # forward and every gradient are bitwise equal for any group size (several row tiles,
+    # several column blocks, partial last groups, unused tiles at the end)
+    from dasg_kernels.moe import grouped_gemm as gg
+
+    n, d, f, e, k = 40, 64, 96, 3, 2
+    x, w1, w2, ids, wt = _problem(n, d, f, e, k, device)
+    ids[::5, 1] = -1
+    wt = _routing(ids, device)
+    dy = torch.randn(n, d, device=device)
+    runs = []
+    for group_m in (1, 3, 8):
+        monkeypatch.setattr(gg, "GROUP_M", group_m)
+        runs.append(_run(_kernel, x, w1, w2, ids, wt, dy))
+    for other in runs[1:]:
+        for name, a, b in zip(NAMES, runs[0], other):
+            assert torch.equal(a, b), name
+    ref = _run(lambda *a: expert_ffn_ref(*a), x, w1, w2, ids, wt, dy)
+    for name, a, b in zip(NAMES, runs[0], ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_grouped_gemm_grid_limits():
+    # axis 0 (the swizzled tiles) up to 2**31 - 1, axis 1 (the expert) up to 65535
+    from dasg_kernels.moe import grouped_gemm as gg
+
+    assert gg._checked_grid(lambda meta: (2 ** 31 - 1, 65535))({}) == (2 ** 31 - 1, 65535)
+    with pytest.raises(ValueError, match="grid"):
+        gg._checked_grid(lambda meta: (2 ** 31,))({})
+    with pytest.raises(ValueError, match="grid"):
+        gg._checked_grid(lambda meta: (1, 65536))({})
 
 
 # --------------------------------------------------------------------------- GPU only

@@ -25,6 +25,14 @@ Backward
 The weight gradients run one program per (expert, output tile) that walks all of
 the expert's row tiles in order: deterministic, no atomics.
 
+Program order: the row-tile kernels run a 1-D grid over ``num_tiles x column blocks``
+in grouped order (:func:`_swizzle`, ``GROUP_M`` row tiles per group, the row tile
+fastest inside a group), so the programs resident at once share a few A row tiles
+instead of all sharing one column and each column re-reading all of A from HBM. The
+weight-gradient kernels order their output tiles within an expert the same way (grid
+axis 0; the expert is axis 1). The order never changes a result: every output tile is
+computed the same way whichever program runs it.
+
 Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
 """
 from __future__ import annotations
@@ -48,6 +56,21 @@ def _load_rows(row_pair, r0, K_SLOTS, BLOCK_M: tl.constexpr):
     m_r = pair >= 0
     tok = tl.where(m_r, pair // K_SLOTS, 0).to(tl.int64)
     return o_r.to(tl.int64), pair, m_r, tok
+
+
+@triton.jit
+def _swizzle(pid, n_m, n_n, GROUP_M: tl.constexpr):
+    """Program ``pid`` of a 1-D grid over ``n_m x n_n`` tiles -> ``(i_m, i_n)`` in grouped
+    order (Triton's matmul tutorial): groups of ``GROUP_M`` consecutive row tiles; inside a
+    group the row tile varies fastest, then the column. The programs resident at once then
+    cover a few row tiles x many columns (each A row tile is read by neighbours, from L2)
+    instead of every row tile x one column (every column re-reading all of A from HBM)."""
+    width = GROUP_M * n_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    i_m = first_m + (pid % width) % size_m
+    i_n = (pid % width) // size_m
+    return i_m, i_n
 
 
 @triton.jit
@@ -81,11 +104,12 @@ def _rows_dot_weight(
 
 
 @triton.jit
-def _dw_out_tile(i_p, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Weight-gradient output tile ``i_p`` (row-major over ``cdiv(N, BLOCK_N) x cdiv(K, BLOCK_K)``)."""
-    n_k = tl.cdiv(K, BLOCK_K)
-    o_n = (i_p // n_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_k = (i_p % n_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+def _dw_out_tile(i_p, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Weight-gradient output tile ``i_p`` of the ``cdiv(N, BLOCK_N) x cdiv(K, BLOCK_K)`` tiles of
+    one expert, in grouped order (:func:`_swizzle`): consecutive programs share operand blocks."""
+    i_n, i_k = _swizzle(i_p, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP_M)
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
     return o_n, o_k, o_n < N, o_k < K
 
 
@@ -102,13 +126,12 @@ def _store_dw(dw, acc, e, o_n, o_k, m_n, m_k, stride_we, stride_wn):
 @triton.jit
 def _gate_up_fwd_kernel(
     x, w, h, gu, row_pair, tile_expert,
-    D, F, K_SLOTS,
+    D, F, K_SLOTS, NUM_TILES,
     stride_xn, stride_we, stride_wf, stride_hr, stride_gr,
     SAVE_GU: tl.constexpr, WRITE_H: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
@@ -141,13 +164,12 @@ def _gate_up_fwd_kernel(
 @triton.jit
 def _down_fwd_kernel(
     h, w, y_slot, y, weights, row_pair, tile_expert,
-    D, F, K_SLOTS,
+    D, F, K_SLOTS, NUM_TILES,
     stride_hr, stride_we, stride_wd, stride_sr, stride_yn,
     FUSE_COMBINE: tl.constexpr, SAVE_SLOT: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(D, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
@@ -175,13 +197,12 @@ def _down_fwd_kernel(
 @triton.jit
 def _down_bwd_kernel(
     dy, w, gu, dgu, weights, dwp, row_pair, tile_expert,
-    D, F, K_SLOTS,
+    D, F, K_SLOTS, NUM_TILES,
     stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr, DW_COLS,
     HAS_DW: tl.constexpr, MIN_BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
@@ -223,13 +244,12 @@ def _down_bwd_kernel(
 @triton.jit
 def _gate_up_bwd_dx_kernel(
     dgu, w, dx_slot, row_pair, tile_expert,
-    D, F, K_SLOTS,
+    D, F, K_SLOTS, NUM_TILES,
     stride_dgr, stride_we, stride_wf, stride_or,
     FUSE_COMBINE: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t = tl.program_id(0)
-    i_n = tl.program_id(1)
+    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(D, BLOCK_N), GROUP_M)
     e = tl.load(tile_expert + i_t)
     if e < 0:
         return
@@ -255,12 +275,12 @@ def _dw_down_kernel(
     D, F, K_SLOTS,
     stride_dyn, stride_gr, stride_we, stride_wd,
     DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dW_d[e, d, f] = sum_r w_r dy[tok_r, d] h[r, f]; BLOCK_N over D, BLOCK_K over F."""
     i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(D, BN) * cdiv(F, BK) can pass 65535
     e = tl.program_id(1)
-    o_d, o_f, m_d, m_f = _dw_out_tile(i_p, D, F, BLOCK_N, BLOCK_K)
+    o_d, o_f, m_d, m_f = _dw_out_tile(i_p, D, F, BLOCK_N, BLOCK_K, GROUP_M)
     start = tl.load(expert_offsets + e)
     end = tl.load(expert_offsets + e + 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -283,12 +303,12 @@ def _dw_gate_up_kernel(
     D, F, K_SLOTS,
     stride_dgr, stride_xn, stride_we, stride_wf,
     DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """dW_gu[e, j, d] = sum_r dgu[r, j] x[tok_r, d]; BLOCK_N over 2F, BLOCK_K over D."""
     i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(2F, BN) * cdiv(D, BK) can pass 65535
     e = tl.program_id(1)
-    o_j, o_d, m_j, m_d = _dw_out_tile(i_p, 2 * F, D, BLOCK_N, BLOCK_K)
+    o_j, o_d, m_j, m_d = _dw_out_tile(i_p, 2 * F, D, BLOCK_N, BLOCK_K, GROUP_M)
     start = tl.load(expert_offsets + e)
     end = tl.load(expert_offsets + e + 1)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -310,6 +330,11 @@ INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
 _GPU_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
                 (256, 64, 8, 3), (32, 32, 4, 2)]
 _SMEM_LIMIT = 200 * 1024
+#: row tiles per group of the grouped program order (:func:`_swizzle`); read at each launch
+GROUP_M = 8
+# CUDA grid limits: axis 0 (the swizzled tiles) and axis 1 (the expert of the weight gradients)
+_GRID_X_MAX = 2 ** 31 - 1
+_GRID_Y_MAX = 65535
 
 
 def _smem_estimate(block_m: int, bn: int, bk: int, stages: int, elsize: int) -> int:
@@ -347,6 +372,16 @@ def _fixed_gpu_config(block_m: int, elsize: int) -> dict:
 _TUNED: dict = {}
 
 
+def _checked_grid(grid):
+    """``grid`` that raises, instead of a launch failure, past CUDA's grid limits."""
+    def checked(meta):
+        g = grid(meta)
+        if g[0] > _GRID_X_MAX or (len(g) > 1 and g[1] > _GRID_Y_MAX):
+            raise ValueError(f"grouped GEMM grid {g} exceeds CUDA's limits ({_GRID_X_MAX}, {_GRID_Y_MAX})")
+        return g
+    return checked
+
+
 def _launch(kernel, grid, *args, **kwargs):
     """Launch ``kernel``: fixed config under the interpreter, autotuned on CUDA.
 
@@ -354,6 +389,8 @@ def _launch(kernel, grid, *args, **kwargs):
     those to the key) and built lazily, so nothing touches the driver at import.
     ``DASG_AUTOTUNE=0`` pins the first config that fits instead (fast start).
     """
+    kwargs["GROUP_M"] = GROUP_M
+    grid = _checked_grid(grid)
     if interpreter_enabled():
         kernel[grid(INTERPRET_CONFIG)](*args, **kwargs, **INTERPRET_CONFIG)
         return
@@ -397,9 +434,9 @@ def gate_up_fwd(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, save_gu: b
     h = torch.empty((rows, F), dtype=x.dtype, device=x.device) if write_h else None
     gu = torch.empty((rows, 2 * F), dtype=x.dtype, device=x.device) if save_gu else None
     _launch(
-        _gate_up_fwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(F, META["BLOCK_N"])),
+        _gate_up_fwd_kernel, lambda META: (plan.num_tiles * triton.cdiv(F, META["BLOCK_N"]),),
         x, w, h if write_h else gu, gu if save_gu else h, plan.row_pair, plan.tile_expert,
-        D, F, plan.num_slots,
+        D, F, plan.num_slots, plan.num_tiles,
         x.stride(0), w.stride(0), w.stride(1), h.stride(0) if write_h else 0, gu.stride(0) if save_gu else 0,
         SAVE_GU=save_gu, WRITE_H=write_h, DOT_PREC=_dot_prec(x.dtype), BLOCK_M=plan.block_m,
     )
@@ -414,10 +451,10 @@ def down_fwd(h: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, weights: torc
     y = torch.zeros((n, D), dtype=h.dtype, device=h.device) if fuse_combine else None
     dummy = h
     _launch(
-        _down_fwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(D, META["BLOCK_N"])),
+        _down_fwd_kernel, lambda META: (plan.num_tiles * triton.cdiv(D, META["BLOCK_N"]),),
         h, w, y_slot if save_slot else dummy, y if fuse_combine else dummy, weights,
         plan.row_pair, plan.tile_expert,
-        D, F, plan.num_slots,
+        D, F, plan.num_slots, plan.num_tiles,
         h.stride(0), w.stride(0), w.stride(1),
         y_slot.stride(0) if save_slot else 0, y.stride(0) if fuse_combine else 0,
         FUSE_COMBINE=fuse_combine, SAVE_SLOT=save_slot, DOT_PREC=_dot_prec(h.dtype), BLOCK_M=plan.block_m,
@@ -449,9 +486,9 @@ def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch
     dwp = torch.empty((plan.num_rows, triton.cdiv(F, min_bn)) if need_dw else (1, 1),
                       dtype=torch.float32, device=dy.device)
     _launch(
-        _down_bwd_kernel, lambda META: (plan.num_tiles, triton.cdiv(F, META["BLOCK_N"])),
+        _down_bwd_kernel, lambda META: (plan.num_tiles * triton.cdiv(F, META["BLOCK_N"]),),
         dy, w, gu, dgu, weights, dwp, plan.row_pair, plan.tile_expert,
-        D, F, plan.num_slots,
+        D, F, plan.num_slots, plan.num_tiles,
         dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0), dwp.shape[1],
         HAS_DW=need_dw, MIN_BLOCK_N=min_bn, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
     )
@@ -466,9 +503,9 @@ def gate_up_bwd_dx(dgu: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, n: in
     else:
         out = torch.empty((plan.num_rows, D), dtype=dgu.dtype, device=dgu.device)
     _launch(
-        _gate_up_bwd_dx_kernel, lambda META: (plan.num_tiles, triton.cdiv(D, META["BLOCK_N"])),
+        _gate_up_bwd_dx_kernel, lambda META: (plan.num_tiles * triton.cdiv(D, META["BLOCK_N"]),),
         dgu, w, out, plan.row_pair, plan.tile_expert,
-        D, F, plan.num_slots,
+        D, F, plan.num_slots, plan.num_tiles,
         dgu.stride(0), w.stride(0), w.stride(1), out.stride(0),
         FUSE_COMBINE=fuse_combine, DOT_PREC=_dot_prec(dgu.dtype), BLOCK_M=plan.block_m,
     )
