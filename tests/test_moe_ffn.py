@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 import dasg_kernels as dk
+from dasg_kernels.moe import grouped_gemm as gg
 from dasg_kernels.moe.grouped_gemm import _swizzle
 from dasg_kernels.reference import expert_ffn_ref
 
@@ -527,6 +528,64 @@ def test_grouped_gemm_grid_limits():
         gg._checked_grid(lambda meta: (2 ** 31,))({})
     with pytest.raises(ValueError, match="grid"):
         gg._checked_grid(lambda meta: (1, 65536))({})
+
+
+@triton.jit
+def _dw_down_recompute_kernel(
+    dy, gu, weights, row_pair, expert_offsets, dw,
+    D, F, K_SLOTS: tl.constexpr,
+    stride_dyn, stride_gr, stride_we, stride_wd,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """The d down_proj kernel as it was: w * silu(g) * u recomputed for every output tile."""
+    i_p = tl.program_id(0)
+    e = tl.program_id(1)
+    o_d, o_f, m_d, m_f = gg._dw_out_tile(i_p, D, F, BLOCK_N, BLOCK_K, GROUP_M)
+    start = tl.load(expert_offsets + e)
+    end = tl.load(expert_offsets + e + 1)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        o_r, pair, m_r, tok = gg._load_rows(row_pair, r0, K_SLOTS, BLOCK_M)
+        b_dy = tl.load(dy + tok[None, :] * stride_dyn + o_d[:, None], mask=m_d[:, None] & m_r[None, :], other=0.0)
+        m_h = m_r[:, None] & m_f[None, :]
+        p_gu = gu + o_r[:, None] * stride_gr + o_f[None, :]
+        b_g = tl.load(p_gu, mask=m_h, other=0.0).to(tl.float32)
+        b_u = tl.load(p_gu + F, mask=m_h, other=0.0).to(tl.float32)
+        b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
+        b_h = b_g * tl.sigmoid(b_g) * b_u * b_w8[:, None]
+        acc = tl.dot(b_dy, b_h.to(b_dy.dtype), acc, input_precision=DOT_PREC)
+    gg._store_dw(dw, acc, e, o_d, o_f, m_d, m_f, stride_we, stride_wd)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [1, 3])
+def test_dw_down_from_saved_hw_is_bitwise_the_recomputed_one(device, dtype, k):
+    # d down_proj now multiplies dy by the w * h the down backward wrote once; it must be
+    # bitwise what the kernel that recomputed w * silu(g) * u per output tile gave
+    n, d, f, e = 37, 48, 80, 4
+    x, w1, w2, ids, wt = _problem(n, d, f, e, k, device, dtype)
+    ids[::4, -1] = -1
+    wt = _routing(ids, device)
+    dy = torch.randn(n, d, device=device).to(dtype)
+    plan = dk.dispatch(ids, e, block_m=gg.choose_block_m(n * k, e), backend="triton")
+    _, gu = gg.gate_up_fwd(x, w1, plan, save_gu=True, write_h=False)
+    dgu, _, hw = gg.down_bwd(dy, w2, gu, wt, plan, need_dw=False, need_hw=True)
+    dgu_only, _, none = gg.down_bwd(dy, w2, gu, wt, plan, need_dw=False)
+    assert none is None
+    used = plan.row_pair[:plan.num_rows] >= 0
+    assert torch.equal(dgu[used], dgu_only[used])  # writing hw changes nothing else
+    new = gg.dw_down(dy, hw, plan, w2)
+    old = torch.empty_like(w2)
+    gg._launch(
+        _dw_down_recompute_kernel,
+        lambda META: (triton.cdiv(d, META["BLOCK_N"]) * triton.cdiv(f, META["BLOCK_K"]), e),
+        dy, gu, wt, plan.row_pair, plan.expert_offsets, old,
+        d, f, plan.num_slots,
+        dy.stride(0), gu.stride(0), old.stride(0), old.stride(1),
+        DOT_PREC=gg._dot_prec(dtype), BLOCK_M=plan.block_m,
+    )
+    assert torch.equal(new, old)
 
 
 # --------------------------------------------------------------------------- GPU only

@@ -16,11 +16,14 @@ Forward
                              ``y[token]`` (fused combine)
 Backward
     ``_down_bwd_kernel``     dh = (w * dy[token]) W_d, fused with the SwiGLU backward
-                             -> dgu = [dgate | dup] (recomputes silu from ``gu``), and
-                             the routing-weight gradient <h, dy[token] W_d> per F block
+                             -> dgu = [dgate | dup] (recomputes silu from ``gu``), the
+                             routing-weight gradient <h, dy[token] W_d> per F block, and
+                             (for d down_proj) ``hw = w * silu(gate) * up`` per row
     ``_gate_up_bwd_dx_kernel`` dx_slot = dgu W_gu (per row, or straight into
                              ``dx[token]`` with one slot per token)
-    ``_dw_down_kernel``      dW_d[e] = sum over e's rows of (w dy)^T h  (h recomputed)
+    ``_dw_down_kernel``      dW_d[e] = sum over e's rows of dy^T (w h): a plain GEMM of the
+                             gathered dy rows with ``hw = w * h``, which the down backward
+                             writes once (not recomputed per output tile)
     ``_dw_gate_up_kernel``   dW_gu[e] = sum over e's rows of dgu^T x[token]
 The weight gradients run one program per (expert, output tile) that walks all of
 the expert's row tiles in order: deterministic, no atomics.
@@ -196,10 +199,10 @@ def _down_fwd_kernel(
 
 @triton.jit
 def _down_bwd_kernel(
-    dy, w, gu, dgu, weights, dwp, row_pair, tile_expert,
+    dy, w, gu, dgu, weights, dwp, hw, row_pair, tile_expert,
     D, F, K_SLOTS, NUM_TILES,
-    stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr, DW_COLS,
-    HAS_DW: tl.constexpr, MIN_BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr, stride_hwr, DW_COLS,
+    HAS_DW: tl.constexpr, WRITE_HW: tl.constexpr, MIN_BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
@@ -233,6 +236,11 @@ def _down_bwd_kernel(
         b_dw = tl.where(o_c[None, :] == 0, tl.sum(acc * b_h, axis=1)[:, None], 0.0)
         tl.store(dwp + o_r[:, None] * stride_pr + col[None, :], b_dw, mask=m_r[:, None] & (col < DW_COLS)[None, :])
     b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
+    if WRITE_HW:
+        # the B operand of d down_proj, w * silu(g) * u in fp32 rounded to dy's dtype: written
+        # once here instead of recomputed by each of the cdiv(D, BLOCK_N) output tiles
+        b_hw = silu * b_u * b_w8[:, None]
+        tl.store(hw + o_r[:, None] * stride_hwr + o_n[None, :], b_hw.to(hw.dtype.element_ty), mask=m_o)
     acc = acc * b_w8[:, None]  # dh = w * (dy W_d)
     d_g = acc * b_u * sig * (1.0 + b_g * (1.0 - sig))
     d_u = acc * silu
@@ -271,13 +279,14 @@ def _gate_up_bwd_dx_kernel(
 
 @triton.jit
 def _dw_down_kernel(
-    dy, gu, weights, row_pair, expert_offsets, dw,
+    dy, hw, row_pair, expert_offsets, dw,
     D, F, K_SLOTS,
-    stride_dyn, stride_gr, stride_we, stride_wd,
+    stride_dyn, stride_hwr, stride_we, stride_wd,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """dW_d[e, d, f] = sum_r w_r dy[tok_r, d] h[r, f]; BLOCK_N over D, BLOCK_K over F."""
+    """dW_d[e, d, f] = sum_r dy[tok_r, d] hw[r, f] (``hw = w_r h_r`` from the down backward);
+    BLOCK_N over D, BLOCK_K over F."""
     i_p = tl.program_id(0)  # the output tile: grid axis 0, since cdiv(D, BN) * cdiv(F, BK) can pass 65535
     e = tl.program_id(1)
     o_d, o_f, m_d, m_f = _dw_out_tile(i_p, D, F, BLOCK_N, BLOCK_K, GROUP_M)
@@ -287,13 +296,8 @@ def _dw_down_kernel(
     for r0 in range(start, end, BLOCK_M):
         o_r, pair, m_r, tok = _load_rows(row_pair, r0, K_SLOTS, BLOCK_M)
         b_dy = tl.load(dy + tok[None, :] * stride_dyn + o_d[:, None], mask=m_d[:, None] & m_r[None, :], other=0.0)
-        m_h = m_r[:, None] & m_f[None, :]
-        p_gu = gu + o_r[:, None] * stride_gr + o_f[None, :]
-        b_g = tl.load(p_gu, mask=m_h, other=0.0).to(tl.float32)
-        b_u = tl.load(p_gu + F, mask=m_h, other=0.0).to(tl.float32)
-        b_w8 = tl.load(weights + pair, mask=m_r, other=0.0).to(tl.float32)
-        b_h = b_g * tl.sigmoid(b_g) * b_u * b_w8[:, None]
-        acc = tl.dot(b_dy, b_h.to(b_dy.dtype), acc, input_precision=DOT_PREC)
+        b_h = tl.load(hw + o_r[:, None] * stride_hwr + o_f[None, :], mask=m_r[:, None] & m_f[None, :], other=0.0)
+        acc = tl.dot(b_dy, b_h, acc, input_precision=DOT_PREC)
     _store_dw(dw, acc, e, o_d, o_f, m_d, m_f, stride_we, stride_wd)
 
 
@@ -470,9 +474,11 @@ def _min_block_n() -> int:
 
 
 def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
-             *, need_dw: bool):
-    """``dgu [rows, 2F]`` (the gradient of the gate/up pre-activations) and, when
-    ``need_dw``, ``dw_row [rows]`` fp32, the routing-weight gradient of each row.
+             *, need_dw: bool, need_hw: bool = False):
+    """``dgu [rows, 2F]`` (the gradient of the gate/up pre-activations); when ``need_dw``,
+    ``dw_row [rows]`` fp32, the routing-weight gradient of each row (else None); when
+    ``need_hw``, ``hw [rows, F]`` = ``w_row * silu(gate) * up`` in ``dy.dtype``, the operand
+    of :func:`dw_down` (else None).
 
     The per-row weight gradient is summed over the F blocks in a second, fixed-order
     pass (``dwp.sum(1)``): deterministic without atomics, and no ``[rows, D]`` per-slot
@@ -485,14 +491,16 @@ def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch
     min_bn = _min_block_n()
     dwp = torch.empty((plan.num_rows, triton.cdiv(F, min_bn)) if need_dw else (1, 1),
                       dtype=torch.float32, device=dy.device)
+    hw = torch.empty((plan.num_rows, F), dtype=dy.dtype, device=dy.device) if need_hw else None
     _launch(
         _down_bwd_kernel, lambda META: (plan.num_tiles * triton.cdiv(F, META["BLOCK_N"]),),
-        dy, w, gu, dgu, weights, dwp, plan.row_pair, plan.tile_expert,
+        dy, w, gu, dgu, weights, dwp, hw if need_hw else dgu, plan.row_pair, plan.tile_expert,
         D, F, plan.num_slots, plan.num_tiles,
-        dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0), dwp.shape[1],
-        HAS_DW=need_dw, MIN_BLOCK_N=min_bn, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
+        dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0),
+        hw.stride(0) if need_hw else 0, dwp.shape[1],
+        HAS_DW=need_dw, WRITE_HW=need_hw, MIN_BLOCK_N=min_bn, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
     )
-    return dgu, (dwp.sum(1) if need_dw else None)
+    return dgu, (dwp.sum(1) if need_dw else None), hw
 
 
 def gate_up_bwd_dx(dgu: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, n: int, *, fuse_combine: bool):
@@ -512,17 +520,16 @@ def gate_up_bwd_dx(dgu: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, n: in
     return out
 
 
-def dw_down(dy: torch.Tensor, gu: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
-            like: torch.Tensor) -> torch.Tensor:
-    """``d down_proj [E, D, F]`` in ``like.dtype``."""
+def dw_down(dy: torch.Tensor, hw: torch.Tensor, plan: DispatchPlan, like: torch.Tensor) -> torch.Tensor:
+    """``d down_proj [E, D, F]`` in ``like.dtype``, from ``hw [rows, F]`` of :func:`down_bwd`."""
     E, D, F = like.shape
     dw = torch.empty((E, D, F), dtype=like.dtype, device=like.device)
     _launch(
         _dw_down_kernel,
         lambda META: (triton.cdiv(D, META["BLOCK_N"]) * triton.cdiv(F, META["BLOCK_K"]), E),
-        dy, gu, weights, plan.row_pair, plan.expert_offsets, dw,
+        dy, hw, plan.row_pair, plan.expert_offsets, dw,
         D, F, plan.num_slots,
-        dy.stride(0), gu.stride(0), dw.stride(0), dw.stride(1),
+        dy.stride(0), hw.stride(0), dw.stride(0), dw.stride(1),
         DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
     )
     return dw

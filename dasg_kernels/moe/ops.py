@@ -135,10 +135,12 @@ def moe_expert_ffn_bwd(
     if gu.numel() == 0:
         _, gu = _gg.gate_up_fwd(x, gate_up_proj, plan, save_gu=True, write_h=False)
     dx, dw1, dw2, dwt = (x.new_empty(_EMPTY_SHAPE) for _ in range(4))  # distinct: outputs may not alias
-    if need_down:
-        dw2 = _gg.dw_down(dy, gu, weights, plan, down_proj)
-    if need_x or need_gate_up or need_weights:
-        dgu, dw_row = _gg.down_bwd(dy, down_proj, gu, weights, plan, need_dw=need_weights)
+    if need_x or need_gate_up or need_down or need_weights:
+        # the down backward first: it also writes w * h, d down_proj's operand
+        dgu, dw_row, hw = _gg.down_bwd(dy, down_proj, gu, weights, plan, need_dw=need_weights, need_hw=need_down)
+        if need_down:
+            dw2 = _gg.dw_down(dy, hw, plan, down_proj)
+            del hw
         if need_weights:
             pr = plan.pair_row.long()
             dwt = torch.where(pr >= 0, dw_row[pr.clamp(min=0)], torch.zeros_like(dw_row[:1]))
