@@ -168,8 +168,6 @@ def test_expert_ffn_weight_grad_partials_cover_every_column(device, monkeypatch)
     # GPU this test autotunes). Make every launch at least 2x wider than the column grid,
     # poison new buffers with NaN, and check (interpreter, F=48: 3 columns, 2 programs x 2
     # columns each, the last one masked)
-    from dasg_kernels.moe import grouped_gemm as gg
-
     monkeypatch.setenv("DASG_AUTOTUNE", "1")
     narrowest = gg._min_block_n()
     monkeypatch.setattr(gg, "_min_block_n", lambda: narrowest // 2)
@@ -191,23 +189,48 @@ def test_expert_ffn_weight_grad_partials_cover_every_column(device, monkeypatch)
     assert not torch.isnan(out[4]).any()
 
 
+def _configs():
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+            for bn, bk, w, st in gg._GPU_CONFIGS]
+
+
+def _kept(kind, named, bm=128):
+    return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+            for c in gg._prune(_configs(), named, kind=kind, BLOCK_M=bm)]
+
+
 def test_config_prune_counts_the_operand_dtype_only():
     # the fp32 routing weights / partial sums a kernel also takes are not GEMM operands:
     # they must not make a bf16 launch look fp32-sized to the shared-memory pruning
-    import triton
-
-    from dasg_kernels.moe import grouped_gemm as gg
-
-    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-               for bn, bk, w, st in gg._GPU_CONFIGS]
     named = {"h": torch.empty(2, 2, dtype=torch.bfloat16), "w": torch.empty(2, 2, dtype=torch.bfloat16),
              "weights": torch.empty(2, dtype=torch.float32), "dwp": torch.empty(2, dtype=torch.float32)}
-    kept = gg._prune(configs, named, BLOCK_M=128)
-    assert (kept[0].kwargs["BLOCK_N"], kept[0].kwargs["BLOCK_K"]) == gg._GPU_CONFIGS[0][:2]
-    assert len(kept) > 1
-    fp32 = gg._prune(configs, {k: v.float() for k, v in named.items()}, BLOCK_M=128)
-    assert len(fp32) < len(kept)
-    assert gg._fixed_gpu_config(128, 2)["BLOCK_N"] == gg._GPU_CONFIGS[0][0]
+    for kind in (gg._ROW, gg._DUAL, gg._DW):
+        kept = _kept(kind, named)
+        assert kept[0] == gg._GPU_CONFIGS[0]
+        assert len(kept) > 1
+        fp32 = _kept(kind, {k: v.float() for k, v in named.items()})
+        assert len(fp32) < len(kept)
+        assert gg._fixed_gpu_config(kind, 128, 2)["BLOCK_N"] == gg._GPU_CONFIGS[0][0]
+
+
+def test_config_prune_is_per_kernel():
+    # shared memory: two B tiles only in gate/up fwd, so a 128 x 256 output tile (BLOCK_N=256,
+    # BLOCK_K=64, 8 warps, 3 stages: 144 KiB in bf16) is offered to the single-B row-tile
+    # kernels and to neither gate/up (240 KiB) nor the weight gradients ([256, 128] + [128, 64]
+    # per stage, 240 KiB); registers: gate/up's two 128 x 128 accumulators on 4 warps (256 fp32
+    # registers a thread) spill, so that config is not offered to it
+    bf16 = {"a": torch.empty(2, 2, dtype=torch.bfloat16)}
+    wide, spills = (256, 64, 8, 3), (128, 64, 4, 3)
+    assert wide in gg._GPU_CONFIGS and spills in gg._GPU_CONFIGS
+    assert gg._smem_estimate(gg._ROW, 128, 256, 64, 3, 2) <= gg._SMEM_LIMIT
+    assert wide in _kept(gg._ROW, bf16)
+    assert wide not in _kept(gg._DUAL, bf16) and wide not in _kept(gg._DW, bf16)
+    assert spills in _kept(gg._ROW, bf16) and spills in _kept(gg._DW, bf16)
+    assert spills not in _kept(gg._DUAL, bf16)
+    assert gg._acc_regs(gg._DUAL, 128, 128, 64, 4) == 256
+    # every GEMM kernel has a kind (the launcher looks it up)
+    kernels = {v for k, v in vars(gg).items() if k.startswith("_") and k.endswith("_kernel")}
+    assert kernels == set(gg.KERNEL_KIND)
 
 
 def _saved_bytes(fn):
@@ -500,8 +523,6 @@ def test_expert_ffn_program_order_does_not_change_results(device, monkeypatch):
     # GROUP_M only reorders the programs: every output tile is computed the same way, so
     # forward and every gradient are bitwise equal for any group size (several row tiles,
     # several column blocks, partial last groups, unused tiles at the end)
-    from dasg_kernels.moe import grouped_gemm as gg
-
     n, d, f, e, k = 40, 64, 96, 3, 2
     x, w1, w2, ids, wt = _problem(n, d, f, e, k, device)
     ids[::5, 1] = -1
@@ -521,8 +542,6 @@ def test_expert_ffn_program_order_does_not_change_results(device, monkeypatch):
 
 def test_grouped_gemm_grid_limits():
     # axis 0 (the swizzled tiles) up to 2**31 - 1, axis 1 (the expert) up to 65535
-    from dasg_kernels.moe import grouped_gemm as gg
-
     assert gg._checked_grid(lambda meta: (2 ** 31 - 1, 65535))({}) == (2 ** 31 - 1, 65535)
     with pytest.raises(ValueError, match="grid"):
         gg._checked_grid(lambda meta: (2 ** 31,))({})
@@ -560,9 +579,10 @@ def _dw_down_recompute_kernel(
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 3])
-def test_dw_down_from_saved_hw_is_bitwise_the_recomputed_one(device, dtype, k):
+def test_dw_down_from_saved_hw_is_bitwise_the_recomputed_one(device, dtype, k, monkeypatch):
     # d down_proj now multiplies dy by the w * h the down backward wrote once; it must be
     # bitwise what the kernel that recomputed w * silu(g) * u per output tile gave
+    monkeypatch.setitem(gg.KERNEL_KIND, _dw_down_recompute_kernel, gg.KERNEL_KIND[gg._dw_down_kernel])
     n, d, f, e = 37, 48, 80, 4
     x, w1, w2, ids, wt = _problem(n, d, f, e, k, device, dtype)
     ids[::4, -1] = -1

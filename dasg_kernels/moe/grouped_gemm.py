@@ -40,6 +40,7 @@ Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
 """
 from __future__ import annotations
 
+import functools
 
 import torch
 import triton
@@ -52,8 +53,10 @@ from dasg_kernels.moe.dispatch import DispatchPlan
 
 
 @triton.jit
-def _load_rows(row_pair, r0, K_SLOTS, BLOCK_M: tl.constexpr):
-    """The ``BLOCK_M`` rows from ``r0``: their indices, the pair they hold, a mask and the token."""
+def _load_rows(row_pair, r0, K_SLOTS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The ``BLOCK_M`` rows from ``r0``: their indices, the pair they hold, a mask and the token.
+    (``K_SLOTS``, the slots per token, 1..8, is a constexpr: ``pair // K_SLOTS`` divides by a
+    constant, a shift or a multiply, not a runtime integer division in the weight-gradient loops.)"""
     o_r = r0 + tl.arange(0, BLOCK_M)
     pair = tl.load(row_pair + o_r)
     m_r = pair >= 0
@@ -129,7 +132,7 @@ def _store_dw(dw, acc, e, o_n, o_k, m_n, m_k, stride_we, stride_wn):
 @triton.jit
 def _gate_up_fwd_kernel(
     x, w, h, gu, row_pair, tile_expert,
-    D, F, K_SLOTS, NUM_TILES,
+    D, F, K_SLOTS: tl.constexpr, NUM_TILES,
     stride_xn, stride_we, stride_wf, stride_hr, stride_gr,
     SAVE_GU: tl.constexpr, WRITE_H: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -167,7 +170,7 @@ def _gate_up_fwd_kernel(
 @triton.jit
 def _down_fwd_kernel(
     h, w, y_slot, y, weights, row_pair, tile_expert,
-    D, F, K_SLOTS, NUM_TILES,
+    D, F, K_SLOTS: tl.constexpr, NUM_TILES,
     stride_hr, stride_we, stride_wd, stride_sr, stride_yn,
     FUSE_COMBINE: tl.constexpr, SAVE_SLOT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -200,7 +203,7 @@ def _down_fwd_kernel(
 @triton.jit
 def _down_bwd_kernel(
     dy, w, gu, dgu, weights, dwp, hw, row_pair, tile_expert,
-    D, F, K_SLOTS, NUM_TILES,
+    D, F, K_SLOTS: tl.constexpr, NUM_TILES,
     stride_dyn, stride_we, stride_wd, stride_gr, stride_dgr, stride_pr, stride_hwr, DW_COLS,
     HAS_DW: tl.constexpr, WRITE_HW: tl.constexpr, MIN_BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -252,7 +255,7 @@ def _down_bwd_kernel(
 @triton.jit
 def _gate_up_bwd_dx_kernel(
     dgu, w, dx_slot, row_pair, tile_expert,
-    D, F, K_SLOTS, NUM_TILES,
+    D, F, K_SLOTS: tl.constexpr, NUM_TILES,
     stride_dgr, stride_we, stride_wf, stride_or,
     FUSE_COMBINE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -280,7 +283,7 @@ def _gate_up_bwd_dx_kernel(
 @triton.jit
 def _dw_down_kernel(
     dy, hw, row_pair, expert_offsets, dw,
-    D, F, K_SLOTS,
+    D, F, K_SLOTS: tl.constexpr,
     stride_dyn, stride_hwr, stride_we, stride_wd,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -304,7 +307,7 @@ def _dw_down_kernel(
 @triton.jit
 def _dw_gate_up_kernel(
     dgu, x, row_pair, expert_offsets, dw,
-    D, F, K_SLOTS,
+    D, F, K_SLOTS: tl.constexpr,
     stride_dgr, stride_xn, stride_we, stride_wf,
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -330,10 +333,16 @@ def _dw_gate_up_kernel(
 # Under the interpreter: one fixed config, no autotuning (it needs a driver).
 INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; unmeasured on H100-class
-# parts. The last one fits any case (fp32, BLOCK_M = 256) and is the fallback.
+# parts. The last one fits any case (fp32, BLOCK_M = 256) and is the fallback. Each kernel
+# is offered the ones its own operand tiles fit (:func:`_fits`): 256 x 64 (a 128 x 256
+# output tile at BLOCK_M = 128) fits only the single-B row-tile kernels.
 _GPU_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
                 (256, 64, 8, 3), (32, 32, 4, 2)]
 _SMEM_LIMIT = 200 * 1024
+# fp32 accumulator registers per thread above which a main loop spills (255 registers in
+# all): gate/up's two 128 x 128 accumulators on 4 warps (256 each) spilled ~1.1 KB inside
+# the loop offline on sm_90a (python -m benchmarks.compile_report)
+_ACC_REG_LIMIT = 128
 #: row tiles per group of the grouped program order (:func:`_swizzle`); read at each launch
 GROUP_M = 8
 # CUDA grid limits: axis 0 (the swizzled tiles) and axis 1 (the expert of the weight gradients)
@@ -341,10 +350,34 @@ _GRID_X_MAX = 2 ** 31 - 1
 _GRID_Y_MAX = 65535
 
 
-def _smem_estimate(block_m: int, bn: int, bk: int, stages: int, elsize: int) -> int:
-    """Pipelined operand tiles per stage: ``[BM, BK] + 2 x [BK, BN]`` (row-tile kernels, two
-    B tiles in gate/up) or ``[BN, BM] + [BM, BK]`` (weight-gradient kernels), whichever is larger."""
-    return elsize * max(block_m * bk + 2 * bk * bn, bn * block_m + block_m * bk) * stages
+# The main-loop shape of each kernel kind: "row" = a [BM, BK] A tile and one [BK, BN] B tile
+# per step (down fwd, down bwd, gate/up bwd dx), "dual" = two B tiles sharing the A tile
+# (gate/up fwd), "dw" = [BN, BM] x [BM, BK] (the weight gradients, output [BN, BK]).
+_ROW, _DUAL, _DW = "row", "dual", "dw"
+
+
+def _smem_estimate(kind: str, block_m: int, bn: int, bk: int, stages: int, elsize: int) -> int:
+    """Bytes of the pipelined operand tiles of a ``kind`` kernel: ``stages`` x (``[BM, BK] + [BK, BN]``,
+    with two B tiles for ``dual``; ``[BN, BM] + [BM, BK]`` for ``dw``)."""
+    if kind == _DW:
+        per_stage = bn * block_m + block_m * bk
+    else:
+        per_stage = block_m * bk + (2 if kind == _DUAL else 1) * bk * bn
+    return elsize * per_stage * stages
+
+
+def _acc_regs(kind: str, block_m: int, bn: int, bk: int, num_warps: int) -> int:
+    """fp32 accumulator registers per thread of a ``kind`` kernel."""
+    if kind == _DW:
+        elems = bn * bk
+    else:
+        elems = (2 if kind == _DUAL else 1) * block_m * bn
+    return elems // (32 * num_warps)
+
+
+def _fits(kind: str, block_m: int, bn: int, bk: int, num_warps: int, stages: int, elsize: int) -> bool:
+    return (_smem_estimate(kind, block_m, bn, bk, stages, elsize) <= _SMEM_LIMIT
+            and _acc_regs(kind, block_m, bn, bk, num_warps) <= _ACC_REG_LIMIT)
 
 
 def _operand_elsize(args) -> int:
@@ -356,22 +389,30 @@ def _operand_elsize(args) -> int:
     return first.element_size() if isinstance(first, torch.Tensor) else 2
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop configs whose operand tiles would overflow the shared memory."""
+def _prune(configs, named_args, kind=_DUAL, **kwargs):
+    """Drop the configs a ``kind`` kernel's operand tiles would overflow the shared memory
+    with, or its accumulators the registers (``kind`` defaults to the most demanding
+    row-tile kernel)."""
     bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
     el = _operand_elsize(named_args.values())
     keep = [c for c in configs
-            if _smem_estimate(bm, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, el) <= _SMEM_LIMIT]
+            if _fits(kind, bm, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages, el)]
     return keep or configs[-1:]
 
 
-def _fixed_gpu_config(block_m: int, elsize: int) -> dict:
-    """The first config that fits (used with DASG_AUTOTUNE=0)."""
+def _fixed_gpu_config(kind: str, block_m: int, elsize: int) -> dict:
+    """The first config that fits a ``kind`` kernel (used with DASG_AUTOTUNE=0)."""
     for bn, bk, w, st in _GPU_CONFIGS:
-        if _smem_estimate(block_m, bn, bk, st, elsize) <= _SMEM_LIMIT:
+        if _fits(kind, block_m, bn, bk, w, st, elsize):
             break
     return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
 
+
+#: the main-loop kind of each kernel (what its configs are pruned for)
+KERNEL_KIND = {
+    _gate_up_fwd_kernel: _DUAL, _down_fwd_kernel: _ROW, _down_bwd_kernel: _ROW, _gate_up_bwd_dx_kernel: _ROW,
+    _dw_down_kernel: _DW, _dw_gate_up_kernel: _DW,
+}
 
 _TUNED: dict = {}
 
@@ -398,8 +439,9 @@ def _launch(kernel, grid, *args, **kwargs):
     if interpreter_enabled():
         kernel[grid(INTERPRET_CONFIG)](*args, **kwargs, **INTERPRET_CONFIG)
         return
+    kind = KERNEL_KIND[kernel]
     if not autotune_enabled():
-        cfg = _fixed_gpu_config(kwargs["BLOCK_M"], _operand_elsize(args))
+        cfg = _fixed_gpu_config(kind, kwargs["BLOCK_M"], _operand_elsize(args))
         kernel[grid(cfg)](*args, **kwargs, **cfg)
         return
     tuned = _TUNED.get(kernel)
@@ -407,7 +449,7 @@ def _launch(kernel, grid, *args, **kwargs):
         configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
                    for bn, bk, w, st in _GPU_CONFIGS]
         tuned = triton.autotune(configs=configs, key=["D", "F", "BLOCK_M"],
-                                prune_configs_by={"early_config_prune": _prune})(kernel)
+                                prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind)})(kernel)
         _TUNED[kernel] = tuned
     tuned[grid](*args, **kwargs)
 
