@@ -204,7 +204,7 @@ def test_config_prune_counts_the_operand_dtype_only():
     # they must not make a bf16 launch look fp32-sized to the shared-memory pruning
     named = {"h": torch.empty(2, 2, dtype=torch.bfloat16), "w": torch.empty(2, 2, dtype=torch.bfloat16),
              "weights": torch.empty(2, dtype=torch.float32), "dwp": torch.empty(2, dtype=torch.float32)}
-    for kind in (gg._ROW, gg._DUAL, gg._DW):
+    for kind in (gg._ROW, gg._SWIGLU_BWD, gg._DUAL, gg._DW):
         kept = _kept(kind, named)
         assert kept[0] == gg._GPU_CONFIGS[0]
         assert len(kept) > 1
@@ -218,7 +218,8 @@ def test_config_prune_is_per_kernel():
     # BLOCK_K=64, 8 warps, 3 stages: 144 KiB in bf16) is offered to the single-B row-tile
     # kernels and to neither gate/up (240 KiB) nor the weight gradients ([256, 128] + [128, 64]
     # per stage, 240 KiB); registers: gate/up's two 128 x 128 accumulators on 4 warps (256 fp32
-    # registers a thread) spill, so that config is not offered to it
+    # registers a thread) spill, so that config is not offered to it, and down bwd's SwiGLU
+    # epilogue spills with 128 accumulators a thread (128 x 256 on 8 warps, 128 x 128 on 4)
     bf16 = {"a": torch.empty(2, 2, dtype=torch.bfloat16)}
     wide, spills = (256, 64, 8, 3), (128, 64, 4, 3)
     assert wide in gg._GPU_CONFIGS and spills in gg._GPU_CONFIGS
@@ -227,6 +228,8 @@ def test_config_prune_is_per_kernel():
     assert wide not in _kept(gg._DUAL, bf16) and wide not in _kept(gg._DW, bf16)
     assert spills in _kept(gg._ROW, bf16) and spills in _kept(gg._DW, bf16)
     assert spills not in _kept(gg._DUAL, bf16)
+    assert wide not in _kept(gg._SWIGLU_BWD, bf16) and spills not in _kept(gg._SWIGLU_BWD, bf16)
+    assert gg._fixed_gpu_config(gg._SWIGLU_BWD, 128, 2)["BLOCK_N"] == gg._GPU_CONFIGS[0][0]
     assert gg._acc_regs(gg._DUAL, 128, 128, 64, 4) == 256
     # every GEMM kernel has a kind (the launcher looks it up)
     kernels = {v for k, v in vars(gg).items() if k.startswith("_") and k.endswith("_kernel")}

@@ -334,15 +334,11 @@ def _dw_gate_up_kernel(
 INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
 # (BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; unmeasured on H100-class
 # parts. The last one fits any case (fp32, BLOCK_M = 256) and is the fallback. Each kernel
-# is offered the ones its own operand tiles fit (:func:`_fits`): 256 x 64 (a 128 x 256
-# output tile at BLOCK_M = 128) fits only the single-B row-tile kernels.
+# is offered the ones its own operand tiles and accumulators fit (:func:`_fits`): 256 x 64
+# (a 128 x 256 output tile at BLOCK_M = 128) fits only down fwd and gate/up bwd dx.
 _GPU_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
                 (256, 64, 8, 3), (32, 32, 4, 2)]
 _SMEM_LIMIT = 200 * 1024
-# fp32 accumulator registers per thread above which a main loop spills (255 registers in
-# all): gate/up's two 128 x 128 accumulators on 4 warps (256 each) spilled ~1.1 KB inside
-# the loop offline on sm_90a (python -m benchmarks.compile_report)
-_ACC_REG_LIMIT = 128
 #: row tiles per group of the grouped program order (:func:`_swizzle`); read at each launch
 GROUP_M = 8
 # CUDA grid limits: axis 0 (the swizzled tiles) and axis 1 (the expert of the weight gradients)
@@ -351,9 +347,17 @@ _GRID_Y_MAX = 65535
 
 
 # The main-loop shape of each kernel kind: "row" = a [BM, BK] A tile and one [BK, BN] B tile
-# per step (down fwd, down bwd, gate/up bwd dx), "dual" = two B tiles sharing the A tile
-# (gate/up fwd), "dw" = [BN, BM] x [BM, BK] (the weight gradients, output [BN, BK]).
-_ROW, _DUAL, _DW = "row", "dual", "dw"
+# per step (down fwd, gate/up bwd dx), "swiglu_bwd" = the same main loop with the SwiGLU
+# backward epilogue (down bwd), "dual" = two B tiles sharing the A tile (gate/up fwd),
+# "dw" = [BN, BM] x [BM, BK] (the weight gradients, output [BN, BK]).
+_ROW, _SWIGLU_BWD, _DUAL, _DW = "row", "swiglu_bwd", "dual", "dw"
+# fp32 accumulator registers per thread a kind may use (255 registers in all). Offline on
+# sm_90a (python -m benchmarks.compile_report, bf16, BLOCK_M=128): gate/up's two 128 x 128
+# accumulators on 4 warps (256 each) spilled ~1.1 KB inside the main loop; down bwd, whose
+# epilogue keeps about eight fp32 tiles of the accumulator's shape live (gate, up, sigmoid,
+# silu, the two gradients, w * h, the weight-gradient product), spilled ~7 KB a thread
+# around it with 128 accumulators (128x64 on 4 warps, 256x64 on 8) and ~1.5 KB with 32-64.
+_ACC_REG_LIMIT = {_ROW: 128, _SWIGLU_BWD: 64, _DUAL: 128, _DW: 128}
 
 
 def _smem_estimate(kind: str, block_m: int, bn: int, bk: int, stages: int, elsize: int) -> int:
@@ -377,7 +381,7 @@ def _acc_regs(kind: str, block_m: int, bn: int, bk: int, num_warps: int) -> int:
 
 def _fits(kind: str, block_m: int, bn: int, bk: int, num_warps: int, stages: int, elsize: int) -> bool:
     return (_smem_estimate(kind, block_m, bn, bk, stages, elsize) <= _SMEM_LIMIT
-            and _acc_regs(kind, block_m, bn, bk, num_warps) <= _ACC_REG_LIMIT)
+            and _acc_regs(kind, block_m, bn, bk, num_warps) <= _ACC_REG_LIMIT[kind])
 
 
 def _operand_elsize(args) -> int:
@@ -410,7 +414,7 @@ def _fixed_gpu_config(kind: str, block_m: int, elsize: int) -> dict:
 
 #: the main-loop kind of each kernel (what its configs are pruned for)
 KERNEL_KIND = {
-    _gate_up_fwd_kernel: _DUAL, _down_fwd_kernel: _ROW, _down_bwd_kernel: _ROW, _gate_up_bwd_dx_kernel: _ROW,
+    _gate_up_fwd_kernel: _DUAL, _down_fwd_kernel: _ROW, _down_bwd_kernel: _SWIGLU_BWD, _gate_up_bwd_dx_kernel: _ROW,
     _dw_down_kernel: _DW, _dw_gate_up_kernel: _DW,
 }
 
