@@ -15,7 +15,8 @@ shape it derives three caps, all PREDICTIONS (nothing here is measured):
 * issue bound: the same iterations x (SASS instructions per iteration x warps / 4
   schedulers);
 * HBM bound: bytes moved at 3.35 TB/s, including the re-reads the grid order causes
-  (a wave of concurrently resident programs shares what it reads, nothing across waves).
+  (programs in launch order, a wave of resident programs sharing what it reads, an LRU
+  model of a 40 MB L2 across waves).
 
 ``predicted_tflops`` = useful FLOPs / the largest of the three. Writes
 ``benchmarks/results/compile-sm90a.json`` and ``.md`` (``--out DIR`` elsewhere).
@@ -30,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -48,6 +50,9 @@ from benchmarks.offline_compile import Launch, analyse, capture_launches, compil
 
 SMS, CLOCK_HZ, HBM_BYTES_S = 132, 1.83e9, 3.35e12
 SMEM_PER_SM, REGS_PER_SM = 228 * 1024, 65536
+#: L2 an LRU panel model may count on (H100: 50 MB in two partitions; lines a far
+#: partition holds are not free, so less than all of it)
+L2_BYTES = 40e6
 
 # --------------------------------------------------------------------------- shapes
 
@@ -200,13 +205,6 @@ def attn_work(kind: str, s: AttnShape, d: int, el: int, bm: int, bn: int) -> Wor
     return Work(s.label, full, masked, flops, nbytes)
 
 
-def _occupancy(rec: dict) -> int:
-    threads = 32 * rec["num_warps"]
-    by_regs = REGS_PER_SM // max(1, (rec["regs"] or 255) * threads)
-    by_smem = SMEM_PER_SM // max(1, rec["smem_bytes"] + 1024)
-    return max(1, min(by_regs, by_smem, 2048 // threads))
-
-
 def _order(n_m: int, n_n: int, group_m: int | None):
     """(m, n) of every program in launch order: M fastest (a 2-D grid with the M tile on
     axis 0), or grouped by ``group_m`` M tiles (the matmul tutorial's swizzle)."""
@@ -222,29 +220,65 @@ def _order(n_m: int, n_n: int, group_m: int | None):
                 yield m, n
 
 
+def _occupancy(rec: dict) -> int:
+    threads = 32 * rec["num_warps"]
+    by_regs = REGS_PER_SM // max(1, (rec["regs"] or 255) * threads)
+    by_smem = SMEM_PER_SM // max(1, rec["smem_bytes"] + 1024)
+    return max(1, min(by_regs, by_smem, 2048 // threads))
+
+
+class L2:
+    """L2 at operand-panel granularity. Programs resident at once (a wave) stream their
+    K loops side by side, so a panel two of them read comes from HBM once; across waves
+    a panel survives in an LRU of ``L2_BYTES`` (an approximation: no set conflicts, no
+    partition split)."""
+
+    def __init__(self, capacity: float = L2_BYTES):
+        self.capacity, self.used = capacity, 0.0
+        self.lru: OrderedDict = OrderedDict()
+
+    def wave(self, panels: dict) -> float:
+        """Read one wave's distinct panels (key -> bytes); returns the bytes from HBM."""
+        missed = sum(nbytes for key, nbytes in panels.items() if key not in self.lru)
+        for key, nbytes in panels.items():
+            if key in self.lru:
+                self.lru.move_to_end(key)
+            else:
+                self.lru[key] = nbytes
+                self.used += nbytes
+        while self.used > self.capacity and self.lru:
+            _, old = self.lru.popitem(last=False)
+            self.used -= old
+        return missed
+
+
+def hbm_reads(programs, wave: int) -> tuple[float, dict]:
+    """HBM bytes of ``programs`` (each a list of ``(operand, key, bytes)`` panels, in
+    launch order) ``wave`` at a time, and the bytes read per operand."""
+    l2, total, by_op = L2(), 0.0, {}
+    programs = list(programs)
+    for w0 in range(0, len(programs), wave):
+        panels: dict = {}
+        for prog in programs[w0:w0 + wave]:
+            for op, key, nbytes in prog:
+                panels[(op, key)] = nbytes
+        for op in {op for op, _ in panels}:
+            got = l2.wave({k: v for k, v in panels.items() if k[0] == op})
+            by_op[op] = by_op.get(op, 0.0) + got
+            total += got
+    return total, by_op
+
+
 def rowtile_hbm(tile_expert: list[int], n_cols: int, bm: int, bn: int, k: int, el: int, wave: int,
-                group_m: int | None, dual: bool) -> tuple[float, float]:
-    """Bytes read by the grouped row-tile GEMMs, simulated wave by wave, and how many
-    times over the A operand is read (1 = once)."""
+                group_m: int | None, dual: bool) -> tuple[float, float, float]:
+    """Bytes the grouped row-tile GEMMs read from HBM (launch order, :class:`L2`), and how
+    many times over the A and B operands are read (1 = once)."""
     a_tile, b_tile = bm * k * el, bn * k * el * (2 if dual else 1)
-    a_bytes = b_bytes = 0.0
-    seen_a: set = set()
-    seen_b: set = set()
-    count = 0
-    for m, n in _order(len(tile_expert), n_cols, group_m):
-        if count == wave:
-            seen_a.clear()
-            seen_b.clear()
-            count = 0
-        count += 1
-        if m not in seen_a:
-            seen_a.add(m)
-            a_bytes += a_tile
-        key = (tile_expert[m], n)
-        if key not in seen_b:
-            seen_b.add(key)
-            b_bytes += b_tile
-    return a_bytes + b_bytes, a_bytes / max(1.0, len(tile_expert) * a_tile)
+    progs = ([("a", m, a_tile), ("b", (tile_expert[m], n), b_tile)]
+             for m, n in _order(len(tile_expert), n_cols, group_m))
+    total, by_op = hbm_reads(progs, wave)
+    b_once = len(set(tile_expert)) * n_cols * b_tile
+    return total, by_op["a"] / (len(tile_expert) * a_tile), by_op["b"] / b_once
 
 
 def moe_rows(s: MoEShape, bm: int) -> list[int]:
@@ -289,23 +323,20 @@ def moe_work(launch: Launch, config, rec: dict, s: MoEShape, el: int, bm: int) -
         n_cols = -(-n_out // bn)
         iters = len(tiles) * n_cols * -(-k // bk)
         flops = 2.0 * rows * k * n_out * (2 if dual else 1)
-        read, a_reads = rowtile_hbm(tiles, n_cols, bm, bn, k, el, wave, gm, dual)
+        read, a_reads, b_reads = rowtile_hbm(tiles, n_cols, bm, bn, k, el, wave, gm, dual)
         written = rows * n_out * el * (2 if dual else 1)
-        return Work(s.label, iters, 0, flops, read + written, {"a_reads": round(a_reads, 2), "grid_group_m": gm})
+        return Work(s.label, iters, 0, flops, read + written,
+                    {"a_reads": round(a_reads, 2), "b_reads": round(b_reads, 2), "grid_group_m": gm})
     if name in _DW:
         n_out, k_out = _DW[name](s.d, s.f)
         per = s.n * s.k // s.e
         n_tiles = -(-n_out // bn) * -(-k_out // bk)
         iters = n_tiles * s.e * -(-per // bm)
         flops = 2.0 * rows * n_out * k_out
-        # each program reads its expert's rows of both operands for its (n, k) block; a wave
-        # shares the blocks its programs have in common
-        order = list(_order(-(-n_out // bn), -(-k_out // bk), gm))
-        read = 0.0
-        for e in range(s.e):
-            for w0 in range(0, len(order), wave):
-                chunk = order[w0:w0 + wave]
-                read += len({m for m, _ in chunk}) * per * bn * el + len({n for _, n in chunk}) * per * bk * el
+        # each program streams its expert's rows of both operands for its (n, k) block
+        progs = ([("a", (e, m), per * bn * el), ("b", (e, n), per * bk * el)]
+                 for e in range(s.e) for m, n in _order(-(-n_out // bn), -(-k_out // bk), gm))
+        read, _ = hbm_reads(progs, wave)
         a_reads = read / max(1.0, rows * (n_out + k_out) * el)
         return Work(s.label, iters, 0, flops, read + s.e * n_out * k_out * el,
                     {"operand_reads": round(a_reads, 2), "grid_group_m": gm})
