@@ -2,9 +2,11 @@
 
 - :func:`swa_attention` / :func:`swa_attention_with_lse`: training (forward + backward).
 - :func:`swa_decode`: a few new queries against a KV cache (forward only).
+- :func:`swa_attention_with_kvcache`: decode / chunked prefill against a bounded cache
+  (a ring of the last ``C`` keys + the finished groups' means), updated in place.
 
 Kernels: :mod:`.fwd` (forward), :mod:`.bwd` (backward), :mod:`.pool` (group means),
-:mod:`.decode`; tile sizes and autotuning in :mod:`.configs`.
+:mod:`.decode`, :mod:`.ring` (bounded cache); tile sizes and autotuning in :mod:`.configs`.
 """
 from dasg_kernels.attention.interface import (
     SUPPORTED_HEAD_DIMS,
@@ -12,5 +14,6 @@ from dasg_kernels.attention.interface import (
     swa_attention_with_lse,
     swa_decode,
 )
+from dasg_kernels.attention.kvcache import alloc_kvcache, swa_attention_with_kvcache
 
-__all__ = ["swa_attention", "swa_attention_with_lse", "swa_decode"]
+__all__ = ["alloc_kvcache", "swa_attention", "swa_attention_with_kvcache", "swa_attention_with_lse", "swa_decode"]
