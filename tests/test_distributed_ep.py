@@ -1,0 +1,295 @@
+"""Expert parallelism on torch.distributed: gloo on the CPU, 2 and 4 processes.
+
+Every child builds the same model from one seed, runs the single-process reference on the
+concatenation of all ranks' tokens itself, then the expert-parallel copy on its own shard,
+and compares (fp32). ``TRITON_INTERPRET`` is removed from the children's environment, so
+``backend="auto"`` resolves to the PyTorch path there (as on a CPU-only machine).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# --------------------------------------------------------------------------- spawning
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _child_env():
+    saved = {k: os.environ.get(k) for k in ("TRITON_INTERPRET", "OMP_NUM_THREADS")}
+    os.environ.pop("TRITON_INTERPRET", None)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _entry(rank: int, world: int, port: int, fn, args) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=90))
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, *args) -> None:
+    with _child_env():
+        mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 2e-5) -> None:
+    assert got is not None, f"{name}: no gradient"
+    assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    scale = want.double().abs().max().item() if want.numel() else 0.0
+    assert err <= rtol * scale + 1e-8, f"{name}: max error {err:.3e} (scale {scale:.3e})"
+
+
+def _moe_config(backend: str, **changes):
+    from dasg_model import DASGConfig
+
+    base = dict(hidden_size=32, shallow_shared_size=16, deep_shared_size=32, shallow_num_experts=8,
+                shallow_expert_size=16, deep_num_experts=8, deep_expert_size=32, top_p=0.7, k_max=2,
+                complexity_threshold=0.5, backend=backend)
+    base.update(changes)
+    return DASGConfig(**base)
+
+
+def _owner(model, name):
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def _loss(y, g, aux, scale):
+    return (y * g).sum() * scale + 0.5 * aux["load_balance"] + 0.3 * aux["z_loss"] + 0.7 * aux["entropy"]
+
+
+def _ranks_visited(ids: torch.Tensor, e_local: int, active: torch.Tensor) -> float:
+    """Reference mean number of distinct EP ranks per active token (a plain loop)."""
+    vals = [len({int(e) // e_local for e in row if e >= 0}) for row in ids[active]]
+    return sum(vals) / max(len(vals), 1)
+
+
+def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=None):
+    from dasg_model import DASGMoE
+    from dasg_model.parallel import apply_expert_parallel
+    from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients, ep_comm_stats
+
+    cfg = _moe_config(backend, **changes)
+    torch.manual_seed(0)
+    moe = DASGMoE(cfg)
+    d = cfg.hidden_size
+    x_all = torch.randn(world * n_per_rank, d)
+    g_all = torch.randn(world * n_per_rank, d)
+    with torch.no_grad():
+        for lin in (moe.router.shallow_router, moe.router.deep_router):
+            lin.weight.normal_(std=0.4)  # peaked routing: top-p picks 1 or 2 experts
+        moe.routed_scale.copy_(torch.tensor([0.9, 1.1]))
+        if zero_rank is not None:
+            # every token to the experts of EP rank 0: a strong common feature and router column
+            x_all[:, 0] = 4.0
+            for lin in (moe.router.shallow_router, moe.router.deep_router):
+                e_loc = lin.weight.shape[0] // world
+                lin.weight[:, 0] = -3.0
+                lin.weight[:e_loc, 0] = 3.0
+    ref = copy.deepcopy(moe)
+    xr = x_all.clone().requires_grad_()
+    y_ref, out_ref = ref(xr)
+    _loss(y_ref, g_all, out_ref.aux_losses, 1.0 / world).backward()
+
+    ep_moe = apply_expert_parallel(copy.deepcopy(moe), mesh)
+    sl = slice(rank * n_per_rank, (rank + 1) * n_per_rank)
+    x = x_all[sl].clone().requires_grad_()
+    y, out = ep_moe(x)
+    _loss(y, g_all[sl], out.aux_losses, 1.0).backward()
+    allreduce_gradients(ep_moe, mesh)
+
+    # forward: bitwise (fp32, k_max=2: the slot sum is the reference's expert-order sum)
+    assert torch.equal(y, y_ref[sl]), f"y differs by {(y - y_ref[sl]).abs().max():.3e}"
+    for k, v in out_ref.aux_losses.items():
+        _close(f"aux {k}", out.aux_losses[k].detach(), v.detach(), 1e-5)
+    for k, v in out_ref.stats.items():
+        if k.endswith("tokens_per_expert"):
+            assert torch.equal(out.stats[k], v), f"{k}: {out.stats[k]} != {v}"
+        else:
+            _close(f"stat {k}", out.stats[k], v, 1e-5)
+    assert 0 < float(out.stats["deep_fraction"]) < 1, "the test needs tokens on both levels"
+    for name in ("shallow", "deep"):
+        lr = out_ref.router.levels[name]
+        e_loc = getattr(moe, f"{name}_experts").num_experts // world
+        want = _ranks_visited(lr.routing.expert_ids, e_loc, lr.active)
+        got = float(out.stats[f"{name}/mean_ranks_per_token"])
+        assert abs(got - want) < 1e-5, f"{name}/mean_ranks_per_token {got} != {want}"
+        if cfg.n_group % world == 0 and cfg.topk_group is not None:
+            assert got <= cfg.topk_group + 1e-6, f"{name}: {got} ranks per token > topk_group={cfg.topk_group}"
+
+    # gradients: x (rank-local loss: ep times the mean objective), every parameter
+    _close("x.grad", x.grad, xr.grad[sl] * world)
+    ref_params = dict(ref.named_parameters())
+    for name, p in ep_moe.named_parameters():
+        want = ref_params[name].grad
+        bank = _owner(ep_moe, name)
+        if isinstance(bank, ExpertParallelExperts):
+            assert p.shape[0] == bank.global_num_experts // world
+            want = want[bank.expert_offset: bank.expert_offset + bank.num_experts]
+        _close(f"{name}.grad", p.grad, want)
+    assert isinstance(ep_moe.shallow_experts, ExpertParallelExperts)
+    assert isinstance(ep_moe.deep_experts, ExpertParallelExperts)
+    assert not isinstance(ep_moe.shared.shallow, ExpertParallelExperts)
+
+    comm = ep_comm_stats(ep_moe)
+    assert comm["host_syncs"] == 1
+    # the gradients retrace the rows: what a rank dispatched comes back as combine gradients
+    assert comm["dispatch"] == comm.get("combine_bwd", 0) and comm.get("combine", 0) == comm.get("dispatch_bwd", 0)
+    tot = torch.tensor([comm["dispatch"], comm.get("combine", 0)], dtype=torch.float64)
+    dist.all_reduce(tot)
+    assert tot[0] == tot[1] and (world == 1 or tot[0] > 0)
+    return out, ep_moe
+
+
+def _moe_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    for backend in ("torch", "auto"):
+        _check_moe(rank, world, backend, {}, mesh)
+        # ADR groups on EP ranks: each token's experts lie on at most topk_group ranks
+        out, _ = _check_moe(rank, world, backend, dict(n_group=world, topk_group=1), mesh)
+        for name in ("shallow", "deep"):
+            assert abs(float(out.stats[f"{name}/mean_ranks_per_token"]) - 1.0) < 1e-6
+    # the same with a process group instead of a mesh, and a wider group limit
+    _check_moe(rank, world, "torch", dict(n_group=world, topk_group=2), None)
+
+
+def _zero_worker(rank, world):
+    from dasg_model import DASGMoE
+    from dasg_model.parallel import apply_expert_parallel
+
+    for backend in ("torch", "auto"):
+        out, ep_moe = _check_moe(rank, world, backend, {}, None, zero_rank=0)
+        for name in ("shallow", "deep"):
+            counts = out.stats[f"{name}/tokens_per_expert"]
+            e_loc = counts.shape[0] // world
+            assert counts[:e_loc].sum() > 0 and counts[e_loc:].sum() == 0, f"{name}: {counts}"
+        if rank != 0:
+            assert ep_moe.ep_comm.bytes.get("combine", 0) == 0  # received nothing, sent nothing back
+            for p in (ep_moe.shallow_experts.gate_up_proj, ep_moe.deep_experts.down_proj):
+                assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+    # E not divisible by the EP size: a clear ValueError, the model untouched
+    moe = DASGMoE(_moe_config("torch", shallow_num_experts=3, deep_num_experts=4, k_max=2))
+    with pytest.raises(ValueError, match=r"E=3 experts, not divisible by the EP size 2"):
+        apply_expert_parallel(moe, None)
+    assert moe.shallow_experts.num_experts == 3 and type(moe) is DASGMoE
+
+
+def _train_worker(rank, world, backend):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from dasg_model import DASGConfig, DASGForCausalLM
+    from dasg_model.parallel import apply_expert_parallel
+    from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients
+
+    dp, ep = 2, 2
+    mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
+    d_rank, e_rank = mesh["dp"].get_local_rank(), mesh["ep"].get_local_rank()
+    assert rank == d_rank * ep + e_rank
+    cfg = DASGConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                     attention_window=8, group_size=4, shallow_shared_size=16, deep_shared_size=32,
+                     shallow_num_experts=4, shallow_expert_size=16, deep_num_experts=4, deep_expert_size=32,
+                     top_p=0.7, k_max=2, load_balance_coef=0.1, z_loss_coef=0.01, entropy_coef=0.05,
+                     backend=backend)
+    torch.manual_seed(0)
+    model = DASGForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.moe.router.shallow_router, layer.moe.router.deep_router):
+                lin.weight.normal_(std=0.3)
+    b_rank, t = 2, 16
+    ids = torch.randint(0, cfg.vocab_size, (world * b_rank, t))
+
+    # single process: gradient accumulation over the dp groups' batches (each is the
+    # concatenation of the EP group's sequences; aux losses are per EP group)
+    ref = copy.deepcopy(model)
+    ref_losses = []
+    for d in range(dp):
+        batch = ids[d * ep * b_rank: (d + 1) * ep * b_rank]
+        ref_losses.append(ref(batch, labels=batch).loss)
+    ref_loss = torch.stack(ref_losses).mean()
+    ref_loss.backward()
+
+    ep_model = apply_expert_parallel(copy.deepcopy(model), mesh["ep"])
+    mine = ids[rank * b_rank: (rank + 1) * b_rank]
+    loss = ep_model(mine, labels=mine).loss
+    loss.backward()
+    allreduce_gradients(ep_model, mesh["ep"], mesh["dp"])
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    _close("loss", mean_loss / world, ref_loss.detach(), 1e-5)
+
+    ref_params = dict(ref.named_parameters())
+    n_expert = 0
+    for name, p in ep_model.named_parameters():
+        want = ref_params[name].grad
+        bank = _owner(ep_model, name)
+        if isinstance(bank, ExpertParallelExperts):
+            want = want[bank.expert_offset: bank.expert_offset + bank.num_experts]
+            n_expert += 1
+        _close(f"{name}.grad", p.grad, want, 5e-5)
+    assert n_expert == 2 * 2 * cfg.num_layers
+
+    # one SGD step each: the parameters (slices for the experts) stay equal
+    for m in (ref, ep_model):
+        torch.optim.SGD(m.parameters(), lr=0.5).step()
+    for name, p in ep_model.named_parameters():
+        want = ref_params[name].detach()
+        bank = _owner(ep_model, name)
+        if isinstance(bank, ExpertParallelExperts):
+            want = want[bank.expert_offset: bank.expert_offset + bank.num_experts]
+        _close(f"{name} after step", p.detach(), want, 1e-5)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_moe_matches_single_process(world):
+    """Forward (bitwise), aux losses, stats, ranks per token, and every gradient (x, router,
+    gate, shared experts, routed_scale, expert slices) equal one process; backends torch
+    and auto; topk_group bounds the ranks a token visits when n_group == ep."""
+    _spawn(_moe_worker, world)
+
+
+def test_ep_rank_receives_no_tokens_and_indivisible_experts():
+    """All tokens routed to rank 0's experts: rank 1 receives nothing, its expert grads are
+    zeros, results still equal one process; E=3 over 2 ranks is a ValueError."""
+    _spawn(_zero_worker, 2)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_dp_ep_training_step_2x2(backend):
+    """DASGForCausalLM on a 2 x 2 (dp x ep) mesh: loss, gradients (replicated ones averaged,
+    expert ones the matching slices) and parameters after an SGD step equal one process."""
+    _spawn(_train_worker, 4, backend)
