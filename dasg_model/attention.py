@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from dasg_kernels import swa_attention
+from dasg_kernels.distributed import swa_attention_cp
 from dasg_model.config import DASGConfig
 
 
@@ -43,7 +45,15 @@ class GroupedMultiHeadAttention(nn.Module):
     group of ``config.group_size`` tokens lying wholly before the window.
 
     Input ``x [B, T, hidden]``, output ``[B, T, hidden]``.
+
+    Context parallel (set by :func:`dasg_model.parallel.apply_context_parallel`): with
+    ``cp_group`` set, ``x`` is this rank's sequence shard, RoPE uses the global positions
+    ``rank * T + arange(T)`` and attention runs through
+    :func:`dasg_kernels.distributed.swa_attention_cp` (``cp_validate`` is its ``validate``).
     """
+
+    cp_group: object | None = None
+    cp_validate: bool = True
 
     def __init__(self, config: DASGConfig):
         super().__init__()
@@ -65,18 +75,17 @@ class GroupedMultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         if rope is None:
-            rope = self.rotary(torch.arange(t, device=x.device))
+            start = dist.get_rank(self.cp_group) * t if self.cp_group is not None else 0
+            rope = self.rotary(torch.arange(start, start + t, device=x.device))
         cos, sin = rope
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim)
         cfg = self.config
-        o = swa_attention(
-            q, k, v,
-            window=cfg.window,
-            causal=True,
-            group_size=cfg.group_size if cfg.use_summaries else None,
-            summaries=cfg.use_summaries,
-            backend=cfg.backend,
-        )
+        kw = dict(window=cfg.window, causal=True, group_size=cfg.group_size if cfg.use_summaries else None,
+                  summaries=cfg.use_summaries, backend=cfg.backend)
+        if self.cp_group is not None:
+            o = swa_attention_cp(q, k, v, group=self.cp_group, validate=self.cp_validate, **kw)
+        else:
+            o = swa_attention(q, k, v, **kw)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))

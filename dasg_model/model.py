@@ -4,9 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from dasg_kernels.distributed import shift_labels_cp
 from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding
 from dasg_model.config import DASGConfig
 from dasg_model.moe import DASGMoE, MoEOutput
@@ -50,7 +52,12 @@ class DASGModel(nn.Module):
     """Embeddings, ``num_layers`` :class:`DASGBlock` s and a final RMSNorm.
 
     ``forward(input_ids [B, T]) -> (hidden [B, T, hidden], [MoEOutput per layer])``.
+
+    With ``cp_group`` set (:func:`dasg_model.parallel.apply_context_parallel`) ``input_ids``
+    is this rank's sequence shard and the positions start at ``rank * T``.
     """
+
+    cp_group: object | None = None
 
     def __init__(self, config: DASGConfig):
         super().__init__()
@@ -62,11 +69,14 @@ class DASGModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[MoEOutput]]:
         t = input_ids.shape[1]
-        if t > self.config.max_position_embeddings:
-            raise ValueError(f"DASGModel: sequence length {t} exceeds max_position_embeddings "
+        start, total = 0, t
+        if self.cp_group is not None:
+            start, total = dist.get_rank(self.cp_group) * t, dist.get_world_size(self.cp_group) * t
+        if total > self.config.max_position_embeddings:
+            raise ValueError(f"DASGModel: sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         x = self.embed_tokens(input_ids)
-        rope = self.rotary(torch.arange(t, device=input_ids.device))
+        rope = self.rotary(torch.arange(start, start + t, device=input_ids.device))
         outs = []
         for layer in self.layers:
             x, aux = layer(x, rope)
@@ -122,7 +132,15 @@ class DASGForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> DASGCausalLMOutput:
         """``input_ids [B, T]``; ``labels [B, T]`` (usually ``input_ids``; ``-100`` is ignored)
-        are shifted inside: position ``t`` predicts ``labels[:, t + 1]``."""
+        are shifted inside: position ``t`` predicts ``labels[:, t + 1]``.
+
+        Context parallel (``apply_context_parallel``): ``input_ids`` and ``labels`` are this
+        rank's shards, sliced alike; the last position's target is the next rank's first
+        label (``shift_labels_cp``) and ``lm_loss`` is ``cp_size * (this shard's summed
+        cross-entropy) / (targets counted over the CP group)``, so its mean over the CP
+        ranks is the whole sequence's ``lm_loss``, and gradients averaged over the CP ranks
+        (as DDP / FSDP do over a dp x cp mesh) are the whole sequence's. The aux losses are
+        this shard's (load balance over its tokens)."""
         hidden, moe_outs = self.model(input_ids)
         logits = self.lm_head(hidden)
         aux_losses = {
@@ -133,11 +151,21 @@ class DASGForCausalLM(nn.Module):
                     + cfg.entropy_coef * aux_losses["entropy"])
         out = DASGCausalLMOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, moe=moe_outs)
         if labels is not None:
+            group = self.model.cp_group
+            if group is None:
+                targets, pred = labels[:, 1:].reshape(-1), logits[:, :-1]
+            else:
+                targets, pred = shift_labels_cp(labels, group=group).reshape(-1), logits
             # mean over the targets that count; 0 (not NaN) when none does (T=1, all -100)
-            targets = labels[:, 1:].reshape(-1)
+            denom = (targets != -100).sum()
+            if group is not None:  # the global count, over cp_size: the CP mean of lm_loss is the global one
+                dist.all_reduce(denom, group=group)
+                denom = denom.clamp(min=1) / dist.get_world_size(group)
+            else:
+                denom = denom.clamp(min=1)
             lm_loss = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
-            ) / (targets != -100).sum().clamp(min=1)
+                pred.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
+            ) / denom
             out.lm_loss = lm_loss
             out.loss = lm_loss + aux_loss
         return out

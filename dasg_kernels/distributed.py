@@ -1,0 +1,397 @@
+"""Context parallelism for GMHA on ``torch.distributed`` (no communication layer of our own).
+
+:func:`swa_attention_cp` runs :func:`dasg_kernels.swa_attention` on a sequence that is
+sharded over the ranks of a process group: rank ``r`` of ``W`` holds the contiguous
+positions ``[r * T_local, (r + 1) * T_local)`` of every sequence of the batch (rank
+order = sequence order, equal shards). Per call and rank it receives
+
+- the **halo**: the last ``left`` keys/values before its shard, from the preceding
+  rank(s) (several ranks when ``left > T_local``; the whole prefix when ``left = -1``),
+  with one ``all_to_all_single`` that moves only the rows some rank needs;
+- the **summaries** (``summaries=True``): one ``all_gather`` of every shard's partial group
+  means (``ceil((T_local - 1) / G) + 1`` rows per rank and kv head), combined with global
+  group indices, so a group that straddles a shard boundary gets its mean from the partial
+  sums of both shards;
+
+then attends its queries to ``[halo + local]`` keys and the summaries at its global
+position offset. Both collectives are the autograd ones of
+:mod:`torch.distributed.nn.functional`, so the backward returns the gradients of the halo
+and of the summaries to the ranks that own those keys/values. Output and gradients equal
+``swa_attention`` on the whole sequence (the tests check it with gloo on CPU).
+
+Also :func:`shift_labels_cp`: next-token targets of a sequence-sharded batch (the target of
+a shard's last position is the next shard's first label).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+from dasg_kernels import reference
+from dasg_kernels.attention import ops
+from dasg_kernels.attention.interface import _pick_backend, _validate
+from dasg_kernels.attention.interface import swa_attention as _swa_attention
+from dasg_kernels.backend import interpreted_bf16
+
+__all__ = ["resolve_group", "shift_labels_cp", "swa_attention_cp"]
+
+_OP = "swa_attention_cp"
+
+
+# --------------------------------------------------------------------------- group handling
+
+
+def resolve_group(group: object, op: str = _OP, name: str = "group") -> dist.ProcessGroup:
+    """Return the ``ProcessGroup`` of ``group`` (a ``ProcessGroup`` or a 1-D ``DeviceMesh``).
+
+    Raises ``ValueError`` when ``torch.distributed`` is not initialised or the mesh is not
+    1-D, ``TypeError`` for anything else.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError(f"{op}: {name} needs an initialised torch.distributed "
+                         f"(call torch.distributed.init_process_group first)")
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:  # pragma: no cover - old torch
+        DeviceMesh = ()  # type: ignore[assignment]
+    if DeviceMesh and isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(f"{op}: {name} must be a 1-D DeviceMesh (slice it, e.g. mesh['cp']), "
+                             f"got a {group.ndim}-D mesh")
+        group = group.get_group()
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{op}: {name} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
+                        f"got {type(group).__name__}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"{op}: this process (global rank {dist.get_rank()}) is not a member of {name}")
+    return group
+
+
+def _check_same_on_all_ranks(op: str, group: dist.ProcessGroup, device: torch.device, **values: int) -> None:
+    """All-gather a few ints and raise ``ValueError`` naming the first one that differs."""
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    names = list(values)
+    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
+    bufs = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(bufs, mine, group=group)
+    allv = torch.stack(bufs).cpu()
+    for j, n in enumerate(names):
+        col = allv[:, j].tolist()
+        if len(set(col)) > 1:
+            raise ValueError(f"{op}: {n} must be the same on every rank of the group (equal, contiguous "
+                             f"shards), got {col} by rank")
+
+
+# --------------------------------------------------------------------------- communication
+
+
+def _halo_len(rank: int, t_local: int, left: int) -> int:
+    """Number of keys before shard ``rank`` that its first query's window reaches."""
+    start = rank * t_local
+    return start if left < 0 else min(left, start)
+
+
+def _exchange_halo(
+    k: torch.Tensor, v: torch.Tensor, left: int, group: dist.ProcessGroup, rank: int, world: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[halo + local]`` keys and values: the last ``_halo_len`` rows before this shard are
+    received from the preceding ranks by one autograd ``all_to_all_single``."""
+    b, tl, hkv, d = k.shape
+    dv = v.shape[-1]
+    if left == 0 or world == 1:
+        return k, v
+    start = rank * tl
+    send, recv = [], []
+    for p in range(world):
+        # rows of this shard that rank p needs (a suffix of this shard, since p > rank)
+        if p > rank:
+            sp = p * tl
+            send.append(max(0, min(sp, start + tl) - max(sp - _halo_len(p, tl, left), start)))
+        else:
+            send.append(0)
+        # rows of rank p's shard in this shard's halo
+        if p < rank:
+            recv.append(max(0, min(start, (p + 1) * tl) - max(start - _halo_len(rank, tl, left), p * tl)))
+        else:
+            recv.append(0)
+    # one row per position: [T_local, B, Hkv * (D + Dv)], k and v in one message
+    rows = torch.cat([k.reshape(b, tl, hkv * d), v.reshape(b, tl, hkv * dv)], dim=-1).transpose(0, 1)
+    inp = torch.cat([rows[tl - n:] for n in send], dim=0) if sum(send) else rows[:0]
+    out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
+    halo = dist_fn.all_to_all_single(out, inp.contiguous(), recv, send, group=group)
+    h = halo.shape[0]
+    halo = halo.transpose(0, 1)  # [B, h, F]
+    k_halo = halo[..., : hkv * d].reshape(b, h, hkv, d)
+    v_halo = halo[..., hkv * d:].reshape(b, h, hkv, dv)
+    return torch.cat([k_halo, k], dim=1), torch.cat([v_halo, v], dim=1)
+
+
+def _group_slots(t_local: int, group_size: int) -> int:
+    """Most groups a span of ``t_local`` positions touches (the all-gather's rows per rank)."""
+    return (t_local + group_size - 2) // group_size + 1
+
+
+def _gather_summaries(
+    k: torch.Tensor, v: torch.Tensor, group_size: int, n_groups: int,
+    group: dist.ProcessGroup, rank: int, world: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Means ``[B, n_groups, Hkv, D]`` of the first ``n_groups`` global groups.
+
+    Every rank pools its shard into partial means per group slot (slot ``j`` = global group
+    ``start // G + j``), sent in the input dtype by one autograd ``all_gather``; the global
+    mean of a group is the count-weighted sum of the partial means of the shards it
+    touches (fp32 accumulation), so straddling groups come out right.
+    """
+    b, tl, hkv, d = k.shape
+    dv = v.shape[-1]
+    g = group_size
+    n_slot = _group_slots(tl, g)
+    t_total = world * tl
+
+    def slot_counts(r: int) -> torch.Tensor:
+        pos = torch.arange(r * tl, (r + 1) * tl)
+        slot = pos // g - (r * tl) // g
+        return torch.bincount(slot, minlength=n_slot).to(torch.float32)
+
+    start = rank * tl
+    rows = torch.cat([k.reshape(b, tl, hkv * d), v.reshape(b, tl, hkv * dv)], dim=-1).float()
+    slot = (torch.arange(start, start + tl, device=k.device) // g) - start // g
+    sums = rows.new_zeros((b, n_slot, rows.shape[-1])).index_add(1, slot, rows)
+    cnt = slot_counts(rank).to(k.device)
+    pmeans = (sums / cnt.clamp(min=1)[None, :, None]).to(k.dtype)  # [B, n_slot, F]
+    parts = dist_fn.all_gather(pmeans.contiguous(), group=group)
+
+    n_total = reference.num_groups(t_total, g)
+    acc = rows.new_zeros((b, n_total + n_slot, rows.shape[-1]))  # slack: slots past the end
+    group_count = torch.clamp(t_total - torch.arange(n_total) * g, max=g).to(torch.float32)
+    for r, part in enumerate(parts):
+        g0 = (r * tl) // g
+        idx = torch.arange(g0, g0 + n_slot)
+        w = slot_counts(r) / group_count[idx.clamp(max=n_total - 1)]
+        acc = acc.index_add(1, idx.to(k.device), part.float() * w.to(k.device)[None, :, None])
+    means = acc[:, :n_groups].to(k.dtype)
+    return means[..., : hkv * d].reshape(b, n_groups, hkv, d), means[..., hkv * d:].reshape(b, n_groups, hkv, dv)
+
+
+# --------------------------------------------------------------------------- shard attention
+
+
+def _summary_mask(tq: int, n_groups: int, q_start: int, left: int, group_size: int, device) -> torch.Tensor:
+    """Bool ``[tq, n_groups]``: query row ``a`` (global position ``q_start + a``) sees group ``g``."""
+    i = torch.arange(tq, device=device)[:, None] + q_start
+    g = torch.arange(n_groups, device=device)[None, :]
+    return (g + 1) * group_size - 1 < i - left
+
+
+def _shard_attention_torch(q, k_ext, v_ext, ks, vs, *, h, left, group_size, q_start, scale):
+    """Reference math (fp32) for one shard: ``q [B,Tl,Hq,D]`` at ``[halo + local]`` keys and
+    the summary keys ``ks`` (or ``None``); differentiable by autograd."""
+    b, tl, hq, d = q.shape
+    tk, hkv = k_ext.shape[1], k_ext.shape[2]
+    mask = reference.local_mask(tl, tk, (left, 0), True, q_offset=h, device=q.device)
+    keys, vals = k_ext, v_ext
+    if ks is not None:
+        keys, vals = torch.cat([k_ext, ks], dim=1), torch.cat([v_ext, vs], dim=1)
+        mask = torch.cat([mask, _summary_mask(tl, ks.shape[1], q_start, left, group_size, q.device)], dim=1)
+    rep = hq // hkv
+    qh = q.float().transpose(1, 2)
+    kh = keys.float().transpose(1, 2).repeat_interleave(rep, dim=1)
+    vh = vals.float().transpose(1, 2).repeat_interleave(rep, dim=1)
+    s = (qh @ kh.transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])  # empty row: p = 0, not nan
+    return (p @ vh).transpose(1, 2).to(q.dtype)
+
+
+class _ShardAttentionTriton(torch.autograd.Function):
+    """Local window through the Triton kernels, summaries in PyTorch, one softmax.
+
+    The forward merges the kernel's ``(out, lse)`` over ``[halo + local]`` keys (queries
+    left-padded with ``h`` zero rows, so query row ``a`` sits at key row ``h + a``) with
+    the summary attention by their log-sum-exps. The backward uses the ring-attention
+    identity: the kernel's backward run with the *merged* ``out`` and ``lse`` gives the
+    exact gradients of the merged softmax w.r.t. the local ``q, k, v``; the summary part's
+    gradients are computed here from the same ``lse``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k_ext, v_ext, ks, vs, h, left, group_size, q_start, scale):
+        b, tl, hq, d = q.shape
+        hkv = k_ext.shape[2]
+        q_pad = torch.cat([q.new_zeros((b, h, hq, d)), q], dim=1) if h else q.contiguous()
+        out1, lse1, _, _ = ops.swa_attention_fwd(q_pad, k_ext.contiguous(), v_ext.contiguous(),
+                                                 left, 0, True, None, False, scale)
+        o1, l1 = out1[:, h:].float(), lse1[:, :, h:]  # [B,Tl,Hq,Dv], [B,Hq,Tl]
+        rep = hq // hkv
+        qh = q.float().transpose(1, 2)  # [B,Hq,Tl,D]
+        ksh = ks.float().transpose(1, 2).repeat_interleave(rep, dim=1)  # [B,Hq,ng,D]
+        vsh = vs.float().transpose(1, 2).repeat_interleave(rep, dim=1)
+        mask = _summary_mask(tl, ks.shape[1], q_start, left, group_size, q.device)
+        s2 = (qh @ ksh.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
+        l2 = torch.logsumexp(s2, dim=-1)
+        lse = torch.logaddexp(l1, l2)
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        w1 = torch.exp(l1 - lse_safe).nan_to_num(0.0)  # [B,Hq,Tl]
+        p2 = torch.exp(s2 - lse_safe[..., None])  # masked entries: exp(-inf) = 0
+        out = o1 * w1.transpose(1, 2)[..., None] + (p2 @ vsh).transpose(1, 2)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q_pad, k_ext, v_ext, ks, vs, out, lse1, lse, p2)
+        ctx.args = (h, left, group_size, q_start, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q_pad, k_ext, v_ext, ks, vs, out, lse1, lse, p2 = ctx.saved_tensors
+        h, left, group_size, q_start, scale = ctx.args
+        b, tl, hq, d = out.shape[0], out.shape[1], q_pad.shape[2], q_pad.shape[3]
+        hkv = k_ext.shape[2]
+        rep = hq // hkv
+        dout = dout.contiguous()
+        if h:
+            dout_pad = torch.cat([dout.new_zeros((b, h) + tuple(dout.shape[2:])), dout], dim=1)
+            out_pad = torch.cat([out.new_zeros((b, h) + tuple(out.shape[2:])), out], dim=1)
+            lse_pad = torch.cat([lse1[:, :, :h], lse], dim=2).contiguous()  # padded rows: dout = 0
+        else:
+            dout_pad, out_pad, lse_pad = dout, out, lse.contiguous()
+        empty = q_pad.new_empty((0,))
+        dq_pad, dk_ext, dv_ext = ops.swa_attention_bwd(dout_pad, q_pad, k_ext.contiguous(), v_ext.contiguous(),
+                                                       out_pad, lse_pad, empty, empty,
+                                                       left, 0, True, None, False, scale)
+        # summary part: dS = P * (dP - delta), delta = rowsum(dout * out)
+        do = dout.float().transpose(1, 2)  # [B,Hq,Tl,Dv]
+        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [B,Hq,Tl]
+        ksh = ks.float().transpose(1, 2).repeat_interleave(rep, dim=1)
+        vsh = vs.float().transpose(1, 2).repeat_interleave(rep, dim=1)
+        dp = do @ vsh.transpose(-1, -2)  # [B,Hq,Tl,ng]
+        ds = p2 * (dp - delta[..., None])
+        qh = q_pad[:, h:].float().transpose(1, 2)
+        dq = dq_pad[:, h:].float() + (scale * (ds @ ksh)).transpose(1, 2)
+        dks = (scale * ds.transpose(-1, -2) @ qh).view(b, hkv, rep, -1, d).sum(2).transpose(1, 2)
+        dvs = (p2.transpose(-1, -2) @ do).view(b, hkv, rep, -1, do.shape[-1]).sum(2).transpose(1, 2)
+        return (dq.to(q_pad.dtype), dk_ext, dv_ext, dks.to(ks.dtype), dvs.to(vs.dtype),
+                None, None, None, None, None)
+
+
+def _shard_attention_triton(q, k_ext, v_ext, ks, vs, *, h, left, group_size, q_start, scale, backend):
+    if interpreted_bf16(q):  # the interpreter's bf16 dots are wrong: run fp32, round
+        args = [t.float() if t is not None else None for t in (q, k_ext, v_ext, ks, vs)]
+        return _shard_attention_triton(*args, h=h, left=left, group_size=group_size, q_start=q_start,
+                                       scale=scale, backend=backend).to(q.dtype)
+    if ks is None or ks.shape[1] == 0:
+        b, _, hq, d = q.shape
+        q_pad = torch.cat([q.new_zeros((b, h, hq, d)), q], dim=1) if h else q
+        out = _swa_attention(q_pad, k_ext, v_ext, window=(left, 0), causal=True, softmax_scale=scale,
+                             backend=backend)
+        return out[:, h:]
+    return _ShardAttentionTriton.apply(q, k_ext, v_ext, ks, vs, h, left, group_size, q_start, scale)
+
+
+# --------------------------------------------------------------------------- public op
+
+
+def swa_attention_cp(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    group: object,
+    window: tuple[int, int] = (-1, -1),
+    causal: bool = True,
+    group_size: int | None = None,
+    summaries: bool = False,
+    softmax_scale: float | None = None,
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """:func:`dasg_kernels.swa_attention` over a sequence sharded across the ranks of ``group``.
+
+    Args:
+        q: ``[B, T_local, Hq, D]``; k, v: ``[B, T_local, Hkv, D]``: this rank's shard, the
+            global positions ``[rank * T_local, (rank + 1) * T_local)`` (``rank`` in
+            ``group``; every rank holds an equal shard, rank order = sequence order).
+        group: a ``torch.distributed`` ``ProcessGroup`` or a 1-D ``DeviceMesh``; every rank of
+            it must call this op (it runs collectives).
+        window, group_size, summaries, softmax_scale: as in :func:`~dasg_kernels.swa_attention`,
+            in global positions (groups ``[g*G, (g+1)*G)`` counted from the sequence start,
+            not the shard start; ``T_local`` need not be a multiple of ``G`` or of the window).
+        causal: must be ``True`` (or the window's right side 0 without summaries): only
+            causal attention is supported, a non-causal call is a ``ValueError``.
+        backend: ``"auto" | "triton" | "torch"``. ``torch`` computes the shard with the
+            reference math; ``triton`` runs the local window through the Triton kernels
+            (queries left-padded by the halo length) and merges the summary attention by
+            log-sum-exp (``auto`` picks as :func:`dasg_kernels.resolve_backend` does).
+        validate: check with one small all-gather (a host sync) that every rank passed the
+            same shapes and arguments; pass ``False`` once a training loop is known good.
+
+    Returns:
+        ``out [B, T_local, Hq, D]``, this shard of ``swa_attention`` on the whole sequence;
+        differentiable w.r.t. ``q, k, v`` (the gradients of keys/values other ranks used, as
+        halo or through the summaries, come back through the collectives' backward).
+
+    Communication per call and rank (forward; the backward sends the same back): the halo,
+    ``min(left, rank * T_local)`` rows of ``Hkv * (D + Dv)`` elements (one
+    ``all_to_all_single``), and with summaries the partial group means of every shard,
+    ``W * (ceil((T_local - 1) / G) + 1)`` rows of ``Hkv * (D + Dv)`` (one ``all_gather``),
+    in the input dtype.
+    """
+    left, right, scale = _validate(_OP, q, k, v, window=window, causal=causal, group_size=group_size,
+                                   summaries=summaries, softmax_scale=softmax_scale, decode=False)
+    if not causal and (right != 0 or summaries):
+        raise ValueError(f"{_OP}: only causal attention is supported (causal=True); got causal=False with "
+                         f"window={tuple(window)} and summaries={summaries}")
+    if not isinstance(validate, bool):
+        raise TypeError(f"{_OP}: validate must be a bool, got {type(validate).__name__}")
+    group = resolve_group(group)
+    be = _pick_backend("swa_attention", backend, q, k, v)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    b, tl, hq, d = q.shape
+    hkv, dv = k.shape[2], v.shape[-1]
+    if validate:
+        _check_same_on_all_ranks(
+            _OP, group, q.device, **{
+                "q.shape[0] (batch)": b, "q.shape[1] (shard length T_local)": tl, "q.shape[2] (Hq)": hq,
+                "k.shape[2] (Hkv)": hkv, "q.shape[3] (D)": d, "v.shape[3] (Dv)": dv, "window[0] (left)": left,
+                "group_size": group_size or 0, "summaries": int(summaries),
+            })
+    if tl == 0:
+        raise ValueError(f"{_OP}: q must hold at least one position (T_local >= 1), got shape {tuple(q.shape)}")
+
+    h = _halo_len(rank, tl, left)
+    k_ext, v_ext = _exchange_halo(k, v, left, group, rank, world)
+    ks = vs = None
+    if summaries and left >= 0:
+        # groups wholly before the window of some query of this shard / of the last shard
+        n_mine = max(0, (rank * tl + tl - 1 - left) // group_size)
+        n_any = max(0, (world * tl - 1 - left) // group_size)
+        if n_any > 0:  # the same decision on every rank: all of them join the all-gather
+            ks, vs = _gather_summaries(k, v, group_size, n_mine, group, rank, world)
+    kw = dict(h=h, left=left, group_size=group_size, q_start=rank * tl, scale=scale)
+    if be == "torch":
+        return _shard_attention_torch(q, k_ext, v_ext, ks, vs, **kw)
+    return _shard_attention_triton(q, k_ext, v_ext, ks, vs, backend=be, **kw)
+
+
+def shift_labels_cp(labels: torch.Tensor, *, group: object, ignore_index: int = -100) -> torch.Tensor:
+    """Next-token targets of a sequence-sharded batch: ``targets[:, t] = labels[:, t + 1]`` in
+    global positions.
+
+    ``labels [B, T_local]`` is this rank's shard (sliced like ``input_ids``); the target of the
+    last position comes from the next rank's first label (one all-gather of ``B`` ints), and
+    is ``ignore_index`` on the last rank. Not differentiable (labels are integers).
+    """
+    group = resolve_group(group, op="shift_labels_cp")
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
+        raise ValueError(f"shift_labels_cp: labels must be a [B, T_local] tensor, got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.shape[1] == 0:
+        raise ValueError("shift_labels_cp: labels must hold at least one position")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    first = labels[:, :1].contiguous()
+    bufs = [torch.empty_like(first) for _ in range(world)]
+    dist.all_gather(bufs, first, group=group)
+    nxt = bufs[rank + 1] if rank + 1 < world else torch.full_like(first, ignore_index)
+    return torch.cat([labels[:, 1:], nxt], dim=1)
