@@ -2,13 +2,13 @@
 
 Three ways to run every public op:
 
-=========  ==========================================  =================================
+=========  ==========================================  =========================================
 backend    runs on                                     what runs
-=========  ==========================================  =================================
+=========  ==========================================  =========================================
 triton     CUDA tensors                                the compiled Triton kernels
 triton     CPU tensors with ``TRITON_INTERPRET=1``     the same kernels, interpreted
-torch      anything                                    ``dasg_kernels.reference`` (PyTorch)
-=========  ==========================================  =================================
+torch      anything                                    PyTorch (blockwise attention, references)
+=========  ==========================================  =========================================
 
 ``backend="auto"`` picks ``triton`` where it can run and ``torch`` otherwise.
 Asking for ``triton`` on a CPU tensor without the interpreter is a ``ValueError``
@@ -16,6 +16,12 @@ raised here, never a crash inside Triton.
 
 ``TRITON_INTERPRET=1`` is read by Triton when a kernel is decorated, so it must be
 set before ``dasg_kernels`` is imported (``tests/conftest.py`` and ``.ci/run`` do).
+Its value at import is kept (:data:`INTERPRET_AT_IMPORT`); if it changes later,
+``triton`` is a ``ValueError`` saying so and ``auto`` runs ``torch``.
+
+The ``torch`` backend of attention is :mod:`dasg_kernels.attention.blockwise`
+(``O(T * (W + T/G))`` time and memory); ``dasg_kernels.reference`` stays the
+readable oracle of the tests and the ``torch`` path of the MoE ops.
 """
 from __future__ import annotations
 
@@ -28,9 +34,35 @@ Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
-def interpreter_enabled() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+def _interpret_env() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+#: ``TRITON_INTERPRET`` when this package was imported: Triton decides at decoration
+#: whether a kernel is compiled or interpreted, so this is what the kernels were (or,
+#: for the modules imported lazily, will be) built for.
+INTERPRET_AT_IMPORT: bool = _interpret_env()
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton runs kernels in its CPU interpreter: ``TRITON_INTERPRET=1`` was
+    set when ``dasg_kernels`` was imported and still is. Setting it later does not turn
+    the interpreter on (the kernels are already decorated); see :func:`interpreter_mismatch`."""
+    return INTERPRET_AT_IMPORT and _interpret_env()
+
+
+def interpreter_mismatch() -> str | None:
+    """Why the Triton kernels cannot run at all in this process, or ``None``:
+    ``TRITON_INTERPRET`` changed since ``dasg_kernels`` was imported (some kernels would
+    be compiled and others interpreted, which crashes inside Triton)."""
+    now = _interpret_env()
+    if now == INTERPRET_AT_IMPORT:
+        return None
+    if now:
+        return ("TRITON_INTERPRET=1 was set after dasg_kernels was imported; Triton reads it when a kernel "
+                "is decorated, so set TRITON_INTERPRET=1 before importing dasg_kernels, or use backend='torch'")
+    return ("TRITON_INTERPRET was unset after dasg_kernels was imported with TRITON_INTERPRET=1; "
+            "set it before importing dasg_kernels and leave it, or use backend='torch'")
 
 
 def triton_available() -> bool:
@@ -50,7 +82,7 @@ def interpreted_bf16(t: torch.Tensor) -> bool:
 
 def triton_can_run_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on tensors of ``device`` in this process."""
-    if not triton_available():
+    if not triton_available() or interpreter_mismatch() is not None:
         return False
     if device.type == "cuda":
         return not interpreter_enabled()
@@ -78,7 +110,10 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
         return "triton"
     if backend == "auto":
         return "torch"
-    if device.type == "cpu":
+    mismatch = interpreter_mismatch()
+    if mismatch is not None:
+        reason = mismatch
+    elif device.type == "cpu":
         reason = "tensors are on the CPU; set TRITON_INTERPRET=1 before importing dasg_kernels to run the kernels in Triton's interpreter, or use backend='torch'"
     elif device.type == "cuda":
         reason = "TRITON_INTERPRET=1 is set, so Triton only runs CPU tensors in this process"

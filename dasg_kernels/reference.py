@@ -1,7 +1,9 @@
 """Readable PyTorch references: the semantics every backend must meet.
 
 These are written for clarity, not speed (masks are materialised). They are the
-ground truth of the tests and the ``backend="torch"`` path of every public op.
+ground truth of the tests and the ``backend="torch"`` path of the MoE ops; attention's
+``torch`` backend is the blockwise :mod:`dasg_kernels.attention.blockwise` (the same
+semantics without the ``[T, T]`` scores).
 
 Attention (GMHA)
 ----------------
@@ -95,13 +97,12 @@ def group_means_ref(x: torch.Tensor, group_size: int) -> torch.Tensor:
     possibly partial, group is averaged over the positions it has.
     """
     b, t, h, d = x.shape
-    ng = num_groups(t, group_size)
-    pad = ng * group_size - t
-    xf = F.pad(x.float(), (0, 0, 0, 0, 0, pad)).view(b, ng, group_size, h, d)
-    counts = torch.full((ng,), float(group_size), device=x.device)
-    if ng:
-        counts[-1] = t - (ng - 1) * group_size
-    return (xf.sum(2) / counts[None, :, None, None]).to(x.dtype)
+    full = t // group_size  # whole groups; the partial tail is summed on its own
+    xf = x.float()  # never padded to ng * G: memory O(T) even when G >> T
+    means = [xf[:, : full * group_size].reshape(b, full, group_size, h, d).mean(2)]
+    if full * group_size < t:
+        means.append(xf[:, full * group_size :].mean(1, keepdim=True))
+    return torch.cat(means, dim=1).to(x.dtype)
 
 
 def swa_attention_ref(
@@ -126,7 +127,12 @@ def swa_attention_ref(
 
     Returns:
         ``out [B, Tq, Hq, D]`` in ``q.dtype`` and ``lse [B, Hq, Tq]`` in fp32
-        (natural log; ``-inf`` for rows that see no key, whose output is 0).
+        (natural log; ``-inf`` for rows that see no key, whose output is 0). NaN in
+        ``q`` or in a key a row sees propagates to that row (as SDPA and the kernels).
+
+    This materialises ``[B, Hq, Tq, Tk + Tk/G]`` scores: the oracle of the tests. The
+    ``torch`` backend runs :func:`dasg_kernels.attention.blockwise.swa_attention_blockwise`
+    (same semantics, ``O(T * (W + T/G))``).
     """
     b, tq, hq, d = q.shape
     tk, hkv = k.shape[1], k.shape[2]
@@ -147,7 +153,9 @@ def swa_attention_ref(
     s = (qh @ kh.transpose(-1, -2)).float() * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [B, Hq, Tq]
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # empty rows: exp(-inf - -inf) = nan -> 0
+    # A row that sees no key has lse = -inf: subtract 0 there, so its p is exp(-inf) = 0
+    # (not exp(-inf - -inf) = nan). NaN in q or a visible key stays NaN, as in SDPA.
+    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])
     out = (p.to(cdt) @ vh).transpose(1, 2)
     return out.to(q.dtype), lse
 

@@ -165,8 +165,10 @@ def swa_attention_with_lse(
     left, right, scale = _validate(op, q, k, v, window=window, causal=causal, group_size=group_size,
                                    summaries=summaries, softmax_scale=softmax_scale, decode=False)
     be = _pick_backend(op, backend, q, k, v)
-    if be == "torch":
-        return reference.swa_attention_ref(
+    if be == "torch":  # blockwise PyTorch, O(T * (W + T/G)); reference.py stays the oracle
+        from dasg_kernels.attention.blockwise import swa_attention_blockwise
+
+        return swa_attention_blockwise(
             q, k, v, window=window, causal=causal, group_size=group_size,
             summaries=summaries, softmax_scale=scale,
         )
@@ -206,7 +208,10 @@ def swa_attention(
         softmax_scale: default ``1/sqrt(D)``.
         backend: ``"auto" | "triton" | "torch"`` (see :mod:`dasg_kernels.backend`). The
             Triton kernels need ``D in {32, 64, 96, 128, 256}``; ``auto`` uses the
-            reference for other head dims.
+            ``torch`` backend for other head dims: :mod:`dasg_kernels.attention.blockwise`,
+            query blocks against their window's keys and visible summaries in fp32,
+            ``O(T * (W + T/G))`` time and memory (``reference.swa_attention_ref`` is the
+            readable oracle it is tested against).
 
     Returns:
         ``out [B, T, Hq, D]`` in ``q.dtype``; differentiable w.r.t. ``q, k, v``.
@@ -260,8 +265,10 @@ def swa_decode(
         _check_summary_kv(op, summary_kv, k_cache, group_size, summaries)
     be = _pick_backend(op, backend, q, k_cache, v_cache)
     with torch.no_grad():
-        if be == "torch":  # the reference pools the summaries from the cache itself
-            out, lse = reference.swa_attention_ref(
+        if be == "torch":  # blockwise PyTorch; it pools the summaries from the cache itself
+            from dasg_kernels.attention.blockwise import swa_attention_blockwise
+
+            out, lse = swa_attention_blockwise(
                 q, k_cache, v_cache, window=window, causal=causal, group_size=group_size,
                 summaries=summaries, softmax_scale=scale,
             )
