@@ -115,6 +115,32 @@ def test_queries_already_in_cache_and_lse(backend, dev):
     torch.testing.assert_close(lse, ref_lse[:, :, 10:12], atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_left_padding_is_never_cached_attended_or_averaged(backend, dev):
+    """cache_seqlens = -p: the first p appended positions are padding; real tokens start at 0."""
+    left, g, chunk, t = 4, 3, 6, 16
+    pads = [0, 5, 9]  # row 2 is all padding in its first chunk
+    b = len(pads)
+    q, k, v = _history(b, t, 4, 2, 32, torch.float32, seed=5, device=dev)
+    cache = alloc_kvcache(b, left + chunk, 2, 32, group_size=g, max_seqlen=t, device=dev)
+    seqlens = -torch.tensor(pads, dtype=torch.int32, device=dev)
+    cache.pop("cache_seqlens")
+    outs = []
+    for p in range(0, t, chunk):
+        n = min(chunk, t - p)
+        garbage = [x[:, p:p + n].clone() for x in (q, k, v)]
+        for r, pad in enumerate(pads):  # what sits in the padding must not matter
+            for x in garbage:
+                x[r, :max(0, pad - p)] = 1e4
+        outs.append(_call(*garbage, cache, seqlens, left=left, g=g, summaries=True, backend=backend))
+        seqlens += n
+    out = torch.cat(outs, 1)
+    for r, pad in enumerate(pads):
+        ref = _expected(q[r:r + 1, pad:], k[r:r + 1, pad:], v[r:r + 1, pad:], left, g, True)
+        torch.testing.assert_close(out[r:r + 1, pad:], ref, atol=2e-5, rtol=2e-5)
+        assert torch.isfinite(out[r, :pad]).all()
+
+
 def test_unbounded_window_ring_holds_everything():
     t = 9
     q, k, v = _history(1, t, 2, 2, 16, torch.float32, seed=3)
@@ -142,8 +168,8 @@ def test_bad_input_is_a_clear_error():
         _call(q, k, v, cache, seqlens, left=3, g=4, summaries=True, backend="torch")
     with pytest.raises(TypeError, match="cache_seqlens"):
         _call(q, k, v, cache, seqlens.long(), left=1, g=4, summaries=True, backend="torch")
-    with pytest.raises(ValueError, match="cache_seqlens must be >= 0"):
-        _call(q, k, v, cache, seqlens - 1, left=1, g=4, summaries=True, backend="torch")
+    with pytest.raises(ValueError, match="cache_seqlens must be >= 0 without k, v"):
+        _call(q, None, None, cache, seqlens - 1, left=1, g=4, summaries=True, backend="torch")
     with pytest.raises(ValueError, match="k_means has 3 rows"):
         _call(q, k, v, cache, seqlens + 10, left=1, g=4, summaries=True, backend="torch")
     with pytest.raises(ValueError, match="needs k_sum"):

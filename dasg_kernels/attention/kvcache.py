@@ -9,7 +9,9 @@ of one layer (modelled on flash-attn's ``flash_attn_with_kvcache``):
 - ``k_means, v_means [B, NG, Hkv, D]`` (cache dtype): the mean of every finished group
   (``NG > (longest length) // G``: the row of the unfinished group is scratch);
 - ``k_sum, v_sum [B, Hkv, D]`` fp32: each row's running sum of its unfinished group;
-- ``cache_seqlens [B]`` int32: how many positions each row holds (rows may differ).
+- ``cache_seqlens [B]`` int32: how many positions each row holds (rows may differ). A
+  negative value ``-p`` marks left padding: the next ``p`` appended positions are negative,
+  never attended and never averaged, and the row's real tokens start at position 0.
 
 :func:`alloc_kvcache` allocates them. One call appends the new ``k, v`` (when given) into
 the ring, folds them into the group sums and writes the means of the groups they finish,
@@ -75,6 +77,7 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
                    group_size: int) -> None:
     """Fold ``x [B, Tq, H, D]`` (positions ``first[b] + j``) into the running group sums and
     write the mean of each group it finishes into ``means [B, NG, H, D]``, in place.
+    Negative positions (left padding) add nothing and finish no group.
 
     Static shapes: the chunk is laid out on the absolute group grid (row ``b`` shifted by
     ``first[b] % G``) in ``n_loc = ceil(Tq / G) + 1`` local groups, summed over ``G`` as the
@@ -90,17 +93,19 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
     shift = first - g0 * g
     grid = torch.zeros((b, n_loc * g, h, d), dtype=torch.float32, device=dev)
     idx = (shift[:, None] + torch.arange(tq, device=dev))[:, :, None, None].expand(b, tq, h, d)
-    grid.scatter_(1, idx, x.float())
+    real = (first[:, None] + torch.arange(tq, device=dev) >= 0)[:, :, None, None]
+    grid.scatter_(1, idx, torch.where(real, x.float(), torch.zeros((), device=dev)))
     sums = grid.view(b, n_loc, g, h, d).sum(2)
     sums[:, 0] += run_sum
     end = first + tq
     gidx = g0[:, None] + torch.arange(n_loc, device=dev)
-    finished = (gidx + 1) * g <= end[:, None]
-    cur = (end // g).clamp(max=means.shape[1] - 1)
+    finished = ((gidx + 1) * g <= end[:, None]) & (gidx >= 0)
+    cur = (end // g).clamp(min=0, max=means.shape[1] - 1)
     target = torch.where(finished, gidx, cur[:, None]).clamp(max=means.shape[1] - 1)
     val = torch.where(finished[:, :, None, None], sums / g, torch.zeros((), device=dev)).to(means.dtype)
     means.scatter_(1, target[:, :, None, None].expand(b, n_loc, h, d), val)
-    run_sum.copy_(sums.gather(1, (end // g - g0)[:, None, None, None].expand(b, 1, h, d))[:, 0])
+    cur_local = (end.clamp(min=0) // g - g0).clamp(max=n_loc - 1)  # a row still all padding: sum stays 0
+    run_sum.copy_(sums.gather(1, cur_local[:, None, None, None].expand(b, 1, h, d))[:, 0])
 
 
 # --------------------------------------------------------------------------- attention (torch)
@@ -190,8 +195,9 @@ def _check_cache(q, k_cache, k, v, cache_seqlens, means, sums, left, group_size,
 def _check_seqlen_values(seqlens, tq, c, left, append, k_means, group_size) -> None:
     """Value checks that read the tensor: off CUDA only (on CUDA they would synchronise)."""
     lo, hi = int(seqlens.min()), int(seqlens.max())
-    if lo < 0:
-        raise ValueError(f"{OP}: cache_seqlens must be >= 0, got {lo}")
+    if not append and lo < 0:
+        raise ValueError(f"{OP}: cache_seqlens must be >= 0 without k, v (negative = left padding "
+                         f"still to append), got {lo}")
     if not append and lo < tq:
         raise ValueError(f"{OP}: without k, v the {tq} queries are the last positions of the cache, "
                          f"so cache_seqlens must be >= Tq={tq}, got {lo}")
@@ -233,7 +239,8 @@ def swa_attention_with_kvcache(
             positions ``cache_seqlens[b] + j`` and ``k, v`` are appended there first; without
             them the queries are the last ``Tq`` positions already in the cache.
         k_cache, v_cache: ``[B, C, Hkv, D]`` rings (see the module doc), updated in place.
-        cache_seqlens: ``[B]`` int32, positions each row holds before the call (not advanced).
+        cache_seqlens: ``[B]`` int32, positions each row holds before the call (not advanced;
+            ``-p``: the first ``p`` of the appended positions are left padding).
         k_means, v_means, k_sum, v_sum: the summary cache (``summaries=True``), updated in place.
         window: ``left`` or ``(left, 0)``: query ``i`` sees positions ``i - left .. i``
             (``-1``: unbounded, then ``C`` must hold every position).
