@@ -4,6 +4,7 @@ Every child builds the same model from one seed, runs the single-process referen
 concatenation of all ranks' tokens itself, then the expert-parallel copy on its own shard,
 and compares (fp32). ``TRITON_INTERPRET`` is removed from the children's environment, so
 ``backend="auto"`` resolves to the PyTorch path there (as on a CPU-only machine).
+Children are forked (spawned where fork is missing) and use one thread each.
 """
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+
+from dasg_model import DASGConfig, DASGForCausalLM, DASGMoE
+from dasg_model.parallel import apply_expert_parallel
+from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients, ep_comm_stats
 
 # --------------------------------------------------------------------------- spawning
 
@@ -53,8 +59,13 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def _spawn(fn, world: int, *args) -> None:
+    # fork: the children start in milliseconds instead of re-importing torch (seconds each on
+    # 2 shared cores). The environment change still counts there: dasg_kernels reads
+    # TRITON_INTERPRET at each dispatch, so "auto" runs the PyTorch path in the children.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with _child_env():
-        mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+        mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True,
+                           start_method=method)
 
 
 # --------------------------------------------------------------------------- checks
@@ -69,8 +80,6 @@ def _close(name: str, got: torch.Tensor, want: torch.Tensor, rtol: float = 2e-5)
 
 
 def _moe_config(backend: str, **changes):
-    from dasg_model import DASGConfig
-
     base = dict(hidden_size=32, shallow_shared_size=16, deep_shared_size=32, shallow_num_experts=8,
                 shallow_expert_size=16, deep_num_experts=8, deep_expert_size=32, top_p=0.7, k_max=2,
                 complexity_threshold=0.5, backend=backend)
@@ -93,9 +102,6 @@ def _ranks_visited(ids: torch.Tensor, e_local: int, active: torch.Tensor) -> flo
 
 
 def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=None):
-    from dasg_model import DASGMoE
-    from dasg_model.parallel import apply_expert_parallel
-    from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients, ep_comm_stats
 
     cfg = _moe_config(backend, **changes)
     torch.manual_seed(0)
@@ -170,8 +176,6 @@ def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=Non
 
 
 def _moe_worker(rank, world):
-    from torch.distributed.device_mesh import init_device_mesh
-
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     for backend in ("torch", "auto"):
         _check_moe(rank, world, backend, {}, mesh)
@@ -184,8 +188,6 @@ def _moe_worker(rank, world):
 
 
 def _zero_worker(rank, world):
-    from dasg_model import DASGMoE
-    from dasg_model.parallel import apply_expert_parallel
 
     for backend in ("torch", "auto"):
         out, ep_moe = _check_moe(rank, world, backend, {}, None, zero_rank=0)
@@ -206,11 +208,6 @@ def _zero_worker(rank, world):
 
 
 def _train_worker(rank, world, backend):
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from dasg_model import DASGConfig, DASGForCausalLM
-    from dasg_model.parallel import apply_expert_parallel
-    from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients
 
     dp, ep = 2, 2
     mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))

@@ -79,7 +79,7 @@ __all__ = [
 # --------------------------------------------------------------------------- groups
 
 
-def _resolve_group(mesh_or_group) -> tuple[object, int, int]:
+def _resolve_group(mesh_or_group, what: str = "apply_expert_parallel: ep_mesh") -> tuple[object, int, int]:
     """``(process_group, rank_in_group, group_size)`` of a 1-D ``DeviceMesh``, a
     ``ProcessGroup`` or ``None`` (the default group)."""
     if mesh_or_group is None:
@@ -87,7 +87,7 @@ def _resolve_group(mesh_or_group) -> tuple[object, int, int]:
     if hasattr(mesh_or_group, "get_group") and hasattr(mesh_or_group, "mesh"):  # DeviceMesh
         if mesh_or_group.ndim != 1:
             raise ValueError(
-                f"apply_expert_parallel: ep_mesh must be a 1-D DeviceMesh (e.g. mesh['ep'] of a 2-D dp x ep "
+                f"{what} must be a 1-D DeviceMesh (e.g. mesh['ep'] of a 2-D dp x ep "
                 f"mesh), got {mesh_or_group.ndim} dims {mesh_or_group.mesh_dim_names}"
             )
         return mesh_or_group.get_group(), mesh_or_group.get_local_rank(), mesh_or_group.size()
@@ -433,26 +433,34 @@ def allreduce_gradients(model: nn.Module, ep_mesh, dp_mesh=None) -> None:
     """Data-parallel gradient averaging for an expert-parallel model (what DDP would do).
 
     Every rank feeds its own batch and back-propagates its own loss. Then each gradient is
-    summed over the ranks holding a replica of its parameter -- expert slices over ``dp_mesh``
-    (their contributions from the whole EP group already arrived through the all-to-all
-    backward), everything else over ``dp_mesh`` and ``ep_mesh`` -- and divided by the number of
-    data shards ``dp * ep``. The result is the gradient of the mean of the ranks' losses. A
-    missing gradient counts as zeros (so every rank runs the same collectives).
+    summed over the ranks holding a replica of its parameter -- expert slices over
+    ``dp_mesh`` (their contributions from the whole EP group already arrived through the
+    all-to-all backward), everything else over ``dp_mesh`` and ``ep_mesh`` -- and divided by
+    the number of data shards ``dp * ep``. The result is the gradient of the mean of the
+    ranks' losses. ``dp_mesh`` is a 1-D mesh or group, ``None``, or a sequence of them (every
+    replica dimension besides EP, e.g. ``[mesh["dp"], mesh["cp"]]``). A missing gradient
+    counts as zeros (so every rank runs the same collectives).
     """
-    ep_group, _, ep = _resolve_group(ep_mesh)
-    if dp_mesh is not None:
-        dp_group, _, dp = _resolve_group(dp_mesh)
-    else:
-        dp_group, dp = None, 1
+    ep_group, _, ep = _resolve_group(ep_mesh, "allreduce_gradients: ep_mesh")
+    if dp_mesh is None:
+        dp_mesh = []
+    elif not isinstance(dp_mesh, (list, tuple)):
+        dp_mesh = [dp_mesh]
+    dp_groups = []
+    world = ep
+    for m in dp_mesh:
+        g, _, n = _resolve_group(m, "allreduce_gradients: dp_mesh")
+        world *= n
+        if n > 1:
+            dp_groups.append(g)
     experts = _is_expert_param(model)
-    world = dp * ep
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        if dp_group is not None and dp > 1:
-            dist.all_reduce(p.grad, group=dp_group)
+        for g in dp_groups:
+            dist.all_reduce(p.grad, group=g)
         if id(p) not in experts and ep > 1:
             dist.all_reduce(p.grad, group=ep_group)
         p.grad.div_(world)
