@@ -22,11 +22,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
 from torch.testing import assert_close
 
 from dasg_kernels import reference
 from dasg_kernels.backend import triton_can_run_on
 from dasg_kernels.distributed import shift_labels_cp, swa_attention_cp
+from dasg_model import DASGConfig, DASGForCausalLM
+from dasg_model.parallel import apply_context_parallel
+from dasg_model.parallel.context import remove_context_parallel
 
 # --------------------------------------------------------------------------- harness
 
@@ -167,11 +171,6 @@ def test_cp_needs_initialised_group():
 
 
 def _model(rank: int, world: int, tl: int) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from dasg_model import DASGConfig, DASGForCausalLM
-    from dasg_model.parallel import apply_context_parallel
-
     cfg = DASGConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                      attention_window=5, group_size=4, use_summaries=True, shallow_shared_size=32,
                      deep_shared_size=64, shallow_num_experts=4, shallow_expert_size=32, deep_num_experts=4,
@@ -210,6 +209,9 @@ def _model(rank: int, world: int, tl: int) -> None:
         assert_close(gsum / world, ref_grads[n], **tol, msg=lambda m, n=n: f"rank {rank} grad {n}: {m}")
         names.append(n)
     assert any("q_proj" in n for n in names) and any("embed_tokens" in n for n in names)
+
+    remove_context_parallel(cp_model)  # whole sequences again, on every rank
+    assert_close(cp_model(ids).logits, ref.logits.detach(), **tol, msg=lambda m: f"rank {rank} after remove: {m}")
 
 
 def test_cp_model_2_ranks():
