@@ -258,16 +258,18 @@ def expert_ffn_ref(
         upcast: compute in fp32 (ground truth) or in ``x.dtype`` (the eager path).
     Returns:
         ``y [N, D]`` in ``x.dtype``: ``sum_slots weight * down(silu(gate(x)) * up(x))``.
+
+    Traceable by ``torch.compile(fullgraph=True)`` (no host reads while compiling).
     """
     cdt = torch.float32 if upcast else x.dtype
     out = torch.zeros(x.shape, dtype=cdt, device=x.device)
     for e in range(gate_up_proj.shape[0]):
         token, slot = torch.where(expert_ids == e)
-        if token.numel() == 0:
-            continue
+        if not torch.compiler.is_compiling() and token.numel() == 0:  # (no data-dependent branch
+            continue  # under torch.compile: an expert without tokens adds an empty index_add)
         y = swiglu_ref(x[token].to(cdt), gate_up_proj[e].to(cdt), down_proj[e].to(cdt))
         out = out.index_add(0, token, y * weights[token, slot, None].to(cdt))
-    if not (expert_ids >= 0).any():
+    if torch.compiler.is_compiling() or not (expert_ids >= 0).any():
         # nothing routed: keep every input in the graph (adding the sum of an empty slice,
         # exactly 0) so its gradient is zeros, as on the Triton path, not None (DDP needs it)
         out = out + sum(t[:0].sum().to(cdt) for t in (x, gate_up_proj, down_proj, weights))

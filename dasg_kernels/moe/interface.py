@@ -15,6 +15,7 @@ messages name the argument. ``backend="torch"`` runs :mod:`dasg_kernels.referenc
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +66,9 @@ def _check_expert_ids(op, expert_ids, num_experts, n=None):
     if n is not None and expert_ids.shape[0] != n:
         raise ValueError(f"{op}: expert_ids must have {n} rows (x.shape[0]), got shape {tuple(expert_ids.shape)}")
     # The range check reads the ids back, so it runs only where that is free (not on CUDA,
-    # where it would synchronise). On CUDA, ids outside [-1, E) count as unused slots.
-    if expert_ids.device.type != "cuda" and expert_ids.numel() > 0:
+    # where it would synchronise, nor while torch.compile traces, where it is a
+    # data-dependent guard). There, ids outside [-1, E) count as unused slots.
+    if expert_ids.device.type != "cuda" and expert_ids.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = int(expert_ids.min()), int(expert_ids.max())
         if lo < -1 or hi >= num_experts:
             raise ValueError(
@@ -105,17 +107,55 @@ def _check_expert_weights(op, x, gate_up_proj, down_proj, activation, triton_pat
     if activation != "swiglu":
         raise ValueError(f"{op}: activation must be 'swiglu', got {activation!r}")
     if triton_path:
-        _check_triton_num_experts(op, "gate_up_proj.shape[0]", e)
-        if d % 16 != 0:
-            raise ValueError(f"{op}: the hidden size D (x.shape[1]) must be a multiple of 16, got {d}")
-        if f % 16 != 0:
-            raise ValueError(f"{op}: the expert size F (gate_up_proj.shape[1] // 2) must be a multiple of 16, got {f}")
+        reason = _triton_expert_limit(op, d, f, e)
+        if reason is not None:
+            raise ValueError(reason[1])
+
+
+def _triton_expert_limit(op, d, f, e) -> tuple[str, str] | None:
+    """``(kind, message)`` when the Triton expert kernels cannot take these sizes, else ``None``."""
+    if e > E_TRITON_LIMIT:
+        return "num_experts", _num_experts_message(op, "gate_up_proj.shape[0]", e)
+    if d % 16 != 0:
+        return "D", f"{op}: the Triton kernels need the hidden size D (x.shape[1]) to be a multiple of 16, got {d}"
+    if f % 16 != 0:
+        return "F", (f"{op}: the Triton kernels need the expert size F (gate_up_proj.shape[1] // 2) to be a "
+                     f"multiple of 16, got {f}")
+    return None
+
+
+def _num_experts_message(op, what, e):
+    return (f"{op}: the Triton kernels support up to {E_TRITON_LIMIT} experts, got {what}={e}; "
+            f"use backend='torch'")
 
 
 def _check_triton_num_experts(op, what, e):
     if e > E_TRITON_LIMIT:
-        raise ValueError(f"{op}: the Triton kernels support up to {E_TRITON_LIMIT} experts, got {what}={e}; "
-                         f"use backend='torch'")
+        raise ValueError(_num_experts_message(op, what, e))
+
+
+_FALLBACK_WARNED: set[tuple[str, str]] = set()
+
+
+def _auto_fallback(op, kind, message, stacklevel=3) -> str:
+    """``backend="auto"`` on sizes the kernels lack: warn once per ``(op, kind)`` and
+    return ``"torch"`` (``backend="triton"`` raises ``message`` instead)."""
+    if (op, kind) not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add((op, kind))
+        warnings.warn(f"{message.split('; use backend=')[0]}; backend='auto' runs the torch path instead "
+                      f"(backend='triton' raises)", RuntimeWarning, stacklevel=stacklevel)
+    return "torch"
+
+
+def _pick_expert_backend(op, backend, be, x, gate_up_proj, down_proj, activation) -> str:
+    """``be`` from ``resolve_backend``; with ``backend="auto"``, ``"torch"`` where the
+    Triton expert kernels lack the sizes (D or F not a multiple of 16, E > 4096)."""
+    if be != "triton" or backend != "auto":
+        return be
+    _check_expert_weights(op, x, gate_up_proj, down_proj, activation, False)  # the layout first
+    e, f2, d = gate_up_proj.shape
+    reason = _triton_expert_limit(op, d, f2 // 2, e)
+    return be if reason is None else _auto_fallback(op, *reason, stacklevel=4)
 
 
 def _unpack_routing(op, routing):
@@ -241,8 +281,11 @@ def dispatch(
             raise ValueError(f"{op}: tokens_per_expert must have shape [{num_experts}], got {tuple(tokens_per_expert.shape)}")
         check_same(op, "device", expert_ids=expert_ids, tokens_per_expert=tokens_per_expert)
     be = resolve_backend(backend, expert_ids, op=op)
-    if be == "triton":
-        _check_triton_num_experts(op, "num_experts", num_experts)
+    if be == "triton" and num_experts > E_TRITON_LIMIT:
+        message = _num_experts_message(op, "num_experts", num_experts)
+        if backend != "auto":
+            raise ValueError(message)
+        be = _auto_fallback(op, "num_experts", message)
     if be == "triton":
         return _plan_triton(expert_ids, num_experts, block_m)
     return build_plan_torch(expert_ids, num_experts, block_m, tokens_per_expert)
@@ -316,6 +359,7 @@ def expert_ffn(
     check_same(op, "device", x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, expert_ids=expert_ids,
                weights=weights)
     be = resolve_backend(backend, x, gate_up_proj, down_proj, expert_ids, weights, op=op)
+    be = _pick_expert_backend(op, backend, be, x, gate_up_proj, down_proj, activation)
     _check_ffn_args(op, x, gate_up_proj, down_proj, expert_ids, weights, activation, be == "triton")
     if not isinstance(recompute, bool):
         raise TypeError(f"{op}: recompute must be a bool, got {type(recompute).__name__}")
@@ -394,6 +438,7 @@ def moe_ffn(
             f"E={gate_up_proj.shape[0]}"
         )
     be = resolve_backend(backend, x, router_weight, gate_up_proj, down_proj, op=op)
+    be = _pick_expert_backend(op, backend, be, x, gate_up_proj, down_proj, "swiglu")
     _check_expert_weights(op, x, gate_up_proj, down_proj, "swiglu", be == "triton")
     _check_route_args(op, x.new_empty(0, router_weight.shape[0]), top_p, k_max, min_k, n_group, topk_group,
                       renormalize)
