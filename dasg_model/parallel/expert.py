@@ -52,6 +52,20 @@ the mean experts per token, both levels together) of ``D * dtype_size`` bytes, f
 and back, so about ``2 * N * k * D * dtype_size`` bytes forward and as many in the
 backward, of which the fraction ``(ep - 1) / ep`` leaves the rank under uniform routing.
 :attr:`ExpertParallelDASGMoE.ep_comm` counts them (:func:`ep_comm_stats` sums a model).
+A row costs ``6 * D * F`` expert FLOPs forward against ``2 * D * dtype_size`` bytes moved,
+i.e. ``1.5 * F`` FLOP/byte in 16 bit: an overlapped EP hides its traffic when that exceeds
+the GPU's FLOPs per link byte (H100: ~2200 over NVLink, so F >~ 1.5k; ~20000 over 400 Gb/s
+InfiniBand). The exchanges here are synchronous (no overlap with compute), so they add
+their transfer time; EP pays off when the experts' weights (``3 * E * F * D`` per bank) do
+not fit, or would be wastefully replicated, on every rank, and inside a node first.
+
+Gradients: every rank back-propagates its own loss; :func:`allreduce_gradients` then
+averages (DDP semantics: sum over a parameter's replicas, divide by ``dp * ep``). FSDP2
+composes: ``fully_shard`` each expert bank over ``mesh["dp"]`` and the model over the 2-D
+``(dp, ep)`` mesh (HSDP), then divide the expert gradients by ``ep`` (or
+``set_gradient_divide_factor(dp * ep)`` on NCCL; gloo lacks ``PREMUL_SUM``); 0-dim
+parameters (``shared.shallow_scale``) must go to ``ignored_params`` and be all-reduced by
+hand (see ``tests/test_distributed_ep.py``).
 """
 from __future__ import annotations
 
