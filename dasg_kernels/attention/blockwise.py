@@ -269,4 +269,8 @@ def swa_attention_blockwise(
             ks, vs = group_means_ref(k, group_size), group_means_ref(v, group_size)
     if block_size is not None and block_size < 1:
         raise ValueError(f"swa_attention_blockwise: block_size must be >= 1, got {block_size}")
+    # the same tensor twice (self-attention of one tensor, k is v) would be a duplicate
+    # input of the autograd.Function, which torch.compile rejects: pass views instead
+    k = k.view_as(k) if k is q else k
+    v = v.view_as(v) if v is q or v is k else v
     return _BlockwiseAttention.apply(q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block_size)
