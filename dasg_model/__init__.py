@@ -7,9 +7,15 @@
 - :mod:`dasg_model.integrations.transformers`: ``register()`` makes ``"dasg"`` an
   ``attn_implementation`` and an ``experts_implementation`` of Hugging Face transformers.
 
+Importing ``dasg_model`` registers ``"dasg"`` with ``AutoConfig`` and ``AutoModelForCausalLM``.
+:class:`DASGCache` is the bounded generation cache (``O(W + T/G)`` per sequence and layer).
+
 Every module passes ``config.backend`` (``"auto" | "triton" | "torch"``) to the kernel ops.
 """
 from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding, apply_rope
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
 from dasg_model.experts import DualScaleSharedExperts, SwiGLUExperts
 from dasg_model.model import (
@@ -17,6 +23,7 @@ from dasg_model.model import (
     DASGCausalLMOutput,
     DASGForCausalLM,
     DASGModel,
+    DASGPreTrainedModel,
     RMSNorm,
     routing_summary,
     set_backend,
@@ -27,11 +34,13 @@ from dasg_model.router import AdaptiveDynamicRouter, LevelRouting, RouterOutput
 __all__ = [
     "AdaptiveDynamicRouter",
     "DASGBlock",
+    "DASGCache",
     "DASGCausalLMOutput",
     "DASGConfig",
     "DASGForCausalLM",
     "DASGMoE",
     "DASGModel",
+    "DASGPreTrainedModel",
     "DualScaleSharedExperts",
     "GroupedMultiHeadAttention",
     "LevelRouting",
@@ -44,3 +53,6 @@ __all__ = [
     "routing_summary",
     "set_backend",
 ]
+
+AutoConfig.register("dasg", DASGConfig, exist_ok=True)
+AutoModelForCausalLM.register(DASGConfig, DASGForCausalLM, exist_ok=True)

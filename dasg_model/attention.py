@@ -5,8 +5,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dasg_kernels import swa_attention
+from dasg_kernels import swa_attention, swa_attention_with_kvcache
 from dasg_kernels.distributed import swa_attention_cp
+from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
 
 
@@ -17,7 +18,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE tables: ``cos, sin [T, D]`` for positions ``0..T-1`` (computed in fp32)."""
+    """RoPE tables ``cos, sin [..., D]`` for ``positions [T]`` or ``[B, T]`` (computed in fp32)."""
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
@@ -25,15 +26,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        freqs = positions.float()[..., None] * self.inv_freq.to(positions.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x [B, T, H, D]`` by the tables ``cos, sin [T, D]``."""
-    cos = cos[None, :, None, :].to(x.dtype)
-    sin = sin[None, :, None, :].to(x.dtype)
+    """Rotate ``x [B, T, H, D]`` by the tables ``cos, sin`` (``[T, D]``, or ``[B, T, D]`` per row)."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    cos = cos[:, :, None, :].to(x.dtype)
+    sin = sin[:, :, None, :].to(x.dtype)
     return x * cos + rotate_half(x) * sin
 
 
@@ -72,7 +75,12 @@ class GroupedMultiHeadAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: DASGCache | None = None,
+        layer_idx: int = 0,
     ) -> torch.Tensor:
+        """``x [B, T, hidden]``; ``rope`` the tables of the positions; with ``cache`` the ``T``
+        new positions go through :func:`dasg_kernels.swa_attention_with_kvcache` against layer
+        ``layer_idx`` of the cache (inference only: no gradients)."""
         b, t, _ = x.shape
         if rope is None:
             start = dist.get_rank(self.cp_group) * t if self.cp_group is not None else 0
@@ -84,7 +92,14 @@ class GroupedMultiHeadAttention(nn.Module):
         cfg = self.config
         kw = dict(window=cfg.window, causal=True, group_size=cfg.group_size if cfg.use_summaries else None,
                   summaries=cfg.use_summaries, backend=cfg.backend)
-        if self.cp_group is not None:
+        if cache is not None:
+            if self.cp_group is not None:
+                raise ValueError("GroupedMultiHeadAttention: a generation cache cannot be used with context parallelism")
+            kw.pop("causal")
+            layer = dict(cache.layer(layer_idx, k))
+            o = swa_attention_with_kvcache(q, layer.pop("k_cache"), layer.pop("v_cache"), cache.seqlens, k, v,
+                                           **layer, **kw)
+        elif self.cp_group is not None:
             o = swa_attention_cp(q, k, v, group=self.cp_group, validate=self.cp_validate, **kw)
         else:
             o = swa_attention(q, k, v, **kw)

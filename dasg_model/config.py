@@ -1,16 +1,35 @@
 """``DASGConfig``: every size and switch of a DASG-MoE decoder, validated in one place."""
 from __future__ import annotations
 
-import dataclasses
+import copy
 import json
-from dataclasses import dataclass
 from typing import Any
+
+from transformers import PretrainedConfig
 
 from dasg_kernels.backend import BACKENDS
 
+#: Every DASG field and its default (the keywords of :class:`DASGConfig`).
+FIELDS: dict[str, Any] = {
+    "vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+    "head_dim": None, "max_position_embeddings": 4096, "rope_theta": 10000.0, "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True, "initializer_range": 0.02,
+    "attention_window": 64, "group_size": 16, "use_summaries": True,
+    "shallow_shared_size": 32, "deep_shared_size": 128, "shallow_num_experts": 4, "shallow_expert_size": 32,
+    "deep_num_experts": 4, "deep_expert_size": 64, "router_top_p": 0.7, "k_max": 2, "min_k": 1, "n_group": 1,
+    "topk_group": None, "complexity_threshold": 0.5,
+    "load_balance_coef": 0.01, "z_loss_coef": 1e-3, "entropy_coef": 1e-3,
+    "prefill_chunk_size": 256,
+    "backend": "auto",
+}
 
-@dataclass
-class DASGConfig:
+
+#: Constructor keywords kept for compatibility: ``top_p`` is ``router_top_p`` (a config
+#: attribute named ``top_p`` would be read by transformers as a *sampling* parameter).
+KEYWORD_ALIASES: dict[str, str] = {"top_p": "router_top_p"}
+
+
+class DASGConfig(PretrainedConfig):
     """Configuration of a DASG-MoE decoder (GMHA attention + DSSE/ADR MoE).
 
     Attention (GMHA):
@@ -25,7 +44,8 @@ class DASGConfig:
             (the shallow one runs on every token, the deep one on deep-level tokens only).
         shallow_num_experts / shallow_expert_size, deep_num_experts / deep_expert_size:
             the routed expert bank of each level (each with its own hidden size).
-        top_p, k_max, min_k, n_group, topk_group: the dynamic top-p routing of each level
+        router_top_p (keyword ``top_p`` too), k_max, min_k, n_group, topk_group: the dynamic
+            top-p routing of each level
             (see :func:`dasg_kernels.route`).
         complexity_threshold: ``tau``; a token runs the deep level when its complexity
             gate ``c = sigmoid(w_c . x + b) >= tau``.
@@ -34,48 +54,39 @@ class DASGConfig:
     (router z-loss) and ``entropy_coef`` (dynamic-routing entropy, pushes top-p towards
     fewer experts) weight the auxiliary losses added to the LM loss.
 
+    Generation: ``prefill_chunk_size`` positions per prefill step against the bounded
+    cache (:class:`dasg_model.DASGCache`), so a long prompt's peak activation memory is
+    ``O(chunk * (W + T/G))``; the cache's ring holds ``attention_window + prefill_chunk_size``.
+
+    A ``transformers.PretrainedConfig`` (``model_type = "dasg"``): ``save_pretrained`` /
+    ``from_pretrained``, ``AutoConfig``; ``num_hidden_layers`` / ``num_attention_heads`` /
+    ``num_key_value_heads`` are aliases of ``num_layers`` / ``num_heads`` / ``num_kv_heads``.
+    Every keyword is validated on construction (``ValueError`` naming the field).
+
     ``backend`` (``"auto" | "triton" | "torch"``) is passed to every kernel op. The Triton
     kernels need a head dim in ``dasg_kernels.attention.SUPPORTED_HEAD_DIMS`` (``"auto"`` uses
     the PyTorch reference for others) and a hidden size and expert sizes that are multiples of 16.
     """
 
-    vocab_size: int = 256
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    num_kv_heads: int = 1
-    head_dim: int | None = None
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
+    model_type = "dasg"
+    attribute_map = {"num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+                     "num_key_value_heads": "num_kv_heads"}
 
-    attention_window: int = 64
-    group_size: int = 16
-    use_summaries: bool = True
-
-    shallow_shared_size: int = 32
-    deep_shared_size: int = 128
-    shallow_num_experts: int = 4
-    shallow_expert_size: int = 32
-    deep_num_experts: int = 4
-    deep_expert_size: int = 64
-    top_p: float = 0.7
-    k_max: int = 2
-    min_k: int = 1
-    n_group: int = 1
-    topk_group: int | None = None
-    complexity_threshold: float = 0.5
-
-    load_balance_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-    entropy_coef: float = 1e-3
-
-    backend: str = "auto"
-
-    def __post_init__(self) -> None:
+    def __init__(self, **kwargs: Any) -> None:
+        own = {name: kwargs.pop(name, default) for name, default in FIELDS.items()}
+        for alias, name in {**self.attribute_map, **KEYWORD_ALIASES}.items():
+            if alias in kwargs:
+                own[name] = kwargs.pop(alias)
+        kwargs.setdefault("use_cache", True)
+        super().__init__(tie_word_embeddings=own["tie_word_embeddings"], **kwargs)
+        for name, value in own.items():
+            setattr(self, name, value)
         self.validate()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DASGConfig) and self.dasg_dict() == other.dasg_dict()
+
+    __hash__ = None
 
     # ----------------------------------------------------------------- derived sizes
     @property
@@ -98,7 +109,7 @@ class DASGConfig:
                 if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                     raise ValueError(f"DASGConfig: {n} must be a positive int, got {v!r}")
 
-        positive("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+        positive("prefill_chunk_size", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                  "max_position_embeddings", "group_size", "shallow_shared_size", "deep_shared_size",
                  "shallow_num_experts", "shallow_expert_size", "deep_num_experts", "deep_expert_size",
                  "k_max", "min_k", "n_group")
@@ -137,8 +148,8 @@ class DASGConfig:
             raise ValueError(f"DASGConfig: min_k ({self.min_k}) must be <= k_max ({self.k_max})")
         if self.topk_group is not None and not 1 <= self.topk_group <= self.n_group:
             raise ValueError(f"DASGConfig: topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"DASGConfig: top_p must be in (0, 1], got {self.top_p}")
+        if not 0.0 < self.router_top_p <= 1.0:
+            raise ValueError(f"DASGConfig: router_top_p (keyword top_p) must be in (0, 1], got {self.router_top_p}")
         if not 0.0 <= self.complexity_threshold <= 1.0:
             raise ValueError(f"DASGConfig: complexity_threshold must be in [0, 1], got {self.complexity_threshold}")
         for n in ("load_balance_coef", "z_loss_coef", "entropy_coef", "rms_norm_eps", "initializer_range"):
@@ -148,20 +159,25 @@ class DASGConfig:
             raise ValueError(f"DASGConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
 
     # ----------------------------------------------------------------- serialisation
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    def dasg_dict(self) -> dict[str, Any]:
+        """Only the DASG fields (what :meth:`to_json` writes)."""
+        return {name: getattr(self, name) for name in FIELDS}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DASGConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """A config from ``config_dict`` (a :meth:`to_dict` / ``config.json`` dict); a key
+        that is neither a DASG field nor a ``PretrainedConfig`` one is a ``ValueError``."""
+        known = set(FIELDS) | set(cls.attribute_map) | set(KEYWORD_ALIASES) | set(PretrainedConfig().to_dict()) | {
+            "model_type", "transformers_version", "architectures", "auto_map", "_name_or_path", "dtype", "torch_dtype",
+            "use_cache", "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id"}
+        unknown = sorted(set(config_dict) - known)
         if unknown:
             raise ValueError(f"DASGConfig.from_dict: unknown fields {unknown}")
-        return cls(**d)
+        return super().from_dict(config_dict, **kwargs)
 
     def to_json(self, path: str | None = None, **kwargs: Any) -> str:
-        """The config as JSON; also written to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True, **kwargs)
+        """The DASG fields as JSON; also written to ``path`` when given."""
+        text = json.dumps(self.dasg_dict(), indent=2, sort_keys=True, **kwargs)
         if path is not None:
             with open(path, "w") as f:
                 f.write(text)
@@ -178,4 +194,12 @@ class DASGConfig:
 
     def replace(self, **changes: Any) -> DASGConfig:
         """A validated copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+        changes = {KEYWORD_ALIASES.get(k, k): v for k, v in changes.items()}
+        unknown = sorted(set(changes) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"DASGConfig.replace: unknown fields {unknown}")
+        out = copy.deepcopy(self)
+        for name, value in changes.items():
+            setattr(out, name, value)
+        out.validate()
+        return out

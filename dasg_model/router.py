@@ -126,7 +126,7 @@ class AdaptiveDynamicRouter(nn.Module):
     def _route(self, logits: torch.Tensor) -> Routing:
         cfg = self.config
         return route(
-            logits, top_p=cfg.top_p, k_max=cfg.k_max, min_k=cfg.min_k, n_group=cfg.n_group,
+            logits, top_p=cfg.router_top_p, k_max=cfg.k_max, min_k=cfg.min_k, n_group=cfg.n_group,
             topk_group=cfg.topk_group, renormalize=True, backend=cfg.backend,
         )
 

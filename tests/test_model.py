@@ -87,7 +87,7 @@ def moe_plain(moe: DASGMoE, x: torch.Tensor) -> torch.Tensor:
     cfg = moe.config
     c = torch.sigmoid(F.linear(x, moe.router.complexity_gate.weight, moe.router.complexity_gate.bias)).squeeze(-1)
     deep = (c >= cfg.complexity_threshold).float()
-    kw = dict(top_p=cfg.top_p, k_max=cfg.k_max, min_k=cfg.min_k, n_group=cfg.n_group, topk_group=cfg.topk_group)
+    kw = dict(top_p=cfg.router_top_p, k_max=cfg.k_max, min_k=cfg.min_k, n_group=cfg.n_group, topk_group=cfg.topk_group)
     rs = reference.route_ref(F.linear(x, moe.router.shallow_router.weight), **kw)
     rd = reference.route_ref(F.linear(x, moe.router.deep_router.weight), **kw)
     y = moe.shared.shallow_scale * reference.swiglu_ref(x, moe.shared.shallow.gate_up_proj[0], moe.shared.shallow.down_proj[0])
