@@ -13,6 +13,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "numpy"],
         "bench": ["matplotlib"],
-        "hf": ["transformers>=4.56"],
+        "hf": ["transformers>=4.56", "accelerate>=1.1"],  # accelerate: transformers.Trainer
     },
 )

@@ -166,9 +166,10 @@ class DASGCache(Cache):
                              f"({self.max_position_embeddings})")
         if self.bounded:
             self.capacity = self.window + self.chunk
-        elif total > self.capacity:
-            self._grow("k_cache", "v_cache", total - self.capacity)
-            self.capacity = total
+        elif max(total, self.window + n_new) > self.capacity:  # the full ring never wraps
+            need = max(total, self.window + n_new)
+            self._grow("k_cache", "v_cache", need - self.capacity)
+            self.capacity = need
         if self.summaries and total // self.group_size + 1 > self.n_groups:
             need = total // self.group_size + 1 + SPARE_GROUPS
             self._grow("k_means", "v_means", need - self.n_groups)
