@@ -96,7 +96,8 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, op: str = "op") -> str
 
     Raises ``ValueError`` for an unknown backend name, for tensors on different
     devices, and for ``backend="triton"`` where Triton cannot run (a CPU tensor
-    without ``TRITON_INTERPRET=1``, or a CUDA tensor while the interpreter is on).
+    without ``TRITON_INTERPRET=1``, a CUDA tensor while the interpreter is on, or any
+    tensor once ``TRITON_INTERPRET`` changed since import); ``auto`` runs ``torch`` there.
     """
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -229,7 +230,6 @@ def test_moe_auto_falls_back_for_sizes_the_kernels_lack(monkeypatch, d, f, kind)
     with pytest.warns(RuntimeWarning, match=kind):
         y = dk.expert_ffn(x, w1, w2, (ids, wt), backend="auto")
     torch.testing.assert_close(y, want)
-    import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once per reason
         dk.expert_ffn(x, w1, w2, (ids, wt), backend="auto")
