@@ -163,3 +163,35 @@ def test_bad_input_is_a_clear_error():
         model(ids, attention_mask=mask.flip(1), past_key_values=DASGCache(model.config), use_cache=True)
     with pytest.raises(ValueError, match="one run"):
         model(ids, attention_mask=torch.tensor([[1, 0, 1, 1, 1], [1, 1, 1, 1, 1]]))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fullgraph_compile_of_a_train_step_and_a_decode_step(backend, device):
+    """torch.compile(fullgraph=True): no data-dependent guard, no graph break, same numbers."""
+    from dasg_kernels.backend import triton_can_run_on
+
+    if backend == "triton" and not triton_can_run_on(device):
+        pytest.skip("backend='triton' cannot run here (no CUDA, TRITON_INTERPRET unset)")
+    torch._dynamo.reset()
+    model = tiny(backend=backend).to(device)
+    ids = torch.randint(1, 64, (2, 12), device=device)
+    loss = torch.compile(lambda x: model(x, labels=x).loss, fullgraph=True, backend="eager")(ids)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    eager = model(ids, labels=ids).loss
+    eager.backward()
+    torch.testing.assert_close(loss, eager)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, msg=n)
+    model.eval()
+    with torch.no_grad():
+        caches = [DASGCache(model.config) for _ in range(2)]
+        for c in caches:
+            model(ids, past_key_values=c, use_cache=True)
+        step = torch.compile(lambda tok, c: model(tok, past_key_values=c, use_cache=True).logits, fullgraph=True,
+                             backend="eager")
+        for t in range(3):  # the same graph for every step
+            tok = ids[:, t:t + 1]
+            torch.testing.assert_close(step(tok, caches[0]), model(tok, past_key_values=caches[1], use_cache=True).logits)

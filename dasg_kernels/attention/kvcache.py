@@ -25,7 +25,7 @@ import torch
 
 from dasg_kernels.attention import common
 from dasg_kernels.attention.interface import _check_window, _validate
-from dasg_kernels.attention.ring import ring_attention_fwd
+from dasg_kernels.attention.ring import ring_attention
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.validation import check_last_dim_contiguous, check_tensor
 
@@ -293,6 +293,7 @@ def _attend_triton(q, k_cache, v_cache, summary, cache_seqlens, seq_offset, left
     if interpreted_bf16(q):  # the interpreter's bf16 dot is wrong: run it in fp32
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
         summary = None if summary is None else (summary[0].float(), summary[1].float())
-    out, lse = ring_attention_fwd(q, k_cache, v_cache, summary, cache_seqlens, seq_offset=seq_offset,
-                                  left=left, group_size=group_size or 1, scale=scale)
+    k_means, v_means = (None, None) if summary is None else summary
+    out, lse = ring_attention(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset, left,
+                              group_size or 1, scale)
     return out.to(out_dtype), lse

@@ -14,10 +14,15 @@ the log2 domain with fp32 accumulators; a row that sees nothing outputs 0 and ls
 Every program walks all ``C`` slots (the ring is sized ``left + Tq``, so nearly every slot
 is in the window) and the summary tiles up to the last group its queries can see. Not
 done: splitting the ring over programs (flash-decoding) for few (batch, kv head) pairs.
+
+The launcher is also the ``torch.library`` custom op ``torch.ops.dasg_kernels.ring_attention``
+(with a fake implementation), so ``torch.compile(fullgraph=True)`` traces a decode step.
+(No ``from __future__ import annotations``: ``custom_op`` reads the annotations.)
 """
-from __future__ import annotations
+from typing import Optional
 
 import torch
+from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -164,3 +169,20 @@ def ring_attention_fwd(
         DOT_PREC=dot_precision(q.dtype), **meta,
     )
     return out, lse
+
+
+@torch.library.custom_op("dasg_kernels::ring_attention", mutates_args=())
+def ring_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k_means: Optional[Tensor], v_means: Optional[Tensor],
+    cache_seqlens: Tensor, seq_offset: int, left: int, group_size: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`ring_attention_fwd` as an opaque op (``k_means``/``v_means`` ``None`` without summaries)."""
+    summary = None if k_means is None else (k_means, v_means)
+    return ring_attention_fwd(q, k_cache, v_cache, summary, cache_seqlens, seq_offset=seq_offset, left=left,
+                              group_size=group_size, scale=scale)
+
+
+@ring_attention.register_fake
+def _ring_attention_fake(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset, left, group_size, scale):
+    b, tq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, tq), dtype=torch.float32)
