@@ -89,7 +89,11 @@ def make_config(DASGConfig, base: dict[str, Any]):
     from benchmarks.runner import FamilyUnavailable
 
     try:
-        names = {f.name for f in dataclasses.fields(DASGConfig)}
+        import dasg_model.config as config_module
+
+        fields = getattr(config_module, "FIELDS", None)  # a PretrainedConfig: its own field table
+        names = (set(fields) | set(getattr(config_module, "KEYWORD_ALIASES", {})) if fields is not None
+                 else {f.name for f in dataclasses.fields(DASGConfig)})
         kw = {k: v for k, v in base.items() if k in names}
         return DASGConfig(**kw), sorted(set(base) - names)
     except Exception as exc:

@@ -208,6 +208,24 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                 unit="fraction", note="the reference model does not fit in memory at this T")
         else:
             add("model", f"{mode} tokens/s >= 2x the reference model", cid, None, 2.0)
+
+    # --- generation (issue 10): decode at 128k vs 4k, cache bytes vs the full KV cache
+    gen = {r["case"]["T"]: r for r in ix.records("generate", method="ours") if r.get("status") == "ok"}
+    full = {r["case"]["T"]: r for r in ix.records("generate", method="full_kv") if r.get("status") == "ok"}
+    if gen:
+        hi, lo = max(gen), min(gen)
+        cid = f"T={hi}"
+        add("generate", f"decode step at T={_t(hi)} <= 1.2x the step at T={_t(lo)}", cid,
+            gen[hi]["ms"] / gen[lo]["ms"] if hi != lo else None, 1.2, higher_better=False, unit="x")
+        cfg = (ix.results.get("families", {}).get("generate") or {}).get("config") or {}
+        if hi in full and cfg.get("group_size"):
+            bound = (cfg.get("attention_window", 0) + hi / cfg["group_size"]) / hi
+            add("generate", f"cache bytes at T={_t(hi)} <= (W + T/G)/T = {bound:.3f} of the full cache", cid,
+                gen[hi]["cache_bytes"] / full[hi]["cache_bytes"], bound, higher_better=False, unit="fraction",
+                note="the ring also holds one prefill chunk")
+        if gen[hi].get("prefill_peak_mib"):
+            add("generate", f"prefill of T={_t(hi)} fits in 80 GB", cid, gen[hi]["prefill_peak_mib"] / 1024, 80.0,
+                higher_better=False, unit="GiB")
     return out
 
 
@@ -447,6 +465,41 @@ def model_md(ix: Index) -> list[str]:
     return lines + _skips(ix, "model")
 
 
+def generate_md(ix: Index) -> list[str]:
+    fam = ix.results.get("families", {}).get("generate")
+    if not fam:
+        return []
+    lines = ["## Generation: decode step and cache bytes vs context (batch 1)", ""]
+    if fam.get("status") != "ok":
+        return lines + [f"**{fam.get('status')}**: {fam.get('reason', '')}", ""]
+    if fam.get("parameters"):
+        lines += [f"{fam['parameters'] / 1e6:.1f} M parameters, {fam.get('dtype')}; `ours` = bounded DASGCache, "
+                  "`full_kv` = the same model keeping every position, `dense_sdpa` = a same-size dense model "
+                  "(SDPA, DynamicCache).", ""]
+    show, why = ix.speedups_meaningful("generate")
+    if not show:
+        lines += [f"Timings not meaningful: {why}.", ""]
+    lines += ["| T | variant | ms / token | tokens/s | cache MiB | prefill peak GiB | ours cache / this |",
+              "|---|---|---|---|---|---|---|"]
+    for t in sorted({r["case"]["T"] for r in ix.records("generate") if r.get("case")}):
+        cid = f"T={t}"
+        o = ix.get("generate", cid, "ours", "decode")
+        for v in ("ours", "full_kv", "dense_sdpa"):
+            r = ix.get("generate", cid, v, "decode")
+            if r is None:
+                continue
+            ok = r.get("status") == "ok"
+            ratio = "—"
+            if v != "ours" and ok and o and o.get("status") == "ok" and r.get("cache_bytes"):
+                ratio = f"{o['cache_bytes'] / r['cache_bytes']:.3f}"
+            peak = r.get("prefill_peak_mib")
+            lines.append(f"| {_t(t)} | {v} | {_fmt(r['ms']) if ok else r.get('status')} | "
+                         f"{_fmt(r.get('tokens_per_s')) if ok else '—'} | "
+                         f"{_fmt(r['cache_bytes'] / 2**20, 3) if ok else '—'} | "
+                         f"{_fmt(peak / 1024, 2) if peak else '—'} | {ratio} |")
+    return lines + _skips(ix, "generate")
+
+
 def markdown(results: dict[str, Any], plots: list[str] | None = None, title: str | None = None) -> str:
     ix = Index(results)
     env = results["env"]
@@ -456,6 +509,7 @@ def markdown(results: dict[str, Any], plots: list[str] | None = None, title: str
     lines += attention_md(ix)
     lines += moe_md(ix)
     lines += model_md(ix)
+    lines += generate_md(ix)
     if plots:
         lines += ["## Plots", ""]
         for p in plots:
@@ -649,6 +703,25 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
             if ax.lines:
                 ax.legend(fontsize=7)
         save(fig, "model")
+
+    # generation: cache bytes and decode step time vs context
+    gen = [r for r in ix.records("generate") if r.get("status") == "ok" and r.get("case")]
+    if gen:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
+        for v, style in (("ours", "-"), ("full_kv", "--"), ("dense_sdpa", ":")):
+            pts = sorted((r["case"]["T"], r["cache_bytes"], r["ms"]) for r in gen if r["method"] == v)
+            if pts:
+                axes[0, 0].plot([p[0] for p in pts], [p[1] / 2**20 for p in pts], style, marker="o", label=v)
+                axes[0, 1].plot([p[0] for p in pts], [p[2] for p in pts], style, marker="o", label=v)
+        for ax, yl in zip(axes[0], ("cache MiB", "ms per decode step")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("context length T")
+            ax.set_ylabel(yl)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=7)
+        save(fig, "generate")
     return paths
 
 
@@ -745,7 +818,7 @@ def latest_snippet(results_dir: str = RESULTS_DIR, *, link_prefix: str = "", inc
                         "TFLOP/s | " + (f"{g / r['ms']:.2f}x vs torch._grouped_mm" if g and show_m else "—") + " |")
     if rows:
         lines += ["| case | ours | throughput | speed-up |", "|---|---|---|---|", *rows, ""]
-    for name in ("attention-time", "attention-memory", "moe-tflops", "speedup", "model"):
+    for name in ("attention-time", "attention-memory", "moe-tflops", "speedup", "model", "generate"):
         png = os.path.join(os.path.dirname(path), f"{stem}-{name}.png")
         if os.path.exists(png):
             lines += [f"![{name}]({link_prefix}{stem}-{name}.png)", ""]

@@ -2,9 +2,10 @@
 
 Per layer it keeps what :func:`dasg_kernels.swa_attention_with_kvcache` needs and nothing more:
 
-- a ring of the last ``C = attention_window + prefill_chunk_size`` keys / values
-  ``[B, C, Hkv, D]`` (a query sees ``attention_window`` keys back; a call appends at most
-  ``prefill_chunk_size`` positions);
+- a ring of the last ``C = attention_window + n`` keys / values ``[B, C, Hkv, D]`` for a
+  call appending ``n`` positions (a query sees ``attention_window`` keys back): ``W + chunk``
+  while a prompt is prefilled ``prefill_chunk_size`` at a time, ``W + 1`` while decoding
+  (the ring is re-laid out, keeping the last positions, when ``n`` changes);
 - the means of the finished groups ``[B, NG, Hkv, D]`` (grown as the sequence grows,
   ``NG = T // G + 1`` plus :data:`SPARE_GROUPS` spare rows) and the running sums of the
   unfinished ones ``[B, Hkv, D]`` fp32 (``use_summaries``).
@@ -164,10 +165,11 @@ class DASGCache(Cache):
         if total > self.max_position_embeddings:
             raise ValueError(f"DASGForCausalLM: {total} positions exceed max_position_embeddings "
                              f"({self.max_position_embeddings})")
-        if self.bounded:
-            self.capacity = self.window + self.chunk
+        if self.bounded:  # exactly what this call needs: W + n_new slots (decode: W + 1)
+            if self.window + n_new != self.capacity:
+                self._relayout(self.window + n_new)
         elif max(total, self.window + n_new) > self.capacity:  # the full ring never wraps
-            need = max(total, self.window + n_new)
+            need = -(-max(total, self.window + n_new) // self.chunk) * self.chunk  # grow a chunk at a time
             self._grow("k_cache", "v_cache", need - self.capacity)
             self.capacity = need
         if self.summaries and total // self.group_size + 1 > self.n_groups:
@@ -175,11 +177,32 @@ class DASGCache(Cache):
             self._grow("k_means", "v_means", need - self.n_groups)
             self.n_groups = need
 
-    def _grow(self, k_name: str, v_name: str, extra: int) -> None:
+    def _relayout(self, new_c: int) -> None:
+        """Resize the rings to ``new_c`` slots, keeping each row's last ``min(C, new_c)``
+        positions (slot ``p % C`` -> ``p % new_c``); static shapes, no host sync."""
+        old_c, self.capacity = self.capacity, new_c
+        keep = min(old_c, new_c)
+        if keep == 0 or self.seqlens is None:
+            self._grow("k_cache", "v_cache", 0, new_size=new_c)
+            return
+        pos = self.seqlens.long()[:, None] - 1 - torch.arange(keep, device=self.seqlens.device)
+        for t in self.layer_tensors:
+            if t is None:
+                continue
+            for n in ("k_cache", "v_cache"):
+                x = t[n]
+                shape = (x.shape[0], keep, *x.shape[2:])
+                src = (pos % old_c)[:, :, None, None].expand(shape)
+                dst = (pos % new_c)[:, :, None, None].expand(shape)
+                t[n] = x.new_zeros((x.shape[0], new_c, *x.shape[2:])).scatter_(1, dst, x.gather(1, src))
+
+    def _grow(self, k_name: str, v_name: str, extra: int, new_size: int | None = None) -> None:
         for t in self.layer_tensors:
             if t is not None:
                 for n in (k_name, v_name):
                     x = t[n]
+                    if new_size is not None:
+                        extra = new_size - x.shape[1]
                     t[n] = torch.cat([x, x.new_zeros((x.shape[0], extra, *x.shape[2:]))], dim=1)
 
     def layer(self, idx: int, k: torch.Tensor) -> dict[str, torch.Tensor]:
