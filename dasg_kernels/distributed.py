@@ -34,6 +34,27 @@ from dasg_kernels.attention.interface import _pick_backend, _validate
 from dasg_kernels.attention.interface import swa_attention as _swa_attention
 from dasg_kernels.backend import interpreted_bf16
 
+
+class _AllGather(torch.autograd.Function):
+    """``all_gather`` with autograd whose backward works on any subgroup: each rank's
+    gradient is the sum over ranks of the gradient of its slot (``reduce_scatter`` done as an
+    ``all_reduce`` + slice, which gloo supports; ``torch.distributed.nn.functional.all_gather``
+    mixes group and global ranks in its backward on gloo subgroups)."""
+
+    @staticmethod
+    def forward(ctx, group, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.group = group
+        ctx.rank = dist.get_rank(group)
+        bufs = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(bufs, x, group=group)
+        return tuple(bufs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        g = torch.stack([gr.contiguous() for gr in grads])
+        dist.all_reduce(g, group=ctx.group)
+        return None, g[ctx.rank]
+
 __all__ = ["resolve_group", "shift_labels_cp", "swa_attention_cp"]
 
 _OP = "swa_attention_cp"
@@ -162,7 +183,7 @@ def _gather_summaries(
     sums = rows.new_zeros((b, n_slot, rows.shape[-1])).index_add(1, slot, rows)
     cnt = slot_counts(rank).to(k.device)
     pmeans = (sums / cnt.clamp(min=1)[None, :, None]).to(k.dtype)  # [B, n_slot, F]
-    parts = dist_fn.all_gather(pmeans.contiguous(), group=group)
+    parts = _AllGather.apply(group, pmeans.contiguous())
 
     n_total = reference.num_groups(t_total, g)
     acc = rows.new_zeros((b, n_total + n_slot, rows.shape[-1]))  # slack: slots past the end
