@@ -64,7 +64,9 @@ def _spawn(fn_name: str, world: int, *args) -> None:
 
 def _check_attention(rank: int, world: int, *, tl: int, left: int, g: int | None, summaries: bool,
                      hq: int = 2, hkv: int = 1, d: int = 8, b: int = 2, backend: str = "torch",
-                     tol: float = 1e-5, seed: int = 0) -> None:
+                     tol: float = 1e-5, seed: int = 0, group=None) -> None:
+    """``rank``, ``world``: this process's place in ``group`` (default: the whole world)."""
+    group = dist.group.WORLD if group is None else group
     gen = torch.Generator().manual_seed(seed)
     t = world * tl
     q = torch.randn(b, t, hq, d, generator=gen)
@@ -79,7 +81,7 @@ def _check_attention(rank: int, world: int, *, tl: int, left: int, g: int | None
 
     sl = slice(rank * tl, (rank + 1) * tl)
     ql, kl, vl = (x[:, sl].clone().requires_grad_() for x in (q, k, v))
-    out = swa_attention_cp(ql, kl, vl, group=dist.group.WORLD, backend=backend, **kw)
+    out = swa_attention_cp(ql, kl, vl, group=group, backend=backend, **kw)
     (out * dout[:, sl]).sum().backward()
 
     t_ = dict(atol=tol, rtol=tol)
@@ -114,6 +116,18 @@ CASES_4 = [
     dict(tl=6, left=-1, g=4, summaries=True),                   # full window: summaries never seen
     dict(tl=7, left=4, g=3, summaries=True, hq=4, hkv=1, backend="auto", seed=2),
 ]
+
+
+def _subgroups(rank: int, world: int) -> None:
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    mine = groups[rank // 2]
+    _check_attention(rank % 2, 2, tl=5, left=6, g=3, summaries=True, group=mine, seed=rank // 2)
+
+
+def test_cp_attention_on_subgroups_4_ranks():
+    """Two CP groups of 2 inside a world of 4 (a dp x cp mesh): the backward of the summary
+    all-gather must use group ranks (torch.distributed.nn's all_gather did not on gloo)."""
+    _spawn("_subgroups", 4)
 
 
 def test_cp_attention_2_ranks():
