@@ -58,5 +58,16 @@ timeout $((BENCH_S + 100)) python3 -m benchmarks --time-budget "$BENCH_S" $only 
   --out "$OUT/results" >"$OUT/bench.log" 2>&1
 echo "benchmarks exit: $?"
 tail -40 "$OUT/bench.log"
+# several GPUs (a multi-GPU lend): EP and CP over NCCL, tokens/s and bytes per step (issue 12)
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+if [ "${ngpu:-0}" -ge 2 ]; then
+  echo "== distributed on $ngpu GPUs =="
+  mkdir -p "$OUT/results"
+  for mode in "--ep 2" "--cp 2"; do
+    timeout 60 torchrun --nproc-per-node 2 examples/train_distributed.py $mode >>"$OUT/results/distributed.log" 2>&1
+    echo "torchrun $mode exit: $?"
+  done
+  tail -6 "$OUT/results/distributed.log"
+fi
 tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
 ls -la "$OUT"
