@@ -78,7 +78,7 @@ def test_results_json_schema(quick_run):
                 "interpreter", "quick"):
         assert key in env, key
     assert env["device_kind"] == "cpu" and env["timings_meaningful"] is False and env["quick"] is True
-    assert set(res["families"]) == {"attention", "moe", "model"}
+    assert set(res["families"]) == {"attention", "moe", "model", "generate"}
     for fam, info in res["families"].items():
         assert info["status"] == "ok", (fam, info)
         assert "kernel_available" in info
@@ -86,7 +86,8 @@ def test_results_json_schema(quick_run):
     for c in res["correctness"]:
         assert {"family", "case_id", "op", "check", "passed", "max_err", "tol"} <= set(c)
     ops = {(c["family"], c["op"]) for c in res["correctness"] if not c.get("baseline")}
-    assert {("attention", "swa_attention"), ("moe", "expert_ffn"), ("model", "DASGForCausalLM")} <= ops
+    assert {("attention", "swa_attention"), ("moe", "expert_ffn"), ("model", "DASGForCausalLM"),
+            ("generate", "generate")} <= ops
     if all(c["passed"] for c in res["correctness"]):
         assert ("moe", "route") in ops
         assert {"dq", "dk", "dv"} <= {c["check"] for c in res["correctness"] if c["op"] == "swa_attention"}
