@@ -390,7 +390,8 @@ def _attn_label(launch: Launch) -> str | None:
         return "attn_dq"
     if launch.name == "_swa_bwd_dkdv_kernel":
         return "attn_dkdv_summary" if kw.get("IS_SUMMARY") else "attn_dkdv"
-    return {"_group_mean_kernel": "attn_pool", "_bwd_preprocess_kernel": "attn_bwd_preprocess"}.get(launch.name)
+    return {"_group_mean_kernel": "attn_pool", "_bwd_preprocess_kernel": "attn_bwd_preprocess",
+            "_ring_fwd_kernel": "attn_ring_decode"}.get(launch.name)
 
 
 def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) -> Callable[[], list[Launch]]:
@@ -398,6 +399,7 @@ def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) ->
         from dasg_kernels.attention.bwd import swa_bwd
         from dasg_kernels.attention.decode import swa_decode_fwd
         from dasg_kernels.attention.fwd import swa_fwd
+        from dasg_kernels.attention.ring import ring_attention_fwd
 
         q, k, v = meta((s.b, s.t, s.hq, d), dt), meta((s.b, s.t, s.hkv, d), dt), meta((s.b, s.t, s.hkv, d), dt)
         kw = dict(left=s.left, right=0, causal=True, group_size=s.g if s.summaries else None,
@@ -405,6 +407,12 @@ def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) ->
         with capture_launches() as launches:
             if decode:
                 swa_decode_fwd(meta((s.b, 1, s.hq, d), dt), k, v, **kw)
+                # the bounded cache of generation: a ring of left + 1 slots and the group means
+                ring = meta((s.b, s.left + 1, s.hkv, d), dt)
+                means = meta((s.b, s.t // s.g + 1, s.hkv, d), dt) if s.summaries else None
+                ring_attention_fwd(meta((s.b, 1, s.hq, d), dt), ring, ring, None if means is None else (means, means),
+                                   meta((s.b,), torch.int32), seq_offset=0, left=s.left, group_size=s.g,
+                                   scale=d ** -0.5)
             else:
                 out, lse, ks, vs = swa_fwd(q, k, v, **kw)
                 swa_bwd(out, q, k, v, out, lse, ks, vs, **kw)

@@ -82,11 +82,13 @@ def _ring_fwd_kernel(
     m_d = (o_d < HEAD_DIM)[None, :]
     p_k = K + i_b * stride_kb + i_hk * stride_kh
     p_v = V + i_b * stride_vb + i_hk * stride_vh
-    tot = tl.maximum(total, 0)  # a row still all left padding holds nothing
+    last = tl.maximum(total, 0) - 1  # a row still all left padding holds nothing
+    r_last = (last + C) % C  # the slot of the last position (one division per program, operands >= 0)
     for start in range(0, C, BLOCK_N):
         slot = start + o_n
         m_slot = slot < C
-        p = tot - 1 - (tot - 1 - slot + C) % C  # the position slot s holds (< 0: empty); operands >= 0
+        back = r_last - slot  # how far behind the last position slot s is, mod C: no division per key
+        p = last - tl.where(back < 0, back + C, back)  # the position slot s holds (< 0: empty)
         m_kv = m_slot[:, None] & m_d
         b_k = tl.load(p_k + slot[:, None] * stride_kt + o_d[None, :], mask=m_kv, other=0.0)
         b_v = tl.load(p_v + slot[:, None] * stride_vt + o_d[None, :], mask=m_kv, other=0.0)
