@@ -174,7 +174,7 @@ def test_fullgraph_compile_of_a_train_step_and_a_decode_step(backend, device):
     if backend == "triton" and not triton_can_run_on(device):
         pytest.skip("backend='triton' cannot run here (no CUDA, TRITON_INTERPRET unset)")
     torch._dynamo.reset()
-    model = tiny(backend=backend).to(device)
+    model = tiny(backend=backend, num_layers=1).to(device)  # one layer: the same ops, half the compile
     ids = torch.randint(1, 64, (2, 12), device=device)
     loss = torch.compile(lambda x: model(x, labels=x).loss, fullgraph=True, backend="eager")(ids)
     loss.backward()
@@ -193,6 +193,6 @@ def test_fullgraph_compile_of_a_train_step_and_a_decode_step(backend, device):
             model(ids, past_key_values=c, use_cache=True)
         step = torch.compile(lambda tok, c: model(tok, past_key_values=c, use_cache=True).logits, fullgraph=True,
                              backend="eager")
-        for t in range(3):  # the same graph for every step
+        for t in range(2):  # the same graph for every step
             tok = ids[:, t:t + 1]
             torch.testing.assert_close(step(tok, caches[0]), model(tok, past_key_values=caches[1], use_cache=True).logits)
