@@ -199,11 +199,11 @@ def test_output_attentions_falls_back_to_eager():
 def test_unsupported_head_dim_falls_back_to_the_model(backend):
     # with "auto" the op would quietly run our PyTorch reference: the model's own path runs
     # instead, with a warning, and is counted as a fallback
-    model = build("mistral", head_dim=16)
+    model = build("mistral", head_dim=12)  # not a multiple of 8
     ids = torch.randint(0, VOCAB, (1, T))
     with torch.no_grad():
         ref = set_impl(model, "eager")(ids).logits
-        out = _expect_fallback(set_impl(model, "dasg", backend), "head dim 16", input_ids=ids).logits
+        out = _expect_fallback(set_impl(model, "dasg", backend), "head dim 12", input_ids=ids).logits
     assert dt.call_counts()["attention"] == 0 and dt.call_counts()["attention_fallback"] == 2
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
 

@@ -386,7 +386,7 @@ def swa_bwd(
         # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
         # kernels need a unit last-dim stride (and int32 tile offsets), so only then is dO copied.
         do = do.contiguous()
-    block_d = triton.next_power_of_2(d)
+    block_d = common.block_d(d)
     delta = common.new_empty((b, hq, t), torch.float32, q.device)
     _bwd_preprocess_kernel[(triton.cdiv(t, PREPROCESS_BLOCK_M), b * hq)](
         out, do, delta,

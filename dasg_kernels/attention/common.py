@@ -44,6 +44,11 @@ def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
 MAX_GRID_YZ = 65535
 
 
+def block_d(d: int) -> int:
+    """``BLOCK_D`` of a head dim: the next power of two, at least 16 (``tl.dot``'s smallest K)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def no_specialize(names: str) -> list[str]:
     """``do_not_specialize`` list of a kernel from its space-separated int argument names.
 

@@ -266,7 +266,7 @@ def swa_fwd(
         lse.stride(0), lse.stride(1),
         tq, tk, q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
         win_key(l_eff, r_eff, tk),
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d, BLOCK_D=common.block_d(d),
         SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
         **meta,
     )

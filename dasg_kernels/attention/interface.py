@@ -27,8 +27,9 @@ from dasg_kernels.validation import (
     check_tensor,
 )
 
-#: Head dims the Triton kernels support (``BLOCK_D`` is the next power of two, masked for 96).
-SUPPORTED_HEAD_DIMS: tuple[int, ...] = (32, 64, 96, 128, 256)
+#: Head dims the Triton kernels support: every multiple of 8 up to 256 (``BLOCK_D`` is the
+#: next power of two >= 16; the extra columns are masked in the kernels, never copied).
+SUPPORTED_HEAD_DIMS: tuple[int, ...] = tuple(range(8, 257, 8))
 
 
 def _check_window(op: str, window: object) -> tuple[int, int]:
@@ -116,7 +117,7 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
     if d not in SUPPORTED_HEAD_DIMS:
         if backend == "auto":
             return "torch"
-        raise ValueError(f"{op}: the Triton kernels need a head dim D in {SUPPORTED_HEAD_DIMS}, got {d} "
+        raise ValueError(f"{op}: the Triton kernels need a head dim D that is a multiple of 8 and <= 256, got {d} "
                          f"(use backend='torch' for other head dims)")
     names = ("q", "k_cache", "v_cache") if op == "swa_decode" else ("q", "k", "v")
     check_last_dim_contiguous(op, **dict(zip(names, (q, k, v))))
@@ -207,7 +208,7 @@ def swa_attention(
             in the same softmax as its local keys.
         softmax_scale: default ``1/sqrt(D)``.
         backend: ``"auto" | "triton" | "torch"`` (see :mod:`dasg_kernels.backend`). The
-            Triton kernels need ``D in {32, 64, 96, 128, 256}``; ``auto`` uses the
+            Triton kernels need ``D`` a multiple of 8, at most 256; ``auto`` uses the
             ``torch`` backend for other head dims: :mod:`dasg_kernels.attention.blockwise`,
             query blocks against their window's keys and visible summaries in fp32,
             ``O(T * (W + T/G))`` time and memory (``reference.swa_attention_ref`` is the

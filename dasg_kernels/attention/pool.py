@@ -71,7 +71,7 @@ def group_means_fwd(k: torch.Tensor, v: torch.Tensor, group_size: int) -> tuple[
         ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
         t, h, group_size,
-        HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),
+        HEAD_DIM=d, BLOCK_D=common.block_d(d),
         BLOCK_G=max(2, min(POOL_BLOCK_G, triton.next_power_of_2(group_size))),
     )
     return ks, vs

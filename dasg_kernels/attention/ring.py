@@ -167,7 +167,7 @@ def ring_attention_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         tq, c, hkv, hq // hkv, left, group_size, seq_offset, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)), SUMMARIES=summary is not None,
+        HEAD_DIM=d, BLOCK_D=common.block_d(d), SUMMARIES=summary is not None,
         DOT_PREC=dot_precision(q.dtype), **meta,
     )
     return out, lse

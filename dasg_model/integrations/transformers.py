@@ -248,7 +248,7 @@ def _attention_unsupported(query, key, value, attention_mask, dropout, softcap, 
         return "a bidirectional sliding window"
     if backend != "torch" and query.shape[-1] not in SUPPORTED_HEAD_DIMS:
         # "auto" would quietly run our PyTorch reference: the model's own path is faster
-        return f"head dim {query.shape[-1]} (the Triton kernels support {SUPPORTED_HEAD_DIMS})"
+        return f"head dim {query.shape[-1]} (the Triton kernels need a multiple of 8, at most 256)"
     return None
 
 
