@@ -168,20 +168,60 @@ def _expect_fallback(model, match: str, **kw):
     return out
 
 
-def test_padding_falls_back_and_matches_eager():
-    model = build("mixtral")
-    ids = torch.randint(0, VOCAB, (2, T))
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "mistral"])
+def test_padding_runs_the_kernels_and_matches_eager(arch):
+    """Left and right padding: rows are rolled so their tokens start at column 0 (no [T, T]
+    mask); the real tokens' logits equal eager's, and no call falls back."""
+    model = build(arch)
+    ids = torch.randint(0, VOCAB, (3, T))
     mask = torch.ones_like(ids)
-    mask[0, :5] = 0
+    mask[0, :5] = 0   # left padding
+    mask[2, -4:] = 0  # right padding
     with torch.no_grad():
         ref = set_impl(model, "eager")(ids, attention_mask=mask).logits
-        out = _expect_fallback(set_impl(model, "dasg"), "real padding", input_ids=ids, attention_mask=mask).logits
-        assert dt.call_counts()["attention"] == 0 and dt.call_counts()["experts"] == 2
-        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+        dt.reset_call_counts()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", dt.DASGFallbackWarning)
+            out = set_impl(model, "dasg")(ids, attention_mask=mask).logits
+        assert dt.call_counts()["attention"] == 2 and dt.call_counts()["attention_fallback"] == 0
+        real = mask.bool()
+        torch.testing.assert_close(out[real], ref[real], atol=1e-5, rtol=1e-4)
         # an all-ones mask is no padding: our kernels run
         dt.reset_call_counts()
         model(ids, attention_mask=torch.ones_like(ids))
         assert dt.call_counts()["attention"] == 2 and dt.call_counts()["attention_fallback"] == 0
+
+
+def test_mask_with_holes_falls_back_naming_the_cause():
+    model = build("mistral")
+    ids = torch.randint(0, VOCAB, (1, T))
+    mask = torch.ones_like(ids)
+    mask[0, 7] = 0  # a hole: not one run of tokens
+    with torch.no_grad():
+        ref = set_impl(model, "eager")(ids, attention_mask=mask).logits
+        out = _expect_fallback(set_impl(model, "dasg"), "not one run of tokens", input_ids=ids,
+                               attention_mask=mask).logits
+    torch.testing.assert_close(out[0, mask[0].bool()], ref[0, mask[0].bool()], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_left_padded_generation_runs_the_kernels(backend):
+    """Batched generation with left padding: prefill and every decode step run our kernels
+    (decode through swa_attention_with_kvcache with each row's length) and equal eager."""
+    if backend == "triton":
+        require_triton(torch.device("cpu"), "swa_attention", "swa_attention_with_kvcache")
+    model = build("mixtral")
+    ids = torch.randint(1, VOCAB, (2, 14))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ref = set_impl(model, "eager").generate(ids, **kw)
+    dt.reset_call_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", dt.DASGFallbackWarning)
+        out = set_impl(model, "dasg", backend).generate(ids, **kw)
+    assert torch.equal(out, ref)
+    assert dt.call_counts()["attention"] == 10 and dt.call_counts()["attention_fallback"] == 0
 
 
 def test_output_attentions_falls_back_to_eager():
@@ -278,8 +318,16 @@ def test_mask_function_builds_no_mask_for_plain_patterns():
     pad = torch.ones(2, T, dtype=torch.bool)
     assert dt.dasg_mask(**kw, attention_mask=pad) is None
     pad[1, 0] = False
+    m = dt.dasg_mask(**kw, attention_mask=pad)  # left padding: the [B, T] mask of the valid keys, no [T, T]
+    assert m.shape == (2, T) and m.dtype == torch.bool and torch.equal(m, pad)
+    pad[1, 5] = False  # a hole: transformers' eager mask (the fallback), naming the cause
     m = dt.dasg_mask(**kw, attention_mask=pad)
     assert m.shape == (2, 1, T, T) and m[1, 0, :, 0].min() < -1e30 and m[0, 0, -1, 0] == 0
+    assert "not one run" in m._dasg_reason
+    pad = torch.ones(2, T, dtype=torch.bool)
+    pad[0, -3:] = False  # right padding only: per-row lengths, no roll
+    m = dt.dasg_mask(**kw, attention_mask=pad)
+    assert m.dtype == torch.int32 and m.tolist() == [[T - 3], [T]]
 
 
 def test_register_three_lines(tmp_path):

@@ -11,32 +11,61 @@ kernels with their existing weights::
 (or ``model.set_attn_implementation("dasg")`` / ``model.set_experts_implementation("dasg")`` on
 a loaded model).
 
-Attention (``q, k, v [B, H, T, D]`` from transformers, passed to
-:func:`dasg_kernels.swa_attention` as transposed views): honours ``is_causal``, GQA,
-``scaling`` and the causal ``sliding_window`` (transformers' window ``W`` lets query ``i``
-see keys ``i - W + 1 .. i``, i.e. our ``window=(W - 1, 0)``); the sliding window comes from
-the ``sliding_window`` keyword or the module's ``sliding_window`` attribute (Qwen2).
+Attention (``q, k, v [B, H, T, D]`` from transformers, passed to the kernels as transposed
+views): honours ``is_causal``, GQA, ``scaling`` and the causal ``sliding_window``
+(transformers' window ``W`` lets query ``i`` see keys ``i - W + 1 .. i``, i.e. our
+``window=(W - 1, 0)``); the window comes from the ``sliding_window`` keyword, else the
+module's ``sliding_window`` attribute (Qwen2), else the config (see :func:`_config_window`).
 
-The ``"dasg"`` mask function returns no mask when the pattern is plain causal / sliding
-causal without padding (checked on a few probe rows of the model's own mask function), so
-no ``T x T`` mask is ever built on that path. Everything our kernels do not cover is routed
-to transformers' own SDPA (or the model's eager) path with a one-time warning naming the
-reason, never to a wrong answer: a mask with real padding or a custom pattern,
-``output_attentions``, attention dropout, softcap, attention sinks, gradients through
-KV-cache attention, a head dim the Triton kernels lack (with ``backend="triton"``; ``"auto"``
-uses the PyTorch reference there) and, for experts, biases, non-SwiGLU or transposed /
-interleaved layouts, post-expert norms, expert parallelism and sizes that are not multiples
-of 16 on the Triton path. KV-cache decoding (fewer queries than keys, no gradients) runs
-:func:`dasg_kernels.swa_decode`.
+The ``"dasg"`` mask function never builds a ``T x T`` mask for a pattern the kernels cover.
+It hands the attention a small description instead (private; see :func:`dasg_mask`):
 
-:func:`call_counts` tells how many calls ran our kernels and how many fell back.
+- nothing (``None``): plain causal / sliding causal, the queries are the last keys;
+  dense :func:`dasg_kernels.swa_attention`, or :func:`dasg_kernels.swa_decode` against a
+  KV cache;
+- a ``[B, Tk]`` bool mask of the valid keys (padding; a static cache's unwritten tail), one
+  run of tokens per row (left or right padding): each row is rolled so its run starts at
+  column 0 (a gather), the kernels run, the rows are rolled back; padding rows are 0. Windows
+  follow each row's first real token, as in transformers (its RoPE positions are the model's
+  own, applied before the attention); padding is never attended;
+- ``[B, 1]`` int32 valid lengths (a ``StaticCache`` / ``StaticSlidingWindowLayer`` without
+  padding): :func:`dasg_kernels.swa_attention_with_kvcache` on each row's valid length;
+- int32 ``cu_seqlens`` (packed sequences: ``position_ids`` that restart, e.g.
+  ``DataCollatorWithFlattening``): :func:`dasg_kernels.swa_attention_varlen`, a restart
+  being a document boundary as in transformers' flash-attention path. The
+  ``cu_seq_lens_q/k`` + ``max_length_q/k`` keywords, when the model passes them, are used as
+  they are.
 
-Host synchronisations kept: the ``"dasg"`` mask function reads the 2D padding mask
-(``.all()``) and compares the probe rows on the host, once per mask built by the model (one
-per forward and attention type), not per layer; the experts path adds none.
+Under ``torch.compile`` the decision reads only the config, the keywords, the shapes and
+the mask function's identity (never mask values, never closures, which dynamo cannot read):
+a 2-D ``attention_mask`` is taken to be one run per row, and a full-sequence call without
+one whose mask function may hold a packed-sequence overlay takes its documents from the
+``position_ids`` keyword (``cu_seqlens`` sized for the worst case of ``B * T`` documents,
+``max_seqlen = T``: no host sync).
+
+Everything else runs transformers' own SDPA (or the model's eager) path, with a one-time
+:class:`DASGFallbackWarning` naming the real cause: chunked attention, ``or``/``and`` mask
+overlays (e.g. bidirectional image tokens), padding with holes or with bidirectional
+attention, ``output_attentions``, attention dropout, softcap, attention sinks, gradients
+through KV-cache attention, a head dim the Triton kernels lack (with ``backend="triton"``;
+``"auto"`` also falls back there), query / value head dims that differ while the kernels do
+not take them, and for experts biases, non-SwiGLU or transposed / interleaved layouts,
+post-expert norms, expert parallelism and sizes that are not multiples of 16 on the Triton
+path. A model whose experts bypass transformers' ``ExpertsInterface`` (Llama-4's
+``Llama4TextExperts``) gets a one-time warning that ``experts_implementation="dasg"`` has no
+effect.
+
+:func:`call_counts` tells how many calls ran our kernels and how many fell back, and why.
+
+Host synchronisations kept (outside ``torch.compile``; none under it): the mask function
+reads the 2-D padding mask (all ones? one run per row?) and, for packed sequences, the
+number of documents and ``max_seqlen`` in one read, once per mask built by the model (one
+per forward and attention type), not per layer; ``max_length_q/k`` keywords given as
+tensors are read once per layer; the experts path adds none.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 import warnings
@@ -46,10 +75,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dasg_kernels import expert_ffn, swa_attention, swa_decode
+import dasg_kernels
+from dasg_kernels import expert_ffn, swa_attention, swa_attention_with_kvcache, swa_decode
 from dasg_kernels.attention import SUPPORTED_HEAD_DIMS
 from dasg_kernels.backend import BACKENDS, resolve_backend
 from dasg_kernels.reference import local_mask
+from dasg_model.padding import roll_rows, run_start
 
 __all__ = [
     "DASGFallbackWarning",
@@ -69,7 +100,10 @@ _SETTINGS: dict[str, Any] = {"backend": "auto"}
 def _backend(module: torch.nn.Module) -> str:
     """The backend :func:`enable` set on this model's modules, else :func:`register`'s."""
     return module.__dict__.get("_dasg_backend", _SETTINGS["backend"])
+
+
 _CALLS: Counter = Counter()
+_REASONS: dict[str, Counter] = {"attention": Counter(), "experts": Counter()}
 _WARNED: set[str] = set()
 
 
@@ -77,33 +111,42 @@ class DASGFallbackWarning(UserWarning):
     """A call was routed to transformers' own implementation (the message says why)."""
 
 
-def call_counts() -> dict[str, int]:
-    """Calls so far: ``attention``, ``attention_fallback``, ``experts``, ``experts_fallback``."""
-    return {k: _CALLS[k] for k in ("attention", "attention_fallback", "experts", "experts_fallback")}
+def call_counts() -> dict[str, Any]:
+    """Calls so far: ``attention``, ``attention_fallback``, ``experts``, ``experts_fallback``
+    (ints), and ``attention_fallback_reasons`` / ``experts_fallback_reasons``: ``{reason: calls}``."""
+    out: dict[str, Any] = {k: _CALLS[k] for k in ("attention", "attention_fallback", "experts", "experts_fallback")}
+    for kind, reasons in _REASONS.items():
+        out[f"{kind}_fallback_reasons"] = dict(reasons)
+    return out
 
 
 def reset_call_counts() -> None:
     _CALLS.clear()
+    for reasons in _REASONS.values():
+        reasons.clear()
 
 
-def _warn_once(kind: str, reason: str) -> None:
+def _warn_once(kind: str, reason: str, *, fallback: bool = True) -> None:
     key = f"{kind}: {reason}"
     if key in _WARNED:
         return
     _WARNED.add(key)
-    warnings.warn(
-        f"dasg {kind}: not covered by the DASG kernels: {reason}; this call (and later ones like it) "
-        f"runs transformers' own implementation instead",
-        DASGFallbackWarning,
-        stacklevel=4,
-    )
+    msg = (f"dasg {kind}: not covered by the DASG kernels: {reason}; this call (and later ones like it) "
+           f"runs transformers' own implementation instead") if fallback else f"dasg {kind}: {reason}"
+    warnings.warn(msg, DASGFallbackWarning, stacklevel=4)
+
+
+def _fall_back(kind: str, reason: str) -> None:
+    _CALLS[f"{kind}_fallback"] += 1
+    _REASONS[kind][reason] += 1
+    _warn_once(kind, reason)
 
 
 # --------------------------------------------------------------------------- masks
 
 
 def _is_tracing() -> bool:
-    """Under tracing / compilation the mask values cannot be inspected: always build the mask."""
+    """Under tracing / compilation mask values (and closures) cannot be read."""
     if torch.jit.is_tracing():
         return True
     compiler = getattr(torch, "compiler", None)
@@ -117,11 +160,9 @@ def _probe_rows(q_length: int) -> list[int]:
 
 def _plain_pattern(mask_function, q_length: int, kv_length: int, q_offset: int, kv_offset: int,
                    local_size: int | None, device) -> bool:
-    """True when ``mask_function`` is plain causal (sliding, if ``local_size``) on probe rows.
-
-    Also requires the queries to be the last ``q_length`` key positions (the convention of
-    :func:`dasg_kernels.swa_attention`).
-    """
+    """True when ``mask_function`` is plain causal (sliding, if ``local_size``) on probe rows
+    (reads values: only for a mask function :func:`_read_pattern` does not know, outside
+    compilation). Also requires the queries to be the last ``q_length`` key positions."""
     if not isinstance(q_offset, int) or not isinstance(kv_offset, int):
         return False
     if q_offset - kv_offset != kv_length - q_length:
@@ -140,11 +181,166 @@ def _plain_pattern(mask_function, q_length: int, kv_length: int, q_offset: int, 
     return bool(torch.equal(got.bool(), want))
 
 
+class _Pattern:
+    """What a transformers mask function says: causal or not, a window, packed documents,
+    or why our kernels cannot run it (``reason``)."""
+
+    def __init__(self) -> None:
+        self.causal = False
+        self.bidirectional = False
+        self.window: int | None = None
+        self.packed: Any = None  # the [B, T] document ids; "maybe" under compile
+        self.reason: str | None = None
+
+
+_OVERLAY_REASONS = {
+    "chunked_overlay": "chunked attention (attention_chunk_size)",
+    "blockwise_overlay": "bidirectional blocks inside a causal mask (block_sequence_ids, e.g. image tokens)",
+    "or_masks": "an or-mask overlay on the causal pattern (or_mask_function / block_sequence_ids, e.g. "
+                "bidirectional image tokens)",
+    "sliding_window_bidirectional_overlay": "a bidirectional sliding window",
+}
+
+
+def _cells(fn) -> dict[str, Any]:
+    closure = getattr(fn, "__closure__", None) or ()
+    return dict(zip(fn.__code__.co_freevars, (c.cell_contents for c in closure)))
+
+
+def _parse(fn, out: _Pattern) -> bool:
+    """Read ``fn`` (eager only: reads closures) into ``out``; False for a function we do not know."""
+    from transformers import masking_utils as mu
+
+    if fn is mu.causal_mask_function:
+        out.causal = True
+        return True
+    if fn is getattr(mu, "bidirectional_mask_function", None):
+        out.bidirectional = True
+        return True
+    outer = getattr(fn, "__qualname__", "").split(".<locals>.")[0]
+    try:
+        cells = _cells(fn)
+    except Exception:
+        return False
+    if outer == "and_masks" and "mask_functions" in cells:
+        return all(_parse(g, out) for g in cells["mask_functions"])
+    if outer == "sliding_window_overlay" and isinstance(cells.get("sliding_window"), int):
+        w = cells["sliding_window"]
+        out.window = w if out.window is None else min(out.window, w)
+        return True
+    if outer == "packed_sequence_mask_function" and isinstance(cells.get("packed_sequence_mask"), torch.Tensor):
+        out.packed = cells["packed_sequence_mask"]
+        return True
+    if outer == "remap_positions_for_packed_sequence" and callable(cells.get("mask_function")):
+        # positions restart per document; within one they step by 1, so windows are the
+        # document-local ones the varlen op applies
+        return _parse(cells["mask_function"], out)
+    if outer in _OVERLAY_REASONS:
+        out.reason = out.reason or _OVERLAY_REASONS[outer]
+        return True
+    return False
+
+
+def _read_pattern(mask_function, *, q_length, kv_length, q_offset, kv_offset, local_size, attention_mask,
+                  config, use_vmap, device) -> _Pattern:
+    """The pattern of ``mask_function``: from its closures outside compilation (exact); under
+    ``torch.compile`` from its identity, ``local_size``, ``use_vmap`` and the config."""
+    from transformers import masking_utils as mu
+
+    p = _Pattern()
+    fn = mu.causal_mask_function if mask_function is None else mask_function
+    if not _is_tracing():
+        if _parse(fn, p):
+            if not p.causal and not p.bidirectional and p.reason is None:
+                p.reason = "a mask function without a causal or bidirectional base"
+            return p
+        p = _Pattern()
+        if _plain_pattern(fn, q_length, kv_length, q_offset, kv_offset, local_size, device):
+            p.causal, p.window = True, local_size
+        else:
+            p.reason = "a custom mask function (a pattern other than causal / sliding causal / packed)"
+        return p
+    # compiling: closures cannot be read; identity, keywords and config decide
+    name = getattr(fn, "__qualname__", "").split(".<locals>.")[0]
+    if fn is mu.causal_mask_function:
+        p.causal = True
+    elif fn is getattr(mu, "bidirectional_mask_function", None):
+        p.bidirectional = True
+    elif use_vmap:
+        p.reason = "an and/or_mask_function overlay on the causal pattern (e.g. bidirectional image tokens)"
+    elif name == "or_masks":
+        p.reason = _OVERLAY_REASONS["or_masks"]
+    elif name == "and_masks":
+        chunk = getattr(config, "attention_chunk_size", None)
+        if local_size is not None and chunk is not None and local_size == chunk \
+                and local_size != getattr(config, "sliding_window", None):
+            p.reason = _OVERLAY_REASONS["chunked_overlay"]
+        elif getattr(config, "is_causal", True) is False:
+            p.reason = "a bidirectional mask with an overlay (cannot be read under torch.compile)"
+        else:
+            p.causal, p.window = True, local_size
+            # transformers adds a packed-sequence overlay under compile whenever position_ids
+            # are given without a 2-D mask and a cache: the attention reads position_ids
+            if attention_mask is None and q_length == kv_length and isinstance(q_offset, int) and q_offset == 0 \
+                    and isinstance(kv_offset, int) and kv_offset == 0:
+                p.packed = "maybe"
+    else:
+        p.reason = "a custom mask function (cannot be read under torch.compile)"
+    return p
+
+
+_LAST_MASK_REASON: dict[str, str] = {}
+
+
+def _fallback_mask(reason: str, **kw) -> torch.Tensor:
+    """transformers' eager (additive) mask: the attention then falls back, naming ``reason``."""
+    from transformers.masking_utils import eager_mask
+
+    kw.pop("local_size", None)
+    mask = eager_mask(**kw)
+    _LAST_MASK_REASON["reason"] = reason
+    if not _is_tracing():
+        mask._dasg_reason = reason
+    return mask
+
+
+def _cu_seqlens_from_starts(start: torch.Tensor, *, sync: bool) -> tuple[torch.Tensor, int]:
+    """``cu_seqlens`` (int32) of the documents of ``[B, T]`` rows, ``start`` True at each
+    document's first token (column 0 always). With ``sync`` (eager) one host read gives the
+    number of documents and ``max_seqlen``; without it (compile) ``cu_seqlens`` has ``B*T + 1``
+    entries (empty documents at the end) and ``max_seqlen = T``."""
+    b, t = start.shape
+    total = b * t
+    flat = start.reshape(-1)
+    idx = torch.arange(total, device=start.device)
+    cu = torch.cat([torch.sort(torch.where(flat, idx, torch.full_like(idx, total))).values,
+                    torch.full((1,), total, dtype=idx.dtype, device=idx.device)])
+    if not sync:
+        return cu.to(torch.int32), t
+    n, mx = torch.stack([flat.sum(), cu.diff().max()]).tolist()
+    return torch.cat([cu[:n], cu[-1:]]).to(torch.int32), int(mx)
+
+
+def _doc_starts_from_positions(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+    start = torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
+    start[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
+    return start
+
+
+def _one_run_per_row(valid: torch.Tensor) -> bool:
+    """Whether every row's True entries form one contiguous run (reads values: eager only)."""
+    cols = torch.arange(valid.shape[1], device=valid.device)
+    start = run_start(valid)
+    want = (cols[None] >= start[:, None]) & (cols[None] < (start + valid.sum(1))[:, None])
+    return bool(torch.equal(valid, want))
+
+
 def dasg_mask(
     batch_size: int,
     q_length: int,
     kv_length: int,
-    q_offset: int = 0,
+    q_offset: Any = 0,
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: torch.Tensor | None = None,
@@ -155,22 +351,65 @@ def dasg_mask(
 ) -> torch.Tensor | None:
     """The ``"dasg"`` entry of transformers' ``AttentionMaskInterface``.
 
-    Returns ``None`` (our kernels apply the causal / sliding pattern themselves) when there
-    is no padding and the pattern is plain; otherwise transformers' eager (additive float)
-    mask, which sends the attention call to the fallback.
+    Returns what the ``"dasg"`` attention needs to run the pattern without a ``T x T`` mask
+    (see the module doc): ``None``; a ``[B, Tk]`` bool mask of the valid keys (one run per
+    row); ``[B, 1]`` int32 valid lengths; an int32 ``cu_seqlens`` (packed documents; empty
+    under compile: documents from ``position_ids``). For a pattern our kernels lack it
+    returns transformers' eager (additive float) mask, which sends the attention call to the
+    fallback with the cause.
     """
-    from transformers.masking_utils import causal_mask_function, eager_mask
-
-    mask_function = causal_mask_function if mask_function is None else mask_function
-    if allow_is_causal_skip and not _is_tracing():
-        # a 2D padding mask covers positions [0, len); positions beyond it are not padding
-        no_padding = attention_mask is None or bool(attention_mask[:, kv_offset:kv_offset + kv_length].all())
-        if no_padding and _plain_pattern(mask_function, q_length, kv_length, q_offset, kv_offset, local_size, device):
+    kw = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+              kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, device=device,
+              **kwargs)
+    tracing = _is_tracing()
+    p = _read_pattern(mask_function, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
+                      local_size=local_size, attention_mask=attention_mask, config=kwargs.get("config"),
+                      use_vmap=kwargs.get("use_vmap", False), device=device)
+    if p.reason is not None:
+        return _fallback_mask(p.reason, **kw)
+    if p.packed is not None:
+        if isinstance(p.packed, str):  # compiling: the attention takes documents from position_ids
+            return torch.zeros(0, dtype=torch.int32, device=device)
+        ids = p.packed.to(device)
+        start = torch.ones(ids.shape, dtype=torch.bool, device=device)
+        start[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        cu, max_seqlen = _cu_seqlens_from_starts(start, sync=True)
+        cu._dasg_max_seqlen = max_seqlen
+        return cu
+    qo = q_offset - kv_offset  # the first query's column among the keys (an int, or a tensor: StaticLayer)
+    queries_last = isinstance(qo, int) and qo == kv_length - q_length
+    pad = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        pad = attention_mask.to(device=device, dtype=torch.bool)
+        need = kv_offset + kv_length
+        if pad.shape[1] < need:
+            pad = F.pad(pad, (0, need - pad.shape[1]), value=False)
+        pad = pad[:, kv_offset:kv_offset + kv_length]
+    elif attention_mask is not None:
+        return _fallback_mask(f"a {attention_mask.dim()}-D attention_mask", **kw)
+    if pad is None and queries_last:
+        return None
+    if not p.causal:
+        if queries_last and pad is not None and not tracing and bool(pad.all()):
             return None
-    return eager_mask(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        mask_function=mask_function, attention_mask=attention_mask, device=device, **kwargs,
-    )
+        return _fallback_mask("padding (or a static cache) with bidirectional attention", **kw)
+    cols = torch.arange(kv_length, device=device)
+    if isinstance(qo, torch.Tensor):
+        qo = qo.to(device)
+    end = qo + q_length  # keys at columns >= end are not written yet (a static cache)
+    if pad is None:
+        n = torch.as_tensor(end, device=device).clamp(max=kv_length).to(torch.int32).reshape(1, 1)
+        return n.expand(batch_size, 1)
+    valid = pad & (cols < end)[None] if not queries_last else pad
+    if tracing:
+        return valid
+    if not _one_run_per_row(valid):
+        return _fallback_mask("padding that is not one run of tokens per row (holes in attention_mask)", **kw)
+    if bool(run_start(valid).eq(0).all()):  # no left padding: lengths, no roll
+        if queries_last and bool(valid.all()):
+            return None
+        return valid.sum(1, dtype=torch.int32)[:, None]
+    return valid
 
 
 # --------------------------------------------------------------------------- attention
@@ -218,40 +457,6 @@ def _sliding_window(module: torch.nn.Module, sliding_window: Any) -> int | None:
     return w
 
 
-def _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, backend,
-                           kwargs) -> str | None:
-    if attention_mask is not None:
-        return "an attention mask with real padding or a custom pattern"
-    if kwargs.get("output_attentions", False):
-        return "output_attentions=True"
-    if dropout and dropout > 0:
-        return "attention dropout > 0"
-    if softcap is not None:
-        return "logit softcap"
-    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
-        return "attention sinks"
-    if kwargs.get("position_bias") is not None:
-        return "a position bias"
-    if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")):
-        return "packed sequences (cu_seq_lens)"
-    if query.shape[2] > key.shape[2]:
-        return "more queries than keys"
-    if query.shape[2] < key.shape[2] and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (query, key, value)
-    ):
-        return "gradients through KV-cache attention (swa_decode is forward-only)"
-    if query.shape[-1] != key.shape[-1] or key.shape[-1] != value.shape[-1]:
-        return "different query / key / value head sizes"
-    if query.shape[1] % key.shape[1]:
-        return "query heads not a multiple of key/value heads"
-    if not is_causal and window is not None:
-        return "a bidirectional sliding window"
-    if backend != "torch" and query.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        # "auto" would quietly run our PyTorch reference: the model's own path is faster
-        return f"head dim {query.shape[-1]} (the Triton kernels need a multiple of 8, at most 256)"
-    return None
-
-
 def _pattern_mask(query: torch.Tensor, key: torch.Tensor, is_causal: bool, window: int | None) -> torch.Tensor | None:
     """The additive ``[1, 1, Tq, Tk]`` mask of the plain pattern (queries = last ``Tq`` keys)."""
     if not is_causal and window is None:
@@ -264,11 +469,264 @@ def _pattern_mask(query: torch.Tensor, key: torch.Tensor, is_causal: bool, windo
     )[None, None]
 
 
-def _attention_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap, is_causal, window, kwargs):
+# --------------------------------------------------------------------------- attention: layouts
+
+
+class _Layout:
+    """How one attention call runs: ``kind`` in ``plain | lengths | rolled | varlen``."""
+
+    def __init__(self, kind: str, **data: Any) -> None:
+        self.kind = kind
+        self.__dict__.update(data)
+
+
+def _read_layout(attention_mask, query, key, kwargs) -> _Layout | str:
+    """The layout the ``"dasg"`` mask function (or the keywords) describe, or why not."""
+    tq, tk = query.shape[2], key.shape[2]
+    fa = [kwargs.get(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")]
+    if any(x is not None for x in fa):
+        if any(x is None for x in fa):
+            return "incomplete packed-sequence keywords (need cu_seq_lens_q/k and max_length_q/k)"
+        if tq != tk:
+            return "packed sequences (cu_seq_lens) with a KV cache"
+        return _Layout("varlen", cu_q=fa[0], cu_k=fa[1], max_q=fa[2], max_k=fa[3])
+    m = attention_mask
+    if m is None:
+        return _Layout("plain")
+    if m.dtype == torch.int32 and m.dim() == 1:  # packed documents
+        if tq != tk:
+            return "packed sequences with a KV cache"
+        if m.numel() == 0:  # compiling: documents from position_ids (none given: one per row)
+            pos = kwargs.get("position_ids")
+            if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == tq:
+                cu, mx = _cu_seqlens_from_starts(_doc_starts_from_positions(pos, query.shape[0]), sync=False)
+                return _Layout("varlen", cu_q=cu, cu_k=cu, max_q=mx, max_k=mx)
+            return _Layout("plain")
+        mx = m.__dict__.get("_dasg_max_seqlen", tq) if not _is_tracing() else tq
+        return _Layout("varlen", cu_q=m, cu_k=m, max_q=mx, max_k=mx)
+    if m.dtype == torch.int32 and m.dim() == 2 and m.shape == (key.shape[0], 1):
+        return _Layout("lengths", n=m[:, 0])
+    if m.dtype == torch.bool and m.dim() == 2 and m.shape == (key.shape[0], tk):
+        return _Layout("rolled", valid=m)
+    if m.dim() == 4:
+        reason = None if _is_tracing() else m.__dict__.get("_dasg_reason")
+        if reason is None:
+            reason = _LAST_MASK_REASON.get("reason") if _is_tracing() else None
+        return reason or "a 4-D attention mask (a custom pattern passed by the model or the caller)"
+    return f"an attention_mask of shape {tuple(m.shape)} and dtype {m.dtype} the 'dasg' mask function did not build"
+
+
+# --------------------------------------------------------------------------- attention: capability probes
+
+_PROBED: dict[tuple, bool] = {}
+
+
+def _value_dim_ok(op: str, backend: str, device: torch.device) -> bool:
+    """Whether ``op`` takes a value head dim other than the query / key one (probed once per
+    op, backend and device type on tiny inputs; unknown while compiling: no)."""
+    key = (op, backend, device.type)
+    if key in _PROBED:
+        return _PROBED[key]
+    if _is_tracing():
+        return False
+    q = torch.zeros(1, 2, 1, 16, device=device)
+    k, v = torch.zeros(1, 2, 1, 16, device=device), torch.zeros(1, 2, 1, 8, device=device)
+    try:
+        if op == "swa_attention":
+            out = swa_attention(q, k, v, window=(-1, 0), backend=backend)
+        elif op == "swa_decode":
+            out = swa_decode(q[:, :1], k, v, window=(-1, 0), backend=backend)
+        elif op == "swa_attention_with_kvcache":
+            n = torch.full((1,), 2, dtype=torch.int32, device=device)
+            out = swa_attention_with_kvcache(q[:, :1], k.clone(), v.clone(), n, window=-1, backend=backend)
+        else:
+            fn = getattr(dasg_kernels, "swa_attention_varlen", None)
+            if fn is None:
+                out = q.new_zeros(2, 1, 8)  # the loop of swa_attention below
+                ok = _value_dim_ok("swa_attention", backend, device)
+                _PROBED[key] = ok
+                return ok
+            cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
+            out = fn(q[0], k[0], v[0], cu, cu, 2, 2, window=(-1, 0), causal=True, backend=backend)
+        ok = out.shape[-1] == 8
+    except (ValueError, TypeError, NotImplementedError, RuntimeError):
+        ok = False
+    _PROBED[key] = ok
+    return ok
+
+
+# --------------------------------------------------------------------------- attention: runs
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, left, causal, scale, backend):
+    """``swa_attention_varlen`` (flash-attn varlen layout ``[total, H, D]``); until the kernel
+    package has it, a loop of :func:`swa_attention` over the documents (reads ``cu_seqlens``)."""
+    window = (left, 0 if causal else -1)
+    fn = getattr(dasg_kernels, "swa_attention_varlen", None)
+    if fn is not None:
+        return fn(q, k, v, cu_q, cu_k, max_q, max_k, window=window, causal=causal, softmax_scale=scale,
+                  backend=backend)
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
+    bq, bk = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bq) - 1):
+        (q0, q1), (k0, k1) = (bq[i], bq[i + 1]), (bk[i], bk[i + 1])
+        if q1 > q0:
+            out[q0:q1] = swa_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], window=window, causal=causal,
+                                       softmax_scale=scale, backend=backend)[0]
+    return out
+
+
+def _cache_attention(q, k, v, n, left, scale, backend, *, append: bool):
+    """Causal attention of ``q [B, Tq, Hq, D]``, the last ``Tq`` of each row's ``n[b]`` valid
+    keys ``k, v [B, Tk, Hkv, D]`` (columns ``< n[b]``), through the bounded-cache op (the
+    cache is a ring of ``Tk`` slots; nothing wraps since ``n <= Tk``). ``append`` (``k, v``
+    are our own copies): query positions may be negative (padding queries, output 0)."""
+    tq, c = q.shape[1], k.shape[1]
+    if left >= 0 and c < left + tq:  # the op wants room for the whole window of every query
+        extra = left + tq - c
+        k, v = F.pad(k, (0, 0, 0, 0, 0, extra)), F.pad(v, (0, 0, 0, 0, 0, extra))
+        append = True  # copies now
+    if not append:
+        return swa_attention_with_kvcache(q, k, v, n.to(torch.int32), window=left, softmax_scale=scale,
+                                          backend=backend)
+    first = n.long() - tq
+    idx = (first[:, None] + torch.arange(tq, device=q.device)) % k.shape[1]
+    k_new = k.gather(1, idx[:, :, None, None].expand(-1, -1, *k.shape[2:]))
+    v_new = v.gather(1, idx[:, :, None, None].expand(-1, -1, *v.shape[2:]))
+    return swa_attention_with_kvcache(q, k, v, first.to(torch.int32), k_new, v_new, window=left, softmax_scale=scale,
+                                      backend=backend)
+
+
+def _row_mask(out: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    return out * keep[:, :, None, None].to(out.dtype)
+
+
+def _run(layout: _Layout, query, key, value, is_causal, window, scale, backend) -> torch.Tensor:
+    """``query [B, Hq, Tq, D]``, ``key, value [B, Hkv, Tk, D]`` -> ``[B, Tq, Hq, Dv]``."""
+    b, _, tq, _ = query.shape
+    tk = key.shape[2]
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    left = -1 if window is None else window - 1
+    tracing = _is_tracing()
+    if layout.kind == "varlen":
+        flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
+        out = _varlen(*flat, layout.cu_q, layout.cu_k, _host_int(layout.max_q, tq), _host_int(layout.max_k, tk),
+                      left, bool(is_causal), scale, backend)
+        return out.view(b, tq, *out.shape[1:])
+    if layout.kind == "plain":
+        if tq == tk:
+            return swa_attention(q, k, v, window=(left, -1), causal=bool(is_causal), softmax_scale=scale,
+                                 backend=backend)
+        if not tracing:
+            return swa_decode(q, k, v, window=(left, -1), causal=bool(is_causal), softmax_scale=scale,
+                              backend=backend)
+        n = torch.full((b,), tk, dtype=torch.int32, device=q.device)
+        return _cache_attention(q, k, v, n, left, scale, backend, append=False)
+    if layout.kind == "lengths":
+        n = layout.n
+        if tq == tk:  # right padding: the pads come last, a causal query never sees them
+            out = swa_attention(q, k, v, window=(left, 0), causal=True, softmax_scale=scale, backend=backend)
+            return _row_mask(out, torch.arange(tq, device=q.device)[None] < n[:, None])
+        return _cache_attention(q, k, v, n, left, scale, backend, append=False)
+    # rolled: each row's valid run moved to column 0
+    valid = layout.valid
+    start = run_start(valid)
+    k, v = roll_rows(k, start), roll_rows(v, start)
+    if tq == tk:
+        out = swa_attention(roll_rows(q, start), k, v, window=(left, 0), causal=True, softmax_scale=scale,
+                            backend=backend)
+        return _row_mask(roll_rows(out, -start), valid)
+    return _cache_attention(q, k, v, valid.sum(1), left, scale, backend, append=True)
+
+
+def _host_int(x: Any, bound: int) -> int:
+    """A max length as a Python int: read a tensor once (eager), else the static ``bound``."""
+    if isinstance(x, torch.Tensor):
+        return bound if _is_tracing() else int(x)
+    return int(x)
+
+
+def _layout_mask(layout: _Layout, query, key, is_causal, window) -> torch.Tensor | None:
+    """The additive ``[B or 1, 1, Tq, Tk]`` mask of ``layout`` for the fallback (output_attentions
+    etc.): same documents, same causal / sliding pattern, same valid keys."""
+    if layout.kind == "plain":
+        return _pattern_mask(query, key, is_causal, window)
+    b, tq, tk, dev = query.shape[0], query.shape[2], key.shape[2], query.device
+    cols = torch.arange(tk, device=dev)
+    if layout.kind == "varlen":
+        def docs(cu, t):
+            idx = torch.arange(b * t, device=dev)
+            d = torch.searchsorted(cu.long(), idx, right=True) - 1
+            return d.view(b, t), (idx - cu.long()[d]).view(b, t)
+        qd, qp = docs(layout.cu_q, tq)
+        kd, kp = docs(layout.cu_k, tk)
+        keep = qd[:, :, None] == kd[:, None, :]
+    else:
+        valid = cols[None] < layout.n[:, None] if layout.kind == "lengths" else layout.valid
+        start = run_start(valid) if layout.kind == "rolled" else torch.zeros(b, dtype=torch.long, device=dev)
+        n = valid.sum(1)
+        kp = cols[None] - start[:, None]
+        qp = (n - tq)[:, None] + torch.arange(tq, device=dev)[None]
+        keep = valid[:, None, :].expand(b, tq, tk)
+    if is_causal:
+        keep = keep & (kp[:, None, :] <= qp[:, :, None])
+    if window is not None:
+        keep = keep & (kp[:, None, :] > qp[:, :, None] - window)
+    return torch.zeros(keep.shape, dtype=query.dtype, device=dev).masked_fill(
+        ~keep, torch.finfo(query.dtype).min)[:, None]
+
+
+def _attention_unsupported(layout, query, key, value, dropout, softcap, is_causal, window, backend,
+                           kwargs) -> str | None:
+    if not isinstance(layout, _Layout):
+        return layout
+    if kwargs.get("output_attentions", False):
+        return "output_attentions=True"
+    if dropout and dropout > 0:
+        return "attention dropout > 0"
+    if softcap is not None:
+        return "logit softcap"
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        return "attention sinks"
+    if kwargs.get("position_bias") is not None:
+        return "a position bias"
+    tq, tk = query.shape[2], key.shape[2]
+    if tq > tk:
+        return "more queries than keys"
+    if layout.kind in ("lengths", "rolled") and not is_causal:
+        return "padding with bidirectional attention"
+    if tq < tk and layout.kind != "varlen" and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (query, key, value)
+    ):
+        return "gradients through KV-cache attention (the cache ops are forward-only)"
+    if query.shape[-1] != key.shape[-1]:
+        return "different query and key head sizes"
+    if query.shape[1] % key.shape[1]:
+        return "query heads not a multiple of key/value heads"
+    if not is_causal and window is not None:
+        return "a bidirectional sliding window"
+    d = query.shape[-1]
+    if backend != "torch" and d not in SUPPORTED_HEAD_DIMS:
+        # "auto" would quietly run the PyTorch path: the model's own path is as good
+        return f"head dim {d} (the Triton kernels need a multiple of 8, at most 256)"
+    if value.shape[-1] != d:
+        op = {"varlen": "swa_attention_varlen", "plain": "swa_attention" if tq == tk else "swa_decode"}.get(
+            layout.kind, "swa_attention" if tq == tk else "swa_attention_with_kvcache")
+        if op == "swa_decode" and _is_tracing():
+            op = "swa_attention_with_kvcache"
+        if not _value_dim_ok(op, backend, query.device):
+            return f"a value head dim ({value.shape[-1]}) other than the query / key one ({d}): {op} does not take it yet"
+    return None
+
+
+def _attention_fallback(module, query, key, value, attention_mask, layout, dropout, scaling, softcap, is_causal,
+                        window, kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if attention_mask is None:
-        attention_mask = _pattern_mask(query, key, is_causal, window)
+    if isinstance(layout, _Layout):  # one of our descriptions (or none): the real mask of the same pattern
+        attention_mask = _layout_mask(layout, query, key, is_causal, window)
+    for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
+        kwargs.pop(k, None)
     needs_eager = (kwargs.get("output_attentions", False) or softcap is not None
                    or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None)
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
@@ -294,10 +752,10 @@ def dasg_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """The ``"dasg"`` entry of transformers' ``AttentionInterface``.
 
-    ``query [B, Hq, T, D]``, ``key, value [B, Hkv, T, D]`` -> ``(out [B, T, Hq, D], None)``.
-    The sliding window is the one the model passes, else the module's attribute, else the
-    model config's (see :func:`_config_window`); a layer whose window cannot be told is an
-    error, never a silently different pattern.
+    ``query [B, Hq, Tq, D]``, ``key [B, Hkv, Tk, D]``, ``value [B, Hkv, Tk, Dv]`` ->
+    ``(out [B, Tq, Hq, Dv], None)``. The sliding window is the one the model passes, else the
+    module's attribute, else the model config's (see :func:`_config_window`); a layer whose
+    window cannot be told is an error, never a silently different pattern.
     """
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     try:
@@ -305,24 +763,59 @@ def dasg_attention_forward(
     except _AmbiguousWindow as e:
         raise RuntimeError(f"attn_implementation='dasg': cannot tell this layer's sliding window ({e}); "
                            f"use another attn_implementation for this model") from None
+    if not _is_tracing():
+        _check_experts_bypass(module)
     backend = _backend(module)
-    reason = _attention_unsupported(query, key, value, attention_mask, dropout, softcap, is_causal, window, backend,
-                                    kwargs)
+    layout = _read_layout(attention_mask, query, key, kwargs)
+    reason = _attention_unsupported(layout, query, key, value, dropout, softcap, is_causal, window, backend, kwargs)
     if reason is not None:
-        _CALLS["attention_fallback"] += 1
-        _warn_once("attention", reason)
-        return _attention_fallback(module, query, key, value, attention_mask, dropout, scaling, softcap,
-                                   is_causal, window, kwargs)
+        _fall_back("attention", reason)
+        return _attention_fallback(module, query, key, value, attention_mask, layout, dropout, scaling, softcap,
+                                   is_causal, window, dict(kwargs))
     _CALLS["attention"] += 1
-    op = swa_attention if query.shape[2] == key.shape[2] else swa_decode  # decode: queries = last Tq keys
-    out = op(
-        query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-        window=(-1 if window is None else window - 1, -1),
-        causal=bool(is_causal),
-        softmax_scale=scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1]),
-        backend=backend,
-    )
-    return out, None
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    return _run(layout, query, key, value, is_causal, window, scale, backend), None
+
+
+# --------------------------------------------------------------------------- experts that bypass the interface
+
+_BYPASS_CHECKED: set[str] = set()
+
+
+def _experts_bypass_reason(modeling_module: Any) -> str | None:
+    """Why ``experts_implementation`` cannot reach a modeling module's experts, or ``None``:
+    it defines an ``...Experts`` module but none uses ``@use_experts_implementation`` (the
+    test transformers itself makes, e.g. Llama-4's ``Llama4TextExperts``)."""
+    if modeling_module is None:
+        return None
+    experts = [n for n, c in vars(modeling_module).items()
+               if isinstance(c, type) and n.endswith("Experts") and issubclass(c, torch.nn.Module)
+               and getattr(c, "__module__", None) == modeling_module.__name__]
+    if not experts:
+        return None
+    try:
+        src = inspect.getsource(modeling_module)
+    except (OSError, TypeError):
+        return None
+    if "@use_experts_implementation" in src:
+        return None
+    return (f"experts_implementation='dasg' has no effect on this model: its experts ({', '.join(sorted(experts))}) "
+            f"do not go through transformers' ExpertsInterface, so they run their own forward")
+
+
+def _check_experts_bypass(module: torch.nn.Module) -> None:
+    """Warn once per modeling module when ``experts_implementation='dasg'`` was asked for and
+    its experts bypass the interface (checked from the attention, the one hook that runs)."""
+    name, cfg = type(module).__module__, getattr(module, "config", None)
+    key = f"{name}:{id(cfg)}"
+    if key in _BYPASS_CHECKED:
+        return
+    _BYPASS_CHECKED.add(key)
+    if getattr(cfg, "_experts_implementation", None) != NAME:
+        return
+    reason = _experts_bypass_reason(sys.modules.get(name))
+    if reason is not None:
+        _warn_once("experts", reason, fallback=False)
 
 
 # --------------------------------------------------------------------------- experts
@@ -397,8 +890,7 @@ def dasg_experts_forward(
         if d % 16 or f % 16:
             reason = f"hidden size {d} / expert size {f} not multiples of 16 (Triton kernels)"
     if reason is not None:
-        _CALLS["experts_fallback"] += 1
-        _warn_once("experts", reason)
+        _fall_back("experts", reason)
         return _experts_fallback(experts, hidden_states, top_k_index, top_k_weights)
     _CALLS["experts"] += 1
     return expert_ffn(
@@ -452,4 +944,8 @@ def enable(model: torch.nn.Module, *, backend: str = "auto", attention: bool = T
         model.set_attn_implementation(NAME)
     if experts and hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         model.set_experts_implementation(NAME)
+    elif experts:
+        reason = _experts_bypass_reason(sys.modules.get(type(model).__module__))
+        if reason is not None:
+            _warn_once("experts", reason, fallback=False)
     return model
