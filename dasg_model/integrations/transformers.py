@@ -358,8 +358,10 @@ def dasg_mask(
     returns transformers' eager (additive float) mask, which sends the attention call to the
     fallback with the cause.
     """
+    from transformers.masking_utils import causal_mask_function
+
     kw = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-              kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask, device=device,
+              kv_offset=kv_offset, mask_function=causal_mask_function if mask_function is None else mask_function, attention_mask=attention_mask, device=device,
               **kwargs)
     tracing = _is_tracing()
     p = _read_pattern(mask_function, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
