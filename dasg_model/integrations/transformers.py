@@ -261,12 +261,17 @@ def _read_pattern(mask_function, *, q_length, kv_length, q_offset, kv_offset, lo
             p.reason = "a custom mask function (a pattern other than causal / sliding causal / packed)"
         return p
     # compiling: closures cannot be read; identity, keywords and config decide
-    name = getattr(fn, "__qualname__", "").split(".<locals>.")[0]
     if fn is mu.causal_mask_function:
         p.causal = True
-    elif fn is getattr(mu, "bidirectional_mask_function", None):
+        return p
+    if fn is getattr(mu, "bidirectional_mask_function", None):
         p.bidirectional = True
-    elif use_vmap:
+        return p
+    try:  # (dynamo answers getattr(fn, "__qualname__", "") with "" for some closures)
+        name = fn.__qualname__.split(".<locals>.")[0]
+    except AttributeError:
+        name = ""
+    if use_vmap:
         p.reason = "an and/or_mask_function overlay on the causal pattern (e.g. bidirectional image tokens)"
     elif name == "or_masks":
         p.reason = _OVERLAY_REASONS["or_masks"]
@@ -494,6 +499,10 @@ def _read_layout(attention_mask, query, key, kwargs) -> _Layout | str:
         return _Layout("varlen", cu_q=fa[0], cu_k=fa[1], max_q=fa[2], max_k=fa[3])
     m = attention_mask
     if m is None:
+        pos = kwargs.get("position_ids")
+        if tq == tk and query.shape[0] == 1 and isinstance(pos, torch.Tensor) and pos.dim() == 2 \
+                and pos.shape == (1, tq) and tq > 1:
+            return _restarts_layout(pos)
         return _Layout("plain")
     if m.dtype == torch.int32 and m.dim() == 1:  # packed documents
         if tq != tk:
@@ -516,6 +525,29 @@ def _read_layout(attention_mask, query, key, kwargs) -> _Layout | str:
             reason = _LAST_MASK_REASON.get("reason") if _is_tracing() else None
         return reason or "a 4-D attention mask (a custom pattern passed by the model or the caller)"
     return f"an attention_mask of shape {tuple(m.shape)} and dtype {m.dtype} the 'dasg' mask function did not build"
+
+
+_POS_SEEN: list = [None, None]  # (weakref to the last position_ids seen, its layout)
+
+
+def _restarts_layout(pos: torch.Tensor) -> _Layout:
+    """One row whose ``position_ids`` may restart (packed documents while transformers' mask
+    did not say so, e.g. with a cache, as in its flash-attention path, which looks only at
+    batch size 1): varlen over the documents. Eager: one host read per ``position_ids``
+    tensor (the layers share it); compiling: no read, ``T + 1`` slots."""
+    import weakref
+
+    start = _doc_starts_from_positions(pos, 1)
+    if _is_tracing():
+        cu, mx = _cu_seqlens_from_starts(start, sync=False)
+        return _Layout("varlen", cu_q=cu, cu_k=cu, max_q=mx, max_k=mx)
+    ref, layout = _POS_SEEN
+    if ref is not None and ref() is pos:
+        return layout
+    cu, mx = _cu_seqlens_from_starts(start, sync=True)
+    layout = _Layout("plain") if cu.numel() == 2 else _Layout("varlen", cu_q=cu, cu_k=cu, max_q=mx, max_k=mx)
+    _POS_SEEN[:] = [weakref.ref(pos), layout]
+    return layout
 
 
 # --------------------------------------------------------------------------- attention: capability probes
