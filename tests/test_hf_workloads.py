@@ -299,3 +299,22 @@ def test_fallbacks_are_counted_by_reason():
     reasons = dt.call_counts()["attention_fallback_reasons"]
     assert reasons == {"padding that is not one run of tokens per row (holes in attention_mask)": 2,
                        "output_attentions=True": 2}, reasons
+
+
+def test_mask_function_takes_the_cache_position_convention():
+    """Earlier transformers 5.x call the mask interface with cache_position instead of
+    q_length / q_offset."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    t = 12
+    kw = dict(batch_size=2, kv_length=t, mask_function=sliding_window_causal_mask_function(8), local_size=8)
+    assert dt.dasg_mask(cache_position=torch.arange(t), **kw) is None
+    pad = torch.ones(2, t, dtype=torch.bool)
+    pad[1, :3] = False
+    assert torch.equal(dt.dasg_mask(cache_position=torch.arange(t), attention_mask=pad, **kw), pad)
+    # a static cache of 12 slots, 5 written, 1 new query: the valid length
+    n = dt.dasg_mask(cache_position=torch.arange(5, 6), **kw)
+    assert n.dtype == torch.int32 and n.tolist() == [[6], [6]]
+    pad[1, 4] = False  # a hole: the eager mask of the old convention
+    m = dt.dasg_mask(cache_position=torch.arange(t), attention_mask=pad, **kw)
+    assert m.shape == (2, 1, t, t) and "not one run" in m._dasg_reason

@@ -302,6 +302,9 @@ def _fallback_mask(reason: str, **kw) -> torch.Tensor:
     from transformers.masking_utils import eager_mask
 
     kw.pop("local_size", None)
+    if "cache_position" in kw and "cache_position" not in inspect.signature(eager_mask).parameters:
+        pos = kw.pop("cache_position")
+        kw.update(q_length=pos.shape[0], q_offset=pos[0] if _is_tracing() else int(pos[0]), device=pos.device)
     mask = eager_mask(**kw)
     _LAST_MASK_REASON["reason"] = reason
     if not _is_tracing():
@@ -343,18 +346,21 @@ def _one_run_per_row(valid: torch.Tensor) -> bool:
 
 def dasg_mask(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: Any = 0,
     kv_offset: int = 0,
     mask_function=None,
     attention_mask: torch.Tensor | None = None,
     local_size: int | None = None,
     allow_is_causal_skip: bool = True,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | None:
     """The ``"dasg"`` entry of transformers' ``AttentionMaskInterface``.
+
+    Takes both call conventions: ``q_length, kv_length, q_offset, kv_offset`` (recent 5.x)
+    and ``cache_position, kv_length, kv_offset`` (earlier releases).
 
     Returns what the ``"dasg"`` attention needs to run the pattern without a ``T x T`` mask
     (see the module doc): ``None``; a ``[B, Tk]`` bool mask of the valid keys (one run per
@@ -365,9 +371,18 @@ def dasg_mask(
     """
     from transformers.masking_utils import causal_mask_function
 
-    kw = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-              kv_offset=kv_offset, mask_function=causal_mask_function if mask_function is None else mask_function, attention_mask=attention_mask, device=device,
-              **kwargs)
+    fn = causal_mask_function if mask_function is None else mask_function
+    cache_position = kwargs.pop("cache_position", None)
+    if cache_position is not None:  # transformers before q_length / q_offset: the queries' positions
+        kw = dict(batch_size=batch_size, cache_position=cache_position, kv_length=kv_length, kv_offset=kv_offset,
+                  mask_function=fn, attention_mask=attention_mask, **kwargs)
+        q_length = cache_position.shape[0]
+        q_offset = cache_position[0] if _is_tracing() else int(cache_position[0])
+        device = cache_position.device if device is None else device
+    else:
+        device = "cpu" if device is None else device
+        kw = dict(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                  kv_offset=kv_offset, mask_function=fn, attention_mask=attention_mask, device=device, **kwargs)
     tracing = _is_tracing()
     p = _read_pattern(mask_function, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
                       local_size=local_size, attention_mask=attention_mask, config=kwargs.get("config"),
