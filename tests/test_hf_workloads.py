@@ -227,6 +227,26 @@ def test_static_cache_generation_kernels():
     assert_ran_kernels(c.counts, calls=10)
 
 
+def test_static_cache_generation_compiled_fullgraph():
+    """What generate does on a GPU with a static cache: the decode step compiled
+    (fullgraph=True here, backend eager): the valid lengths come from the cache's position
+    tensors, no mask values are read, the kernels run on every call."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    model = build("gemma3")
+    ids, mask = left_padded(b=2, t=12, pads=(0, 3))
+    ref = _generate(set_impl(model, "eager"), ids, mask, cache_implementation="static")
+    dt.enable(model, backend="torch", experts=False)
+    cc = CompileConfig(backend="eager", fullgraph=True, mode=None)
+    cc._compile_all_devices = True  # compile on CPU too
+    with no_fallback() as c:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", compile_config=cc)
+    assert torch.equal(out, ref)
+    assert_ran_kernels(c.counts, calls=10)
+
+
 def test_static_cache_forward_without_a_mask():
     """A StaticCache driven by hand (no attention_mask): the valid length comes from the cache."""
     from transformers import StaticCache

@@ -60,8 +60,15 @@ effect.
 Host synchronisations kept (outside ``torch.compile``; none under it): the mask function
 reads the 2-D padding mask (all ones? one run per row?) and, for packed sequences, the
 number of documents and ``max_seqlen`` in one read, once per mask built by the model (one
-per forward and attention type), not per layer; ``max_length_q/k`` keywords given as
-tensors are read once per layer; the experts path adds none.
+per forward and attention type), not per layer; a one-row full-sequence call without a
+mask reads its ``position_ids`` once per forward for restarts (packed documents the mask
+did not flag, e.g. with a cache: transformers' flash-attention semantics); ``max_length_q/k``
+keywords given as tensors are read once per layer; the experts path adds none.
+
+Under compile, packed documents from ``position_ids`` get ``cu_seqlens`` with ``B*T + 1``
+entries (trailing empty documents) and ``max_seqlen = T``; pass the collator's
+``cu_seq_lens_q/k`` + ``max_length_q/k`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``)
+to give the exact ones.
 """
 from __future__ import annotations
 
