@@ -318,8 +318,8 @@ def test_mask_function_builds_no_mask_for_plain_patterns():
     pad = torch.ones(2, T, dtype=torch.bool)
     assert dt.dasg_mask(**kw, attention_mask=pad) is None
     pad[1, 0] = False
-    m = dt.dasg_mask(**kw, attention_mask=pad)  # left padding: the [B, T] mask of the valid keys, no [T, T]
-    assert m.shape == (2, T) and m.dtype == torch.bool and torch.equal(m, pad)
+    m = dt.dasg_mask(**kw, attention_mask=pad)  # left padding: the [B, 1, 1, T] valid keys, no [T, T]
+    assert m.shape == (2, 1, 1, T) and m.dtype == torch.uint8 and torch.equal(m[:, 0, 0].bool(), pad)
     pad[1, 5] = False  # a hole: transformers' eager mask (the fallback), naming the cause
     m = dt.dasg_mask(**kw, attention_mask=pad)
     assert m.shape == (2, 1, T, T) and m[1, 0, :, 0].min() < -1e30 and m[0, 0, -1, 0] == 0
@@ -327,7 +327,7 @@ def test_mask_function_builds_no_mask_for_plain_patterns():
     pad = torch.ones(2, T, dtype=torch.bool)
     pad[0, -3:] = False  # right padding only: per-row lengths, no roll
     m = dt.dasg_mask(**kw, attention_mask=pad)
-    assert m.dtype == torch.int32 and m.tolist() == [[T - 3], [T]]
+    assert m.dtype == torch.int32 and m.view(-1).tolist() == [T - 3, T]
 
 
 def test_register_three_lines(tmp_path):

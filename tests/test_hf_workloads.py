@@ -199,20 +199,24 @@ def test_compile_runs_the_kernels(arch):
 # --------------------------------------------------------------------------- static cache
 
 
-def _generate(model, ids, mask, **kw):
-    return model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+def _generate(model, ids, mask, new=5, **kw):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, pad_token_id=0,
                           disable_compile=True, **kw)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_static_cache_generation(arch):
+    """Left-padded greedy generation with a static cache (sliding layers: a
+    StaticSlidingWindowLayer that fills and rolls): every step's logits equal eager's."""
     model = build(arch)
-    ids, mask = left_padded(b=2, t=12, pads=(0, 3))
-    ref = _generate(set_impl(model, "eager"), ids, mask, cache_implementation="static")
+    ids, mask = left_padded(b=3, t=12, pads=(0, 3, 9))
+    kw = dict(cache_implementation="static", new=8, output_scores=True, return_dict_in_generate=True)
+    ref = _generate(set_impl(model, "eager"), ids, mask, **kw)
     with no_fallback() as c:
-        out = _generate(set_impl(model, "dasg"), ids, mask, cache_implementation="static")
-    assert torch.equal(out, ref)
-    assert_ran_kernels(c.counts, calls=2 * 5)  # prefill + 4 decode steps, 2 layers
+        out = _generate(set_impl(model, "dasg"), ids, mask, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(ref.scores), **TOL)
+    assert_ran_kernels(c.counts, calls=2 * 8)  # prefill + 7 decode steps, 2 layers
 
 
 def test_static_cache_generation_kernels():
@@ -331,10 +335,10 @@ def test_mask_function_takes_the_cache_position_convention():
     assert dt.dasg_mask(cache_position=torch.arange(t), **kw) is None
     pad = torch.ones(2, t, dtype=torch.bool)
     pad[1, :3] = False
-    assert torch.equal(dt.dasg_mask(cache_position=torch.arange(t), attention_mask=pad, **kw), pad)
+    assert torch.equal(dt.dasg_mask(cache_position=torch.arange(t), attention_mask=pad, **kw)[:, 0, 0].bool(), pad)
     # a static cache of 12 slots, 5 written, 1 new query: the valid length
     n = dt.dasg_mask(cache_position=torch.arange(5, 6), **kw)
-    assert n.dtype == torch.int32 and n.tolist() == [[6], [6]]
+    assert n.dtype == torch.int32 and n.view(-1).tolist() == [6, 6]
     pad[1, 4] = False  # a hole: the eager mask of the old convention
     m = dt.dasg_mask(cache_position=torch.arange(t), attention_mask=pad, **kw)
     assert m.shape == (2, 1, t, t) and "not one run" in m._dasg_reason

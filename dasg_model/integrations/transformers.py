@@ -18,19 +18,21 @@ views): honours ``is_causal``, GQA, ``scaling`` and the causal ``sliding_window`
 module's ``sliding_window`` attribute (Qwen2), else the config (see :func:`_config_window`).
 
 The ``"dasg"`` mask function never builds a ``T x T`` mask for a pattern the kernels cover.
-It hands the attention a small description instead (private; see :func:`dasg_mask`):
+It hands the attention a small description instead (private; see :func:`dasg_mask`), a
+4-D tensor with two unit dims in a dtype no transformers mask uses, so that transformers
+passes it on unchanged (``generate`` builds the mask once, then the forward gets it again):
 
 - nothing (``None``): plain causal / sliding causal, the queries are the last keys;
   dense :func:`dasg_kernels.swa_attention`, or :func:`dasg_kernels.swa_decode` against a
   KV cache;
-- a ``[B, Tk]`` bool mask of the valid keys (padding; a static cache's unwritten tail), one
+- a ``[B, 1, 1, Tk]`` uint8 mask of the valid keys (padding; a static cache's unwritten tail), one
   run of tokens per row (left or right padding): each row is rolled so its run starts at
   column 0 (a gather), the kernels run, the rows are rolled back; padding rows are 0. Windows
   follow each row's first real token, as in transformers (its RoPE positions are the model's
   own, applied before the attention); padding is never attended;
-- ``[B, 1]`` int32 valid lengths (a ``StaticCache`` / ``StaticSlidingWindowLayer`` without
+- ``[B, 1, 1, 1]`` int32 valid lengths (a ``StaticCache`` / ``StaticSlidingWindowLayer`` without
   padding): :func:`dasg_kernels.swa_attention_with_kvcache` on each row's valid length;
-- int32 ``cu_seqlens`` (packed sequences: ``position_ids`` that restart, e.g.
+- ``[1, 1, 1, N + 1]`` int32 ``cu_seqlens`` (packed sequences: ``position_ids`` that restart, e.g.
   ``DataCollatorWithFlattening``): :func:`dasg_kernels.swa_attention_varlen`, a restart
   being a document boundary as in transformers' flash-attention path. The
   ``cu_seq_lens_q/k`` + ``max_length_q/k`` keywords, when the model passes them, are used as
@@ -351,6 +353,10 @@ def _one_run_per_row(valid: torch.Tensor) -> bool:
     return bool(torch.equal(valid, want))
 
 
+def _valid_marker(valid: torch.Tensor) -> torch.Tensor:
+    return valid.to(torch.uint8)[:, None, None, :]
+
+
 def dasg_mask(
     batch_size: int,
     q_length: int | None = None,
@@ -370,9 +376,10 @@ def dasg_mask(
     and ``cache_position, kv_length, kv_offset`` (earlier releases).
 
     Returns what the ``"dasg"`` attention needs to run the pattern without a ``T x T`` mask
-    (see the module doc): ``None``; a ``[B, Tk]`` bool mask of the valid keys (one run per
-    row); ``[B, 1]`` int32 valid lengths; an int32 ``cu_seqlens`` (packed documents; empty
-    under compile: documents from ``position_ids``). For a pattern our kernels lack it
+    (see the module doc): ``None``; a ``[B, 1, 1, Tk]`` uint8 mask of the valid keys (one
+    run per row); ``[B, 1, 1, 1]`` int32 valid lengths; ``[1, 1, 1, N + 1]`` int32
+    ``cu_seqlens`` (packed documents; ``N + 1 = 0`` under compile: documents from
+    ``position_ids``). For a pattern our kernels lack it
     returns transformers' eager (additive float) mask, which sends the attention call to the
     fallback with the cause.
     """
@@ -398,11 +405,12 @@ def dasg_mask(
         return _fallback_mask(p.reason, **kw)
     if p.packed is not None:
         if isinstance(p.packed, str):  # compiling: the attention takes documents from position_ids
-            return torch.zeros(0, dtype=torch.int32, device=device)
+            return torch.zeros(1, 1, 1, 0, dtype=torch.int32, device=device)
         ids = p.packed.to(device)
         start = torch.ones(ids.shape, dtype=torch.bool, device=device)
         start[:, 1:] = ids[:, 1:] != ids[:, :-1]
         cu, max_seqlen = _cu_seqlens_from_starts(start, sync=True)
+        cu = cu.view(1, 1, 1, -1)
         cu._dasg_max_seqlen = max_seqlen
         return cu
     qo = q_offset - kv_offset  # the first query's column among the keys (an int, or a tensor: StaticLayer)
@@ -428,17 +436,17 @@ def dasg_mask(
     end = qo + q_length  # keys at columns >= end are not written yet (a static cache)
     if pad is None:
         n = torch.as_tensor(end, device=device).clamp(max=kv_length).to(torch.int32).reshape(1, 1)
-        return n.expand(batch_size, 1)
+        return n.expand(batch_size, 1).reshape(batch_size, 1, 1, 1)
     valid = pad & (cols < end)[None] if not queries_last else pad
     if tracing:
-        return valid
+        return _valid_marker(valid)
     if not _one_run_per_row(valid):
         return _fallback_mask("padding that is not one run of tokens per row (holes in attention_mask)", **kw)
     if bool(run_start(valid).eq(0).all()):  # no left padding: lengths, no roll
         if queries_last and bool(valid.all()):
             return None
-        return valid.sum(1, dtype=torch.int32)[:, None]
-    return valid
+        return valid.sum(1, dtype=torch.int32).view(-1, 1, 1, 1)
+    return _valid_marker(valid)
 
 
 # --------------------------------------------------------------------------- attention
@@ -526,21 +534,23 @@ def _read_layout(attention_mask, query, key, kwargs) -> _Layout | str:
                 and pos.shape == (1, tq) and tq > 1:
             return _restarts_layout(pos)
         return _Layout("plain")
-    if m.dtype == torch.int32 and m.dim() == 1:  # packed documents
+    ours = m.dim() == 4 and m.shape[1] == 1 and m.shape[2] == 1 and m.dtype in (torch.int32, torch.uint8)
+    if ours and m.dtype == torch.int32 and m.shape[0] == 1 and m.shape[3] != 1:  # packed documents
         if tq != tk:
             return "packed sequences with a KV cache"
-        if m.numel() == 0:  # compiling: documents from position_ids (none given: one per row)
+        if m.shape[3] == 0:  # compiling: documents from position_ids (none given: one per row)
             pos = kwargs.get("position_ids")
             if isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] == tq:
                 cu, mx = _cu_seqlens_from_starts(_doc_starts_from_positions(pos, query.shape[0]), sync=False)
                 return _Layout("varlen", cu_q=cu, cu_k=cu, max_q=mx, max_k=mx)
             return _Layout("plain")
         mx = m.__dict__.get("_dasg_max_seqlen", tq) if not _is_tracing() else tq
-        return _Layout("varlen", cu_q=m, cu_k=m, max_q=mx, max_k=mx)
-    if m.dtype == torch.int32 and m.dim() == 2 and m.shape == (key.shape[0], 1):
-        return _Layout("lengths", n=m[:, 0])
-    if m.dtype == torch.bool and m.dim() == 2 and m.shape == (key.shape[0], tk):
-        return _Layout("rolled", valid=m)
+        cu = m.view(-1)
+        return _Layout("varlen", cu_q=cu, cu_k=cu, max_q=mx, max_k=mx)
+    if ours and m.dtype == torch.int32 and m.shape == (key.shape[0], 1, 1, 1):
+        return _Layout("lengths", n=m.view(-1))
+    if ours and m.dtype == torch.uint8 and m.shape == (key.shape[0], 1, 1, tk):
+        return _Layout("rolled", valid=m.view(m.shape[0], tk).bool())
     if m.dim() == 4:
         reason = None if _is_tracing() else m.__dict__.get("_dasg_reason")
         if reason is None:
