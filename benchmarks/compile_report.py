@@ -90,6 +90,7 @@ class MoEShape:
 ATTN_MAIN = AttnShape()
 ATTN_LONG = AttnShape(t=65536, g=256)  # the summary-epilogue target
 ATTN_NOSUM = AttnShape(hkv=32, summaries=False)
+ATTN_VARLEN = AttnShape(b=4, t=8192)  # 4 packed sequences of 8k (swa_attention_varlen)
 MOE_SHAPES = (MoEShape("mixtral", 16384, 4096, 14336, 8, 2), MoEShape("deepseek", 16384, 2048, 1408, 64, 6))
 
 
@@ -394,9 +395,11 @@ def _attn_label(launch: Launch) -> str | None:
             "_ring_fwd_kernel": "attn_ring_decode"}.get(launch.name)
 
 
-def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) -> Callable[[], list[Launch]]:
+def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False,
+                 varlen: bool = False) -> Callable[[], list[Launch]]:
     def record():
         from dasg_kernels.attention.bwd import swa_bwd
+        from dasg_kernels.attention.common import Varlen
         from dasg_kernels.attention.decode import swa_decode_fwd
         from dasg_kernels.attention.fwd import swa_fwd
         from dasg_kernels.attention.ring import ring_attention_fwd
@@ -404,6 +407,10 @@ def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) ->
         q, k, v = meta((s.b, s.t, s.hq, d), dt), meta((s.b, s.t, s.hkv, d), dt), meta((s.b, s.t, s.hkv, d), dt)
         kw = dict(left=s.left, right=0, causal=True, group_size=s.g if s.summaries else None,
                   summaries=s.summaries, scale=d ** -0.5)
+        if varlen:  # the same tokens packed: B sequences of T in flash-attn's [total, H, D] layout
+            q, k, v = (x.reshape(s.b * s.t, *x.shape[2:]) for x in (q, k, v))
+            cu = meta((s.b + 1,), torch.int32)
+            kw["varlen"] = Varlen(cu, cu, s.t, s.t)
         with capture_launches() as launches:
             if decode:
                 swa_decode_fwd(meta((s.b, 1, s.hq, d), dt), k, v, **kw)
@@ -419,6 +426,11 @@ def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False) ->
         return launches
 
     return record
+
+
+def _varlen_label(launch: Launch) -> str | None:
+    label = _attn_label(launch)
+    return f"{label}_varlen" if label in ("attn_fwd", "attn_dq", "attn_dkdv", "attn_pool") else None
 
 
 def _attn_kind(label: str) -> str | None:
@@ -483,6 +495,8 @@ def build_cases(quick: bool) -> list[Case]:
                                                                 "attn_dkdv": "attn_dkdv_nosum"}.get(_attn_label(l)),
                                   _attn_record(ATTN_NOSUM, d, dt), dn, d, ATTN_NOSUM))
                 cases.append(Case("decode", _attn_label, _attn_record(ATTN_MAIN, d, dt, decode=True), dn, d, ATTN_MAIN))
+                cases.append(Case("attention-varlen", _varlen_label, _attn_record(ATTN_VARLEN, d, dt, varlen=True),
+                                  dn, d, ATTN_VARLEN))
         for s in (MOE_SHAPES[:1] if quick else MOE_SHAPES):
             cases.append(Case("moe", _moe_label, _moe_record(s, dt), dn, None, s))
     return cases
@@ -557,7 +571,7 @@ def run_job(job: tuple) -> dict:
     el = 2
     work = None
     if target == "sm_90a":
-        kind = _attn_kind(label.replace("_nosum", ""))
+        kind = _attn_kind(label.replace("_nosum", "").replace("_varlen", ""))
         if kind is not None:
             work = attn_work(kind, case.shape, case.head_dim, el, kw["BLOCK_M"], kw["BLOCK_N"])
         elif isinstance(case.shape, MoEShape):

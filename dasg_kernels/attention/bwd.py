@@ -31,6 +31,8 @@ from dasg_kernels.attention.common import (
     _local_key_range,
     _local_query_range,
     _qk_tile,
+    _block_and_head,
+    _seq_bounds,
     _store_tile,
     _summary_key_range,
     _summary_query_range,
@@ -146,7 +148,7 @@ def _dkdv_head(
 @triton.jit(do_not_specialize=common.no_specialize(
     "stride_lb stride_lh T N_KEYS H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
 def _swa_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS, CU,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -159,14 +161,32 @@ def _swa_bwd_dkdv_kernel(
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
-    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    i_n = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_n, i_bh, _ = _block_and_head(VARLEN)
     i_b = (i_bh // H_KV).to(tl.int64)
     i_hk = i_bh % H_KV
 
     start_n = i_n * BLOCK_N
+    if VARLEN:
+        # sequence i_b of a packed batch (queries and keys share cu_seqlens): its rows
+        # [s0, s0 + T) of q/do/lse/delta and, for the local pass, of k/v/dk/dv; the summary
+        # pass's KS/VS/DKS/DVS are [.., B, NG, ..] per sequence already
+        s0, T = _seq_bounds(CU, i_b)
+        Q += s0 * stride_qt
+        DO += s0 * stride_dot
+        LSE += s0
+        DELTA += s0
+        if IS_SUMMARY:
+            N_KEYS = (T + G - 1) // G
+        else:
+            N_KEYS = T
+            K += s0 * stride_kt
+            V += s0 * stride_vt
+            DK += s0 * stride_dkt
+            DV += s0 * stride_dvt
+        if start_n >= N_KEYS:
+            return
     o_n = tl.arange(0, BLOCK_N)
     cols = start_n + o_n
     o_d = tl.arange(0, BLOCK_D)
@@ -275,7 +295,7 @@ def _dq_tiles(
 @triton.jit(do_not_specialize=common.no_specialize(
     "stride_lb stride_lh T H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_bwd_dq_kernel(
-    Q, K, V, KS, VS, DO, LSE, DELTA, DQ,
+    Q, K, V, KS, VS, DO, LSE, DELTA, DQ, CU,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -287,17 +307,29 @@ def _swa_bwd_dq_kernel(
     T, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_blk, i_bh, n_blk = _block_and_head(VARLEN)
+    i_m = n_blk - 1 - i_blk
     i_b = (i_bh // H_Q).to(tl.int64)
     i_h = i_bh % H_Q
     i_hk = (i_h // KV_GROUP).to(tl.int64)
     i_h = i_h.to(tl.int64)
 
     start_m = i_m * BLOCK_M
+    if VARLEN:  # sequence i_b of a packed batch: rows [s0, s0 + T) of every row tensor
+        s0, T = _seq_bounds(CU, i_b)
+        if start_m >= T:
+            return
+        NG = (T + G - 1) // G
+        Q += s0 * stride_qt
+        K += s0 * stride_kt
+        V += s0 * stride_vt
+        DO += s0 * stride_dot
+        DQ += s0 * stride_dqt
+        LSE += s0
+        DELTA += s0
     o_m = tl.arange(0, BLOCK_M)
     rows = start_m + o_m
     o_d = tl.arange(0, BLOCK_D)
@@ -348,6 +380,17 @@ def _swa_bwd_dq_kernel(
     _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
 
 
+def _check_self_attention(varlen: common.Varlen) -> None:
+    """The varlen backward needs the queries of a sequence to be its keys (training):
+    ``cu_seqlens_q == cu_seqlens_k``. The same tensor passes without a look; two tensors
+    are compared once (a host sync, in the backward only)."""
+    cu_q, cu_k = varlen.cu_q, varlen.cu_k
+    same = cu_q is cu_k or (cu_q.shape == cu_k.shape and cu_q.data_ptr() == cu_k.data_ptr())
+    if not same and not torch.equal(cu_q, cu_k):
+        raise ValueError("swa_attention_varlen backward: needs cu_seqlens_q == cu_seqlens_k (each sequence's "
+                         "queries are its keys); got different sequence bounds")
+
+
 @common.on_device_of_first_arg
 def swa_bwd(
     do: torch.Tensor,
@@ -365,42 +408,59 @@ def swa_bwd(
     group_size: int | None,
     summaries: bool,
     scale: float,
+    varlen: common.Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward of :func:`dasg_kernels.attention.fwd.swa_fwd` (``Tq == Tk``).
 
-    Returns ``dq [B,T,Hq,D]``, ``dk, dv [B,T,Hkv,D]`` in the input dtypes.
+    Returns ``dq [B,T,Hq,D]``, ``dk, dv [B,T,Hkv,D]`` in the input dtypes. With ``varlen``
+    (``cu_q == cu_k``): ``q, do, out [total, Hq, D]``, ``lse [Hq, total]``, ``k, v [total, Hkv, D]``,
+    ``ks, vs [B, ceil(max/G), Hkv, D]``, and the gradients have the shapes of ``q, k, v``.
     """
-    b, t, hq, d = q.shape
-    hkv = k.shape[2]
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
     use_sum = sum_before or sum_after
-    l_eff, r_eff = effective_window(left, right, t)
-    dq = common.new_empty((b, t, hq, d), q.dtype, q.device)
-    dk = common.new_empty((b, t, hkv, d), k.dtype, k.device)
-    dv = common.new_empty((b, t, hkv, d), v.dtype, v.device)
-    if q.numel() == 0 or k.numel() == 0:
+    dq = common.new_empty(q.shape, q.dtype, q.device)
+    dk = common.new_empty(k.shape, k.dtype, k.device)
+    dv = common.new_empty(v.shape, v.dtype, v.device)
+    if q.numel() == 0 or k.numel() == 0 or (varlen is not None and varlen.batch == 0):
         return dq.zero_(), dk.zero_(), dv.zero_()
-    common.check_grid("swa_attention backward", b * hq, "batch * q heads")
-    common.check_row_stride("swa_attention backward", q=q, k=k, v=v)
-    if do.stride(-1) != 1 or not common.row_stride_ok(do):
+    if do.stride(-1) != 1 or not common.row_stride_ok(do if varlen is None else do.unsqueeze(0)):
         # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
         # kernels need a unit last-dim stride (and int32 tile offsets), so only then is dO copied.
         do = do.contiguous()
+    lse = lse.contiguous()  # [B, Hq, T] fp32, produced by the forward (already contiguous)
+    if varlen is None:
+        b, t = q.shape[0], q.shape[1]
+        delta = common.new_empty((b, hq, t), torch.float32, q.device)
+        pre_out, pre_do, pre_delta, n_pre = out, do, delta, t
+        lse3, delta3, cu = lse, delta, q  # cu: unused
+    else:
+        _check_self_attention(varlen)
+        b, t = varlen.batch, max(varlen.max_q, varlen.max_k)
+        delta = common.new_empty((hq, q.shape[0]), torch.float32, q.device)
+        # delta = rowsum(dO * O) is per row: the packed rows are one batch of total rows
+        pre_out, pre_do, pre_delta, n_pre = out.unsqueeze(0), do.unsqueeze(0), delta.unsqueeze(0), q.shape[0]
+        lse3, delta3 = (x.unsqueeze(0).expand(b, -1, -1) for x in (lse, delta))
+        q, k, v, do, dq, dk, dv = (common.batched_view(x, varlen) for x in (q, k, v, do, dq, dk, dv))
+        cu = varlen.cu_q
+    l_eff, r_eff = effective_window(left, right, t)
+    if varlen is None:
+        common.check_grid("swa_attention backward", b * hq, "batch * q heads")
+    common.check_row_stride("swa_attention backward", q=q, k=k, v=v)
     block_d = common.block_d(d)
-    delta = common.new_empty((b, hq, t), torch.float32, q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(t, PREPROCESS_BLOCK_M), b * hq)](
-        out, do, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        delta.stride(0), delta.stride(1),
-        t, hq,
+    _bwd_preprocess_kernel[(triton.cdiv(n_pre, PREPROCESS_BLOCK_M), pre_out.shape[0] * hq)](
+        pre_out, pre_do, pre_delta,
+        pre_out.stride(0), pre_out.stride(1), pre_out.stride(2),
+        pre_do.stride(0), pre_do.stride(1), pre_do.stride(2),
+        pre_delta.stride(0), pre_delta.stride(1),
+        n_pre, hq,
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
     )
     g = group_size if use_sum else 1
     wk = win_key(l_eff, r_eff, t)
     flags = dict(HEAD_DIM=d, BLOCK_D=block_d, SUM_BEFORE=sum_before, SUM_AFTER=sum_after,
-                  DOT_PREC=dot_precision(q.dtype))
-    lse = lse.contiguous()  # [B, Hq, T] fp32, produced by the forward (already contiguous)
+                  DOT_PREC=dot_precision(q.dtype), VARLEN=varlen is not None)
 
     if use_sum:
         ng = ks.shape[1]
@@ -418,10 +478,11 @@ def swa_bwd(
 
     def dkdv_launch(kk, vv, dkk, dvv, n_keys, is_summary):
         def grid(meta):
-            return (triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, n_splits if is_summary else 1)
+            return common.block_grid(triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, varlen,
+                                     n_splits if is_summary else 1)
 
         _swa_bwd_dkdv_kernel[grid](
-            q, kk, vv, do, lse, delta, dkk, dvv, dks, dvs,
+            q, kk, vv, do, lse3, delta3, dkk, dvv, dks, dvs, cu,
             q.stride(0), q.stride(1), q.stride(2),
             kk.stride(0), kk.stride(1), kk.stride(2),
             vv.stride(0), vv.stride(1), vv.stride(2),
@@ -429,7 +490,7 @@ def swa_bwd(
             *dkk.stride()[-4:-1],
             *dvv.stride()[-4:-1],
             *dks.stride()[:4],
-            lse.stride(0), lse.stride(1),
+            lse3.stride(0), lse3.stride(1),
             t, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
             rows, wk,
             IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, **flags, **launch_meta("dkdv"),
@@ -447,10 +508,10 @@ def swa_bwd(
     vs_ = vs if use_sum else v
 
     def dq_grid(meta):
-        return (triton.cdiv(t, meta["BLOCK_M"]), b * hq)
+        return common.block_grid(triton.cdiv(t, meta["BLOCK_M"]), b * hq, varlen)
 
     _swa_bwd_dq_kernel[dq_grid](
-        q, k, v, ks_, vs_, do, lse, delta, dq,
+        q, k, v, ks_, vs_, do, lse3, delta3, dq, cu,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -458,8 +519,10 @@ def swa_bwd(
         vs_.stride(0), vs_.stride(1), vs_.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        lse.stride(0), lse.stride(1),
+        lse3.stride(0), lse3.stride(1),
         t, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
         **flags, **launch_meta("dq"),
     )
+    if varlen is not None:
+        dq, dk, dv = dq[0], dk[0], dv[0]
     return dq, dk, dv

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -37,6 +38,30 @@ def new_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     if POISON_ALLOCATIONS:
         t.fill_(float("nan"))
     return t
+
+
+class Varlen(NamedTuple):
+    """A packed (varlen) batch in flash-attn's layout: rows ``[cu_q[b], cu_q[b+1])`` of
+    ``q [total_q, H, D]`` are sequence ``b`` (keys: ``cu_k``); int32 ``cu_*`` of length
+    ``B + 1`` on the device, and the caller's bounds ``max_q >= max(len_q)``,
+    ``max_k >= max(len_k)`` (they size the grid and the summary buffers: no host read)."""
+
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+
+    @property
+    def batch(self) -> int:
+        return self.cu_q.shape[0] - 1
+
+
+def batched_view(x: torch.Tensor, varlen: Varlen | None) -> torch.Tensor:
+    """``x [total, H, D]`` of a varlen batch as ``[B, total, H, D]`` with batch stride 0
+    (the kernels add each sequence's start row themselves); dense tensors unchanged."""
+    if varlen is None:
+        return x
+    return x.unsqueeze(0).expand(varlen.batch, *x.shape)
 
 
 #: CUDA limit on grid axes 1 and 2 (axis 0 allows 2**31 - 1): the launchers put the
@@ -130,6 +155,32 @@ def _load_tile(base, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.const
         else:
             x = tl.load(p, mask=(o_d < HEAD_DIM)[None, :], other=0.0)
     return x
+
+
+@triton.jit
+def _block_and_head(VARLEN: tl.constexpr):
+    """``(block, batch * head, number of blocks)`` of this program. Dense launches put the
+    blocks on grid axis 0 and ``batch * heads`` on axis 1 (at most 65535); varlen launches
+    swap them, since a packed batch may hold many (mostly empty) sequences: e.g. ``B*T + 1``
+    bounds sized for the worst case under ``torch.compile``."""
+    if VARLEN:
+        return tl.program_id(1), tl.program_id(0), tl.num_programs(1)
+    else:
+        return tl.program_id(0), tl.program_id(1), tl.num_programs(0)
+
+
+def block_grid(n_blocks: int, n_bh: int, varlen: object, *rest: int) -> tuple[int, ...]:
+    """The launch grid of :func:`_block_and_head` (``varlen``: any non-``None`` swaps the axes)."""
+    return ((n_bh, n_blocks) if varlen is not None else (n_blocks, n_bh)) + rest
+
+
+@triton.jit
+def _seq_bounds(CU, i_b):
+    """``(start, length)`` of sequence ``i_b`` of a varlen batch (``CU``: int32 ``cu_seqlens``);
+    ``start`` is int64 (it multiplies row strides), ``length`` int32."""
+    start = tl.load(CU + i_b)
+    end = tl.load(CU + i_b + 1)
+    return start.to(tl.int64), (end - start).to(tl.int32)
 
 
 @triton.jit

@@ -27,6 +27,8 @@ from dasg_kernels.attention.common import (
     _load_tile,
     _local_key_range,
     _qk_tile,
+    _block_and_head,
+    _seq_bounds,
     _store_tile,
     _summary_key_range,
 )
@@ -67,7 +69,7 @@ def _fwd_tiles(
 @triton.jit(do_not_specialize=common.no_specialize(
     "stride_lb stride_lh T_Q T_K Q_OFFSET H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_fwd_kernel(
-    Q, K, V, KS, VS, O, LSE,
+    Q, K, V, KS, VS, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -79,11 +81,11 @@ def _swa_fwd_kernel(
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
-    PACK_GQA: tl.constexpr,
+    PACK_GQA: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
-    i_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_blk, i_bh, n_blk = _block_and_head(VARLEN)
+    i_m = n_blk - 1 - i_blk
     start_m = i_m * BLOCK_M
     o_m = tl.arange(0, BLOCK_M)
     rows = start_m + o_m
@@ -108,6 +110,20 @@ def _swa_fwd_kernel(
         i_h = i_bh % H_Q
         i_hk = (i_h // KV_GROUP).to(tl.int64)
         i_h = i_h.to(tl.int64)
+        if VARLEN:
+            # sequence i_b of a packed batch: rows [q0, q0 + T_Q) of q/out/lse, keys
+            # [k0, k0 + T_K); positions, windows and groups restart at its first token
+            q0, T_Q = _seq_bounds(CU_Q, i_b)
+            k0, T_K = _seq_bounds(CU_K, i_b)
+            if start_m >= T_Q:
+                return
+            Q_OFFSET = T_K - T_Q
+            NG = (T_K + G - 1) // G
+            Q += q0 * stride_qt
+            O += q0 * stride_ot
+            LSE += q0
+            K += k0 * stride_kt
+            V += k0 * stride_vt
         t_q = rows
         b_q = _load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
                          stride_qt, o_d, T_Q, HEAD_DIM, BLOCK_D, True)
@@ -208,6 +224,7 @@ def swa_fwd(
     summary_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     pack_gqa: bool = False,
     config: dict | None = None,
+    varlen: common.Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward. ``left, right`` are the user's window with ``causal`` applied.
 
@@ -219,28 +236,45 @@ def swa_fwd(
             program (decode: few query positions, many heads per kv head).
         config: explicit launch config (``BLOCK_M, BLOCK_N, num_warps, num_stages``) that
             bypasses the autotuner (decode); ignored under the interpreter.
+        varlen: a packed batch (:class:`~dasg_kernels.attention.common.Varlen`): then
+            ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, and each sequence's queries
+            are its last ``len_q`` positions.
     Returns:
         ``out [B, Tq, Hq, D]`` (q.dtype), ``lse [B, Hq, Tq]`` fp32, and the pooled
         summaries ``ks, vs [B, ceil(Tk/G), Hkv, D]`` (``None`` when no summary is visible).
+        With ``varlen``: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``, summaries
+        ``[B, ceil(max_k/G), Hkv, D]`` (group ``g`` of sequence ``b``).
     """
-    b, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    q_offset = tk - tq if q_offset is None else q_offset
+    hq, d = q.shape[-2], q.shape[-1]
+    hkv = k.shape[-2]
+    if varlen is None:
+        b, tq = q.shape[0], q.shape[1]
+        tk = k.shape[1]
+        out = common.new_empty((b, tq, hq, d), q.dtype, q.device)
+        lse = common.new_empty((b, hq, tq), torch.float32, q.device)
+        out4, lse3 = out, lse
+    else:
+        b, tq, tk = varlen.batch, varlen.max_q, varlen.max_k
+        out = common.new_empty(q.shape, q.dtype, q.device)
+        lse = common.new_empty((hq, q.shape[0]), torch.float32, q.device)
+        out4, lse3 = common.batched_view(out, varlen), lse.unsqueeze(0).expand(b, -1, -1)
+        q, k, v = (common.batched_view(x, varlen) for x in (q, k, v))
+        pack_gqa = False
+    q_offset = tk - tq if q_offset is None or varlen is not None else q_offset
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
     use_sum = sum_before or sum_after
     l_eff, r_eff = effective_window(left, right, tk, q_offset + tq - 1)
     pack_gqa = pack_gqa and hq != hkv
     n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
-    common.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
+    if varlen is None:
+        common.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
     common.check_row_stride("swa_attention", q=q, k=k, v=v)
     if summary_kv is not None:
         common.check_row_stride("swa_attention", k_summary=summary_kv[0], v_summary=summary_kv[1])
-    out = common.new_empty((b, tq, hq, d), q.dtype, q.device)
-    lse = common.new_empty((b, hq, tq), torch.float32, q.device)
     ks = vs = None
     if use_sum:  # summaries that no query can see (e.g. left=-1 and causal) are skipped
-        ks, vs = group_means_fwd(k, v, group_size) if summary_kv is None else summary_kv
-    if out.numel() == 0 or tk == 0:
+        ks, vs = group_means_fwd(k, v, group_size, varlen=varlen) if summary_kv is None else summary_kv
+    if out.numel() == 0 or tk == 0 or b == 0:
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse, ks, vs
@@ -248,26 +282,28 @@ def swa_fwd(
     ng = ks.shape[1] if use_sum else 0
     ks_ = ks if use_sum else k
     vs_ = vs if use_sum else v
+    cu_q, cu_k = (q, q) if varlen is None else (varlen.cu_q, varlen.cu_k)  # unused when dense
 
     def grid(meta):
-        return (triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads)
+        return common.block_grid(triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads, varlen)
 
     kernel, meta = _swa_fwd_kernel, launch_meta("fwd")
     if config is not None and not INTERPRET:
         kernel, meta = untuned(_swa_fwd_kernel), dict(config)
     kernel[grid](
-        q, k, v, ks_, vs_, out, lse,
+        q, k, v, ks_, vs_, out4, lse3, cu_q, cu_k,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ks_.stride(0), ks_.stride(1), ks_.stride(2),
         vs_.stride(0), vs_.stride(1), vs_.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        lse.stride(0), lse.stride(1),
+        out4.stride(0), out4.stride(1), out4.stride(2),
+        lse3.stride(0), lse3.stride(1),
         tq, tk, q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
         win_key(l_eff, r_eff, tk),
         HEAD_DIM=d, BLOCK_D=common.block_d(d),
         SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
+        VARLEN=varlen is not None,
         **meta,
     )
     return out, lse, ks, vs

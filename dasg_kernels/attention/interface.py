@@ -82,6 +82,15 @@ def _validate(
         raise ValueError(f"{op}: {kname} must have head dim {d} (from q), got {dk}")
     if hkv == 0 or hq % hkv != 0:
         raise ValueError(f"{op}: q heads ({hq}) must be a multiple of {kname} heads ({hkv})")
+    return _check_options(op, d, window=window, causal=causal, group_size=group_size, summaries=summaries,
+                          softmax_scale=softmax_scale)
+
+
+def _check_options(
+    op: str, d: int, *, window: object, causal: object, group_size: object, summaries: object,
+    softmax_scale: object,
+) -> tuple[int, int, float]:
+    """The non-tensor arguments; ``d`` is the q/k head dim (default scale ``1/sqrt(d)``)."""
     left, right = _check_window(op, window)
     if not isinstance(causal, bool):
         raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")

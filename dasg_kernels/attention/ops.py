@@ -87,3 +87,78 @@ def _backward(ctx, dout, dlse, dks, dvs):
 
 
 swa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- varlen
+
+
+def _varlen(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int):
+    from dasg_kernels.attention.common import Varlen
+
+    return Varlen(cu_q, cu_k, max_q, max_k)
+
+
+@torch.library.custom_op("dasg_kernels::swa_attention_varlen_fwd", mutates_args=())
+def swa_attention_varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+    left: int, right: int, causal: bool, group_size: Optional[int], summaries: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> ``out [total_q,Hq,D]``, ``lse [Hq,total_q]`` fp32, pooled ``ks, vs [B,ceil(max_k/G),Hkv,D]``."""
+    from dasg_kernels.attention.fwd import swa_fwd
+
+    out, lse, ks, vs = swa_fwd(q, k, v, left=left, right=right, causal=causal, group_size=group_size,
+                               summaries=summaries, scale=scale, varlen=_varlen(cu_q, cu_k, max_q, max_k))
+    if ks is None:
+        ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    return out, lse, ks, vs
+
+
+@swa_attention_varlen_fwd.register_fake
+def _swa_attention_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, left, right, causal, group_size,
+                                   summaries, scale):
+    out = q.new_empty(q.shape)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    if _uses_summaries(left, right, causal, summaries):
+        shape = (cu_k.shape[0] - 1, (max_k + group_size - 1) // group_size, k.shape[1], k.shape[2])
+        ks, vs = k.new_empty(shape), v.new_empty(shape)
+    else:
+        ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    return out, lse, ks, vs
+
+
+@torch.library.custom_op("dasg_kernels::swa_attention_varlen_bwd", mutates_args=())
+def swa_attention_varlen_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, ks: Tensor, vs: Tensor,
+    cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int,
+    left: int, right: int, causal: bool, group_size: Optional[int], summaries: bool, scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """-> ``dq, dk, dv`` of the packed batch (needs ``cu_q == cu_k``)."""
+    from dasg_kernels.attention.bwd import swa_bwd
+
+    use = _uses_summaries(left, right, causal, summaries)
+    return swa_bwd(dout, q, k, v, out, lse, ks if use else None, vs if use else None,
+                   left=left, right=right, causal=causal, group_size=group_size,
+                   summaries=summaries, scale=scale, varlen=_varlen(cu_q, cu_k, max_q, max_k))
+
+
+@swa_attention_varlen_bwd.register_fake
+def _swa_attention_varlen_bwd_fake(dout, q, k, v, out, lse, ks, vs, cu_q, cu_k, max_q, max_k, left, right,
+                                   causal, group_size, summaries, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, left, right, causal, group_size, summaries, scale = inputs
+    out, lse, ks, vs = output
+    ctx.save_for_backward(q, k, v, out, lse, ks, vs, cu_q, cu_k)
+    ctx.args = (max_q, max_k, left, right, causal, group_size, summaries, scale)
+    ctx.mark_non_differentiable(lse, ks, vs)
+
+
+def _varlen_backward(ctx, dout, dlse, dks, dvs):
+    q, k, v, out, lse, ks, vs, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = swa_attention_varlen_bwd(dout, q, k, v, out, lse, ks, vs, cu_q, cu_k, *ctx.args)
+    return (dq, dk, dv) + (None,) * 10
+
+
+swa_attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)

@@ -15,24 +15,30 @@ import triton
 import triton.language as tl
 
 from dasg_kernels.attention import common
+from dasg_kernels.attention.common import _block_and_head, _seq_bounds
 from dasg_kernels.attention.configs import POOL_BLOCK_G
 
 
 @triton.jit(do_not_specialize=common.no_specialize("T H G"))
 def _group_mean_kernel(
-    K, V, KS, VS,
+    K, V, KS, VS, CU,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ksb, stride_kst, stride_ksh,
     stride_vsb, stride_vst, stride_vsh,
     T, H, G,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    i_g = tl.program_id(0)
-    i_bh = tl.program_id(1)
+    i_g, i_bh, _ = _block_and_head(VARLEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     start = i_g * G
+    if VARLEN:  # groups of sequence i_b: its keys [k0, k0 + T); groups past its end are not written
+        k0, T = _seq_bounds(CU, i_b)
+        if start >= T:
+            return
+        K += k0 * stride_kt
+        V += k0 * stride_vt
     end = tl.minimum(start + G, T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
@@ -55,23 +61,33 @@ def _group_mean_kernel(
 
 
 @common.on_device_of_first_arg
-def group_means_fwd(k: torch.Tensor, v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool ``k, v [B, T, H, D]`` (any strides, last stride 1) to ``[B, ceil(T/G), H, D]``."""
+def group_means_fwd(
+    k: torch.Tensor, v: torch.Tensor, group_size: int, *, varlen: common.Varlen | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool ``k, v [B, T, H, D]`` (any strides, last stride 1) to ``[B, ceil(T/G), H, D]``.
+
+    With ``varlen``, ``k, v`` are the ``[B, total_k, H, D]`` batch-stride-0 views of a packed
+    batch (:func:`~dasg_kernels.attention.common.batched_view`): each sequence's groups
+    restart at its first key, ``ks[b, g]`` is group ``g`` of sequence ``b`` (the output has
+    ``ceil(max_k / G)`` groups; those past a sequence's end are left unwritten)."""
     b, t, h, d = k.shape
+    if varlen is not None:
+        t = varlen.max_k
     ng = triton.cdiv(t, group_size)
     ks = common.new_empty((b, ng, h, d), k.dtype, k.device)
     vs = common.new_empty((b, ng, h, d), v.dtype, v.device)
     if ks.numel() == 0:
         return ks, vs
-    common.check_grid("group_means", b * h, "batch * kv heads")
-    _group_mean_kernel[(ng, b * h)](
-        k, v, ks, vs,
+    if varlen is None:
+        common.check_grid("group_means", b * h, "batch * kv heads")
+    _group_mean_kernel[common.block_grid(ng, b * h, varlen)](
+        k, v, ks, vs, k if varlen is None else varlen.cu_k,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
         t, h, group_size,
         HEAD_DIM=d, BLOCK_D=common.block_d(d),
-        BLOCK_G=max(2, min(POOL_BLOCK_G, triton.next_power_of_2(group_size))),
+        BLOCK_G=max(2, min(POOL_BLOCK_G, triton.next_power_of_2(group_size))), VARLEN=varlen is not None,
     )
     return ks, vs

@@ -1,0 +1,212 @@
+"""``swa_attention_varlen`` (packed sequences) against the reference run on each sequence alone.
+
+Ground truth: :func:`dasg_kernels.reference.swa_attention_ref` in fp32 on each sequence
+(``q_offset = len_k - len_q``: a sequence's queries are its last positions), outputs and
+gradients scattered back to the packed rows. Tolerances: fp32 ``atol = rtol = 1e-4``
+(out, lse, dq, dk, dv); fp16 ``atol = rtol = 2e-3`` on out (inputs of unit scale).
+Every buffer the launchers allocate is NaN-filled first, so a row no program writes fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import require_triton
+from torch.testing import assert_close
+
+from dasg_kernels import reference, swa_attention, swa_attention_varlen
+from dasg_kernels.attention import common
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+
+
+def _cu(lengths: list[int], device) -> torch.Tensor:
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+def _inputs(total_q, total_k, hq, hkv, d, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(total_q, hq, d, generator=gen).to(device, dtype)
+    k = torch.randn(total_k, hkv, d, generator=gen).to(device, dtype)
+    v = torch.randn(total_k, hkv, d, generator=gen).to(device, dtype)
+    return q, k, v
+
+
+def _per_sequence_ref(q, k, v, lq, lk, dout=None, **kw):
+    """Reference out / lse (and grads with ``dout``) from each sequence alone."""
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    outs, lses = [], []
+    cq, ck = 0, 0
+    for nq, nk in zip(lq, lk):
+        if nq == 0:
+            cq, ck = cq + nq, ck + nk
+            continue
+        o, l_ = reference.swa_attention_ref(qf[None, cq:cq + nq], kf[None, ck:ck + nk], vf[None, ck:ck + nk],
+                                            q_offset=nk - nq, **kw)
+        outs.append(o[0])
+        lses.append(l_[0])
+        cq, ck = cq + nq, ck + nk
+    out = torch.cat(outs) if outs else qf.new_zeros(qf.shape)
+    lse = torch.cat(lses, 1) if lses else qf.new_zeros(qf.shape[1], 0)
+    grads = None
+    if dout is not None:
+        (out * dout.float()).sum().backward()
+        grads = (qf.grad, kf.grad, vf.grad)
+    return out.detach(), lse.detach(), grads
+
+
+CASES = [
+    # lengths (some 0 and 1), window, causal, G (None = no summaries), heads (hq, hkv), d
+    dict(lengths=[5, 0, 1, 37, 16], window=(8, 0), causal=True, g=4, heads=(4, 2), d=16),
+    dict(lengths=[33, 2, 19], window=(-1, -1), causal=True, g=None, heads=(2, 2), d=32),
+    dict(lengths=[1, 1, 40], window=(6, 3), causal=False, g=8, heads=(2, 1), d=16),
+    dict(lengths=[0, 29, 0], window=(3, 0), causal=True, g=5, heads=(4, 1), d=24),
+    dict(lengths=[12, 70], window=(16, 0), causal=True, g=16, heads=(2, 2), d=16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c["lengths"])))
+def test_varlen_matches_each_sequence_alone(case, device):
+    require_triton(device, "swa_attention_varlen")
+    lengths, hq, hkv, d = case["lengths"], *case["heads"], case["d"]
+    total = sum(lengths)
+    q, k, v = _inputs(total, total, hq, hkv, d, torch.float32, device)
+    cu = _cu(lengths, device)
+    kw = dict(window=case["window"], causal=case["causal"], group_size=case["g"], summaries=case["g"] is not None)
+    dout = torch.randn(total, hq, d, generator=torch.Generator().manual_seed(1)).to(device)
+
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    out, lse = swa_attention_varlen(qt, kt, vt, cu, cu, max(lengths), max(lengths), return_lse=True,
+                                    backend="triton", **kw)
+    (out * dout).sum().backward()
+    ref_out, ref_lse, (dq, dk, dv) = _per_sequence_ref(q, k, v, lengths, lengths, dout, **kw)
+
+    t = dict(atol=1e-4, rtol=1e-4)
+    assert_close(out, ref_out, **t)
+    assert_close(lse, ref_lse, **t)
+    assert_close(qt.grad, dq, **t)
+    assert_close(kt.grad, dk, **t)
+    assert_close(vt.grad, dv, **t)
+
+
+def test_varlen_queries_are_the_last_positions(device):
+    """len_q < len_k (prefill after a prefix): each sequence's queries are its last rows."""
+    require_triton(device, "swa_attention_varlen")
+    lq, lk = [3, 0, 1, 9], [20, 4, 1, 9]
+    q, k, v = _inputs(sum(lq), sum(lk), 4, 2, 16, torch.float32, device)
+    kw = dict(window=(5, 0), causal=True, group_size=4, summaries=True)
+    with torch.no_grad():
+        out = swa_attention_varlen(q, k, v, _cu(lq, device), _cu(lk, device), max(lq), max(lk), backend="triton",
+                                   **kw)
+    ref, _, _ = _per_sequence_ref(q, k, v, lq, lk, **kw)
+    assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_varlen_fp16_and_loose_max_seqlen(device):
+    """fp16; ``max_seqlen`` larger than the longest sequence (a static bound) changes nothing."""
+    require_triton(device, "swa_attention_varlen")
+    lengths = [7, 22, 1]
+    q, k, v = _inputs(sum(lengths), sum(lengths), 2, 1, 32, torch.float16, device)
+    kw = dict(window=(4, 0), causal=True, group_size=4, summaries=True)
+    cu = _cu(lengths, device)
+    out = swa_attention_varlen(q, k, v, cu, cu, 64, 64, backend="triton", **kw)
+    ref, _, _ = _per_sequence_ref(q, k, v, lengths, lengths, **kw)
+    assert out.dtype == torch.float16
+    assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+def test_varlen_one_sequence_equals_dense(device):
+    require_triton(device, "swa_attention_varlen")
+    q, k, v = _inputs(45, 45, 4, 2, 16, torch.float32, device)
+    kw = dict(window=(9, 0), causal=True, group_size=8, summaries=True, backend="triton")
+    cu = _cu([45], device)
+    assert_close(swa_attention_varlen(q, k, v, cu, cu, 45, 45, **kw), swa_attention(q[None], k[None], v[None], **kw)[0],
+                 atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_torch_backend_matches_triton(device):
+    require_triton(device, "swa_attention_varlen")
+    lengths = [9, 0, 14]
+    q, k, v = _inputs(sum(lengths), sum(lengths), 2, 2, 16, torch.float32, device)
+    cu = _cu(lengths, device)
+    kw = dict(window=(3, 0), causal=True, group_size=4, summaries=True)
+    tr = swa_attention_varlen(q, k, v, cu, cu, 14, 14, backend="triton", **kw)
+    to = swa_attention_varlen(q, k, v, cu, cu, 14, 14, backend="torch", **kw)
+    assert_close(tr, to, atol=1e-4, rtol=1e-4)
+
+
+def test_varlen_empty_batch_and_all_empty(device):
+    require_triton(device, "swa_attention_varlen")
+    q, k, v = _inputs(0, 0, 2, 1, 16, torch.float32, device)
+    for cu in (torch.zeros(1, dtype=torch.int32, device=device), torch.zeros(3, dtype=torch.int32, device=device)):
+        out, lse = swa_attention_varlen(q, k, v, cu, cu, 0, 0, return_lse=True, backend="triton")
+        assert out.shape == (0, 2, 16) and lse.shape == (2, 0)
+
+
+def test_varlen_backward_needs_equal_bounds(device):
+    require_triton(device, "swa_attention_varlen")
+    q, k, v = _inputs(4, 6, 2, 1, 16, torch.float32, device)
+    q.requires_grad_()
+    out = swa_attention_varlen(q, k, v, _cu([2, 2], device), _cu([3, 3], device), 2, 3, backend="triton")
+    with pytest.raises(ValueError, match="cu_seqlens_q == cu_seqlens_k"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(cu_dtype=torch.int64), "cu_seqlens_q must have dtype in \\(int32\\)"),
+    (dict(q_ndim=4), "q must have 3 dimensions"),
+    (dict(max_q=-1), "max_seqlen_q must be in"),
+    (dict(max_q=9, max_k=4), "max_seqlen_q \\(9\\) must be <= max_seqlen_k"),
+    (dict(cu_k_len=2), "must both have B \\+ 1 entries"),
+])
+def test_varlen_bad_input(bad, match, device):
+    q, k, v = _inputs(8, 8, 2, 1, 16, torch.float32, device)
+    cu = torch.tensor([0, 3, 8], dtype=bad.get("cu_dtype", torch.int32), device=device)
+    cu_k = cu[: bad["cu_k_len"]] if "cu_k_len" in bad else cu
+    if bad.get("q_ndim") == 4:
+        q = q[None]
+    with pytest.raises((ValueError, TypeError), match=match):
+        swa_attention_varlen(q, k, v, cu, cu_k, bad.get("max_q", 5), bad.get("max_k", 5))
+
+
+def test_varlen_trailing_empty_sequences(device):
+    """``cu_seqlens`` sized for the worst case (many empty trailing sequences, as the
+    transformers drop-in passes under compile) gives the same rows."""
+    require_triton(device, "swa_attention_varlen")
+    lengths = [6, 11]
+    q, k, v = _inputs(17, 17, 2, 1, 16, torch.float32, device)
+    kw = dict(window=(4, 0), causal=True, group_size=4, summaries=True, backend="triton")
+    cu = _cu(lengths, device)
+    cu_wide = torch.cat([cu, cu[-1:].expand(30)])
+    qt = q.clone().requires_grad_()
+    out = swa_attention_varlen(qt, k, v, cu_wide, cu_wide, 17, 17, **kw)
+    out.sum().backward()
+    qr = q.clone().requires_grad_()
+    ref = swa_attention_varlen(qr, k, v, cu, cu, 11, 11, **kw)
+    ref.sum().backward()
+    assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    assert_close(qt.grad, qr.grad, atol=1e-6, rtol=1e-6)
+
+
+def test_varlen_compiles_fullgraph(device):
+    """One opaque custom op under ``torch.compile(fullgraph=True)``, forward and backward."""
+    require_triton(device, "swa_attention_varlen")
+    lengths = [5, 9]
+    q, k, v = _inputs(14, 14, 2, 2, 16, torch.float32, device)
+    cu = _cu(lengths, device)
+    kw = dict(window=(3, 0), causal=True, group_size=4, summaries=True, backend="triton")
+
+    def f(q, k, v, cu):
+        return swa_attention_varlen(q, k, v, cu, cu, 9, 9, **kw)
+
+    qc, qe = q.clone().requires_grad_(), q.clone().requires_grad_()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(qc, k, v, cu)
+    out.sum().backward()
+    ref = f(qe, k, v, cu)
+    ref.sum().backward()
+    assert_close(out, ref)
+    assert_close(qc.grad, qe.grad)
