@@ -513,13 +513,17 @@ def test_torch_backend_is_the_reference(device):
     torch.testing.assert_close(lse, ref_lse)
 
 
-@pytest.mark.parametrize("d", [8, 16, 48, 80, 192])
+@pytest.mark.parametrize("d, dv", [(8, 8), (16, 16), (48, 48), (80, 80), (192, 192), (192, 128), (16, 40)],
+                         ids=lambda x: str(x))
 @pytest.mark.parametrize("summaries", [True, False])
-def test_any_head_dim_multiple_of_8(d, summaries, device):
-    """D not a power of two: BLOCK_D is padded inside the kernels (masked), forward and backward."""
+def test_any_head_dim_multiple_of_8(d, dv, summaries, device):
+    """D not a power of two: BLOCK_D is padded inside the kernels (masked), forward and backward;
+    a value head dim of its own (DeepSeek MLA: q/k 192, v 128), forward, backward and decode."""
     if not triton_can_run_on(device):
         pytest.skip("backend='triton' cannot run here")
     q, k, v = make_inputs(1, 37, 4, 2, d, torch.float32, device)
+    if dv != d:
+        v = torch.randn(*v.shape[:-1], dv, device=device)
     kw = dict(window=(9, 0), group_size=4 if summaries else None, summaries=summaries)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     out = swa_attention(q, k, v, backend="triton", **kw)

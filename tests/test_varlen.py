@@ -210,3 +210,24 @@ def test_varlen_compiles_fullgraph(device):
     ref.sum().backward()
     assert_close(out, ref)
     assert_close(qc.grad, qe.grad)
+
+
+def test_varlen_value_head_dim_of_its_own(device):
+    """MLA-style head dims (q/k 24, v 16 here; 192 / 128 in DeepSeek-V3), forward and backward."""
+    require_triton(device, "swa_attention_varlen")
+    lengths = [9, 1, 20]
+    total = sum(lengths)
+    q, k, _ = _inputs(total, total, 4, 2, 24, torch.float32, device)
+    v = torch.randn(total, 2, 16, device=device)
+    cu = _cu(lengths, device)
+    kw = dict(window=(5, 0), causal=True, group_size=4, summaries=True)
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    out = swa_attention_varlen(qt, kt, vt, cu, cu, 20, 20, backend="triton", **kw)
+    assert out.shape == (total, 4, 16)
+    dout = torch.randn_like(out)
+    (out * dout).sum().backward()
+    ref, _, (dq, dk, dv) = _per_sequence_ref(q, k, v, lengths, lengths, dout, **kw)
+    t = dict(atol=1e-4, rtol=1e-4)
+    assert_close(out, ref, **t)
+    for g, r in zip((qt.grad, kt.grad, vt.grad), (dq, dk, dv)):
+        assert_close(g, r, **t)

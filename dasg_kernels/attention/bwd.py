@@ -82,9 +82,10 @@ def _load_row_stats(p_lse, p_delta, rows, n_q, CHECK_ROWS: tl.constexpr):
 
 @triton.jit
 def _dkdv_tiles(
-    b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+    b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
     lo, hi, left, right, G, n_keys, n_q, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -93,7 +94,7 @@ def _dkdv_tiles(
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + o_m
         b_q = _load_tile(p_q, start_m, o_m, o_q2d, stride_qt, o_d, n_q, HEAD_DIM, BLOCK_D, MASK)
-        b_do = _load_tile(p_do, start_m, o_m, o_do2d, stride_dot, o_d, n_q, HEAD_DIM, BLOCK_D, MASK)
+        b_do = _load_tile(p_do, start_m, o_m, o_do2d, stride_dot, o_dv, n_q, HEAD_DV, BLOCK_DV, MASK)
         b_lse2, b_delta = _load_row_stats(p_lse, p_delta, rows, n_q, MASK)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
         if MASK:
@@ -112,8 +113,9 @@ def _dkdv_tiles(
 def _dkdv_head(
     b_dk, b_dv, b_k, b_v, cols, i_h, i_b, Q, DO, LSE, DELTA,
     stride_qb, stride_qh, stride_dob, stride_doh, stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-    a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    o_dv, a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dk, dv of the key block from the query tiles of q head ``i_h``: for a summary block
@@ -126,21 +128,21 @@ def _dkdv_head(
     p_delta = DELTA + i_b * stride_lb + i_h * stride_lh
     if IS_SUMMARY:
         b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                 stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                  a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                             stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                             stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                              lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                             stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                             stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                              full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                             stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                             stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                              full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
     return b_dk, b_dv
 
 
@@ -156,10 +158,12 @@ def _swa_bwd_dkdv_kernel(
     stride_dkb, stride_dkt, stride_dkh,
     stride_dvb, stride_dvt, stride_dvh,
     stride_dss, stride_dsb, stride_dst, stride_dsh,
+    stride_dvss, stride_dvsb, stride_dvst, stride_dvsh,
     stride_lb, stride_lh,
     T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT,
     WIN_KEY,  # autotune key only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
@@ -190,16 +194,17 @@ def _swa_bwd_dkdv_kernel(
     o_n = tl.arange(0, BLOCK_N)
     cols = start_n + o_n
     o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
     i_hk64 = i_hk.to(tl.int64)
     b_k = _load_tile(K + i_b * stride_kb + i_hk64 * stride_kh, start_n, o_n, o_n[:, None] * stride_kt + o_d[None, :],
                      stride_kt, o_d, N_KEYS, HEAD_DIM, BLOCK_D, True)
-    b_v = _load_tile(V + i_b * stride_vb + i_hk64 * stride_vh, start_n, o_n, o_n[:, None] * stride_vt + o_d[None, :],
-                     stride_vt, o_d, N_KEYS, HEAD_DIM, BLOCK_D, True)
+    b_v = _load_tile(V + i_b * stride_vb + i_hk64 * stride_vh, start_n, o_n, o_n[:, None] * stride_vt + o_dv[None, :],
+                     stride_vt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV, True)
     o_mm = tl.arange(0, BLOCK_M)
     o_q2d = o_mm[:, None] * stride_qt + o_d[None, :]
-    o_do2d = o_mm[:, None] * stride_dot + o_d[None, :]
+    o_do2d = o_mm[:, None] * stride_dot + o_dv[None, :]
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    b_dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     last_n = tl.minimum(start_n + BLOCK_N, N_KEYS) - 1
 
     if IS_SUMMARY:
@@ -220,7 +225,7 @@ def _swa_bwd_dkdv_kernel(
         full_hi = tl.minimum(tl.maximum(b_tail, r0), r1)
         hi = r1
         DK += i_s.to(tl.int64) * stride_dss
-        DV += i_s.to(tl.int64) * stride_dss
+        DV += i_s.to(tl.int64) * stride_dvss
     else:
         lo, full_lo, full_hi, hi = _local_query_range(start_n, last_n, left, right, T, BLOCK_M)
 
@@ -234,17 +239,19 @@ def _swa_bwd_dkdv_kernel(
         for j in tl.static_range(KV_GROUP):
             b_dk, b_dv = _dkdv_head(b_dk, b_dv, b_k, b_v, cols, i_hk * KV_GROUP + j, i_b,
                                     Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_dob, stride_doh,
-                                    stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                    stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                     a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                    HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
+                                    DOT_PREC)
     else:
         for j0 in range(0, KV_GROUP, HEADS_UNROLLED):
             for j in tl.static_range(HEADS_UNROLLED):
                 b_dk, b_dv = _dkdv_head(b_dk, b_dv, b_k, b_v, cols, i_hk * KV_GROUP + j0 + j, i_b,
                                         Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_dob, stride_doh,
-                                        stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
+                                        stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                         a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                                        HEAD_DIM, BLOCK_D, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                        HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
+                                    DOT_PREC)
 
     b_dk = b_dk * sm_scale
     p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
@@ -263,27 +270,31 @@ def _swa_bwd_dkdv_kernel(
         p_ds = i_b * stride_dsb + i_hk64 * stride_dsh + tl.cast(g0, tl.int64) * stride_dst
         b_dk += tl.load(DKS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
         _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
-        b_dv += tl.load(DVS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
-        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+        m_gv = (cols < N_KEYS)[:, None] & (o_dv < HEAD_DV)[None, :]
+        o_gv2d = (grp - g0)[:, None] * stride_dvst + o_dv[None, :]
+        p_dvs = i_b * stride_dvsb + i_hk64 * stride_dvsh + tl.cast(g0, tl.int64) * stride_dvst
+        b_dv += tl.load(DVS + p_dvs + o_gv2d, mask=m_gv, other=0.0) * inv_cnt[:, None]
+        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
     else:
         _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
-        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
 
 
 @triton.jit
 def _dq_tiles(
-    b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+    b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
     lo, hi, left, right, G, n_keys, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Accumulate dq of the query block over the key tiles ``[lo, hi)``."""
     o_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        b_k, b_v, b_s = _qk_tile(b_q, rows, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
-                                 left, right, G, n_keys, qk_scale,
-                                 HEAD_DIM, BLOCK_D, MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_k, b_v, b_s = _qk_tile(b_q, rows, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
+                                 left, right, G, n_keys, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
+                                 MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_p = tl.exp2(b_s - b_lse2[:, None])
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_ds = b_p * (b_dp - b_delta[:, None])
@@ -306,7 +317,8 @@ def _swa_bwd_dq_kernel(
     stride_lb, stride_lh,
     T, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
     WIN_KEY,  # autotune key only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
@@ -333,10 +345,11 @@ def _swa_bwd_dq_kernel(
     o_m = tl.arange(0, BLOCK_M)
     rows = start_m + o_m
     o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
     b_q = _load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
                      stride_qt, o_d, T, HEAD_DIM, BLOCK_D, True)
-    b_do = _load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_d[None, :],
-                      stride_dot, o_d, T, HEAD_DIM, BLOCK_D, True)
+    b_do = _load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_dv[None, :],
+                      stride_dot, o_dv, T, HEAD_DV, BLOCK_DV, True)
     b_lse2, b_delta = _load_row_stats(LSE + i_b * stride_lb + i_h * stride_lh,
                                       DELTA + i_b * stride_lb + i_h * stride_lh, rows, T, True)
     b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -345,37 +358,37 @@ def _swa_bwd_dq_kernel(
     p_v = V + i_b * stride_vb + i_hk * stride_vh
     o_n = tl.arange(0, BLOCK_N)
     o_k2d = o_n[:, None] * stride_kt + o_d[None, :]
-    o_v2d = o_n[:, None] * stride_vt + o_d[None, :]
+    o_v2d = o_n[:, None] * stride_vt + o_dv[None, :]
     first = start_m
     last = tl.minimum(start_m + BLOCK_M, T) - 1
     lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T, BLOCK_N)
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
                      lo, full_lo, left, right, G, T, qk_scale,
-                     HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
                      full_lo, full_hi, left, right, G, T, qk_scale,
-                     HEAD_DIM, BLOCK_D, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
                      full_hi, hi, left, right, G, T, qk_scale,
-                     HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
     if SUM_BEFORE or SUM_AFTER:
         p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
         p_vs = VS + i_b * stride_vsb + i_hk * stride_vsh
         o_ks2d = o_n[:, None] * stride_kst + o_d[None, :]
-        o_vs2d = o_n[:, None] * stride_vst + o_d[None, :]
+        o_vs2d = o_n[:, None] * stride_vst + o_dv[None, :]
         s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N, SUM_BEFORE, SUM_AFTER)
         b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
-                         o_ks2d, o_vs2d, o_d,
+                         o_ks2d, o_vs2d, o_d, o_dv,
                          0, s_full, left, right, G, NG, qk_scale,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
-                         o_ks2d, o_vs2d, o_d,
+                         o_ks2d, o_vs2d, o_d, o_dv,
                          s_full, s_bhi, left, right, G, NG, qk_scale,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
-                         o_ks2d, o_vs2d, o_d,
+                         o_ks2d, o_vs2d, o_d, o_dv,
                          s_alo, NG, left, right, G, NG, qk_scale,
-                         HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
     b_dq = b_dq * sm_scale
     _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
 
@@ -417,7 +430,7 @@ def swa_bwd(
     ``ks, vs [B, ceil(max/G), Hkv, D]``, and the gradients have the shapes of ``q, k, v``.
     """
     hq, d = q.shape[-2], q.shape[-1]
-    hkv = k.shape[-2]
+    hkv, dv_ = k.shape[-2], v.shape[-1]
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
     use_sum = sum_before or sum_after
     dq = common.new_empty(q.shape, q.dtype, q.device)
@@ -455,11 +468,11 @@ def swa_bwd(
         pre_do.stride(0), pre_do.stride(1), pre_do.stride(2),
         pre_delta.stride(0), pre_delta.stride(1),
         n_pre, hq,
-        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=PREPROCESS_BLOCK_M,
+        HEAD_DIM=dv_, BLOCK_D=common.block_d(dv_), BLOCK_M=PREPROCESS_BLOCK_M,  # O and dO: the value head dim
     )
     g = group_size if use_sum else 1
     wk = win_key(l_eff, r_eff, t)
-    flags = dict(HEAD_DIM=d, BLOCK_D=block_d, SUM_BEFORE=sum_before, SUM_AFTER=sum_after,
+    flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HEAD_DV=dv_, BLOCK_DV=common.block_d(dv_), SUM_BEFORE=sum_before, SUM_AFTER=sum_after,
                   DOT_PREC=dot_precision(q.dtype), VARLEN=varlen is not None)
 
     if use_sum:
@@ -471,10 +484,10 @@ def swa_bwd(
         rows = triton.cdiv(triton.cdiv(t, n_splits), rows) * rows
         n_splits = triton.cdiv(t, rows)
         dks = common.new_empty((n_splits, b, ng, hkv, d), torch.float32, q.device)
-        dvs = common.new_empty((n_splits, b, ng, hkv, d), torch.float32, q.device)
+        dvs = common.new_empty((n_splits, b, ng, hkv, dv_), torch.float32, q.device)
     else:
         ng, rows, n_splits = 0, t, 0
-        dks = dvs = dk.unsqueeze(0)  # unused
+        dks, dvs = dk.unsqueeze(0), dv.unsqueeze(0)  # unused
 
     def dkdv_launch(kk, vv, dkk, dvv, n_keys, is_summary):
         def grid(meta):
@@ -490,6 +503,7 @@ def swa_bwd(
             *dkk.stride()[-4:-1],
             *dvv.stride()[-4:-1],
             *dks.stride()[:4],
+            *dvs.stride()[:4],
             lse3.stride(0), lse3.stride(1),
             t, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
             rows, wk,

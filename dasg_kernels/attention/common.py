@@ -228,15 +228,17 @@ def _visible(i, j, left, right, G, n_keys, IS_SUMMARY: tl.constexpr, SUM_BEFORE:
 
 
 @triton.jit
-def _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+def _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
              left, right, G, n_keys, qk_scale,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+             MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
              SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr):
     """The key/value tile at ``start_n`` (local keys or summaries) and the scaled scores
     ``b_q @ b_k^T`` of the query rows at positions ``pos_m``; with ``MASK`` the keys a row
-    does not see score ``-inf`` (the head of the forward and dq tile loops)."""
+    does not see score ``-inf`` (the head of the forward and dq tile loops). Keys have head
+    dim ``HEAD_DIM``, values ``HEAD_DV`` (MLA: 192 / 128)."""
     b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
-    b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
+    b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, MASK)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
     if MASK:
         m_vis = _visible(pos_m[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,

@@ -129,7 +129,7 @@ _FP32_CONFIGS = {
 
 # Autotune key: the kernels take these as (otherwise unused or constexpr) arguments.
 # Triton 3.9 rejects key names that are not arguments of the kernel, so it is per kernel.
-TUNE_KEY = ["HEAD_DIM", "WIN_KEY", "SUM_BEFORE", "SUM_AFTER"]
+TUNE_KEY = ["HEAD_DIM", "HEAD_DV", "WIN_KEY", "SUM_BEFORE", "SUM_AFTER"]
 
 
 def tune_key(name: str) -> list[str]:
@@ -146,8 +146,9 @@ def tune_key(name: str) -> list[str]:
 def _pruner(space):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        d = args.get("HEAD_DIM", 128)
-        # Keep the configs meant for this head dim's size class (64 / 128 / 256).
+        d = max(args.get("HEAD_DIM", 128), args.get("HEAD_DV", 0))
+        # Keep the configs meant for this head dim's size class (64 / 128 / 256; MLA's
+        # 192 / 128 takes the larger one's).
         cls = 64 if d <= 64 else (128 if d <= 128 else 256)
         keep = [c for c, dclass in space if dclass == cls]
         q = args.get("Q")

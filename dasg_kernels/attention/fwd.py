@@ -38,18 +38,19 @@ from dasg_kernels.attention.pool import group_means_fwd
 
 @triton.jit
 def _fwd_tiles(
-    b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+    b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
     lo, hi, left, right, G, n_keys, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Fold the key tiles ``[lo, hi)`` (local keys or summaries) into the online softmax."""
     o_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        b_k, b_v, b_s = _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
-                                 left, right, G, n_keys, qk_scale,
-                                 HEAD_DIM, BLOCK_D, MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        b_k, b_v, b_s = _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
+                                 left, right, G, n_keys, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
+                                 MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
         if MASK:
             # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
@@ -79,7 +80,8 @@ def _swa_fwd_kernel(
     stride_lb, stride_lh,
     T_Q, T_K, Q_OFFSET, H_Q, KV_GROUP, left, right, G, NG, qk_scale,
     WIN_KEY,  # autotune key only
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
     PACK_GQA: tl.constexpr, VARLEN: tl.constexpr,
 ):
@@ -90,6 +92,7 @@ def _swa_fwd_kernel(
     o_m = tl.arange(0, BLOCK_M)
     rows = start_m + o_m
     o_d = tl.arange(0, BLOCK_D)
+    o_dv = tl.arange(0, BLOCK_DV)
     if PACK_GQA:
         # decode: one program per (row block, batch * kv head); packed row r is query
         # position r // KV_GROUP of q head kv_head * KV_GROUP + r % KV_GROUP, so every
@@ -135,53 +138,54 @@ def _swa_fwd_kernel(
 
     o_n = tl.arange(0, BLOCK_N)
     o_k2d = o_n[:, None] * stride_kt + o_d[None, :]
-    o_v2d = o_n[:, None] * stride_vt + o_d[None, :]
+    o_v2d = o_n[:, None] * stride_vt + o_dv[None, :]
 
     b_m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
-    b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T_K, BLOCK_N)
-    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
                                  lo, full_lo, left, right, G, T_K, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
                                  full_lo, full_hi, left, right, G, T_K, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d,
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
                                  full_hi, hi, left, right, G, T_K, qk_scale,
-                                 HEAD_DIM, BLOCK_D, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
 
     if SUM_BEFORE or SUM_AFTER:
         p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
         p_vs = VS + i_b * stride_vsb + i_hk * stride_vsh
         o_ks2d = o_n[:, None] * stride_kst + o_d[None, :]
-        o_vs2d = o_n[:, None] * stride_vst + o_d[None, :]
+        o_vs2d = o_n[:, None] * stride_vst + o_dv[None, :]
         s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N,
                                                   SUM_BEFORE, SUM_AFTER)
         b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
-                                     o_ks2d, o_vs2d, o_d,
+                                     o_ks2d, o_vs2d, o_d, o_dv,
                                      0, s_full, left, right, G, NG, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
-                                     o_ks2d, o_vs2d, o_d,
+                                     o_ks2d, o_vs2d, o_d, o_dv,
                                      s_full, s_bhi, left, right, G, NG, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
         b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
-                                     o_ks2d, o_vs2d, o_d,
+                                     o_ks2d, o_vs2d, o_d, o_dv,
                                      s_alo, NG, left, right, G, NG, qk_scale,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
 
     m_empty = b_l == 0.0
     b_out = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
     b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(tl.where(m_empty, 1.0, b_l))) * K_LN2)
     if PACK_GQA:
         o_o = t_q.to(tl.int64) * stride_ot + h_q * stride_oh
-        tl.store(O + i_b * stride_ob + o_o[:, None] + o_d[None, :], b_out.to(O.dtype.element_ty), mask=m_q)
+        m_o = (rows < n_rows)[:, None] & (o_dv < HEAD_DV)[None, :]
+        tl.store(O + i_b * stride_ob + o_o[:, None] + o_dv[None, :], b_out.to(O.dtype.element_ty), mask=m_o)
         tl.store(LSE + i_b * stride_lb + h_q * stride_lh + t_q, b_lse, mask=rows < n_rows)
     else:
-        _store_tile(O + i_b * stride_ob + i_h * stride_oh, b_out, start_m, o_m, stride_ot, o_d, T_Q, HEAD_DIM,
-                    BLOCK_D)
+        _store_tile(O + i_b * stride_ob + i_h * stride_oh, b_out, start_m, o_m, stride_ot, o_dv, T_Q, HEAD_DV,
+                    BLOCK_DV)
         tl.store(LSE + i_b * stride_lb + i_h * stride_lh + rows, b_lse, mask=rows < T_Q)
 
 
@@ -229,7 +233,8 @@ def swa_fwd(
     """Launch the forward. ``left, right`` are the user's window with ``causal`` applied.
 
     Args:
-        q: ``[B, Tq, Hq, D]``; k, v: ``[B, Tk, Hkv, D]`` (any strides, last stride 1).
+        q: ``[B, Tq, Hq, D]``; k: ``[B, Tk, Hkv, D]``, v: ``[B, Tk, Hkv, Dv]`` (any strides,
+            last stride 1; ``Dv`` may differ from ``D``, as in MLA).
         q_offset: position of query row 0 (default ``Tk - Tq``).
         summary_kv: precomputed group means ``(ks, vs)`` (e.g. a decode cache); pooled here if ``None``.
         pack_gqa: put the ``Hq // Hkv`` query heads of a kv head in the rows of one
@@ -240,22 +245,22 @@ def swa_fwd(
             ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, and each sequence's queries
             are its last ``len_q`` positions.
     Returns:
-        ``out [B, Tq, Hq, D]`` (q.dtype), ``lse [B, Hq, Tq]`` fp32, and the pooled
-        summaries ``ks, vs [B, ceil(Tk/G), Hkv, D]`` (``None`` when no summary is visible).
+        ``out [B, Tq, Hq, Dv]`` (q.dtype), ``lse [B, Hq, Tq]`` fp32, and the pooled
+        summaries ``ks [B, ceil(Tk/G), Hkv, D]``, ``vs [.., Dv]`` (``None`` when no summary is visible).
         With ``varlen``: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``, summaries
         ``[B, ceil(max_k/G), Hkv, D]`` (group ``g`` of sequence ``b``).
     """
     hq, d = q.shape[-2], q.shape[-1]
-    hkv = k.shape[-2]
+    hkv, dv = k.shape[-2], v.shape[-1]
     if varlen is None:
         b, tq = q.shape[0], q.shape[1]
         tk = k.shape[1]
-        out = common.new_empty((b, tq, hq, d), q.dtype, q.device)
+        out = common.new_empty((b, tq, hq, dv), q.dtype, q.device)
         lse = common.new_empty((b, hq, tq), torch.float32, q.device)
         out4, lse3 = out, lse
     else:
         b, tq, tk = varlen.batch, varlen.max_q, varlen.max_k
-        out = common.new_empty(q.shape, q.dtype, q.device)
+        out = common.new_empty((q.shape[0], hq, dv), q.dtype, q.device)
         lse = common.new_empty((hq, q.shape[0]), torch.float32, q.device)
         out4, lse3 = common.batched_view(out, varlen), lse.unsqueeze(0).expand(b, -1, -1)
         q, k, v = (common.batched_view(x, varlen) for x in (q, k, v))
@@ -301,7 +306,7 @@ def swa_fwd(
         lse3.stride(0), lse3.stride(1),
         tq, tk, q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
         win_key(l_eff, r_eff, tk),
-        HEAD_DIM=d, BLOCK_D=common.block_d(d),
+        HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
         SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
         VARLEN=varlen is not None,
         **meta,

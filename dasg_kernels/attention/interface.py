@@ -66,8 +66,8 @@ def _validate(
     check_same(op, "dtype", **{"q": q, kname: k, vname: v})
     check_same(op, "device", **{"q": q, kname: k, vname: v})
     b, tq, hq, d = q.shape
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"{op}: {kname} and {vname} must have the same shape, "
+    if tuple(k.shape[:-1]) != tuple(v.shape[:-1]):
+        raise ValueError(f"{op}: {kname} and {vname} must have the same shape but for the head dim, "
                          f"got {tuple(k.shape)} and {tuple(v.shape)}")
     bk, tk, hkv, dk = k.shape
     if bk != b:
@@ -122,12 +122,11 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
     be = resolve_backend(backend, q, k, v, op=op)
     if be != "triton":
         return be
-    d = q.shape[-1]
-    if d not in SUPPORTED_HEAD_DIMS:
+    bad = _unsupported_head_dim(q, v)
+    if bad:
         if backend == "auto":
             return "torch"
-        raise ValueError(f"{op}: the Triton kernels need a head dim D that is a multiple of 8 and <= 256, got {d} "
-                         f"(use backend='torch' for other head dims)")
+        raise ValueError(f"{op}: {bad} (use backend='torch' for other head dims)")
     names = ("q", "k_cache", "v_cache") if op == "swa_decode" else ("q", "k", "v")
     check_last_dim_contiguous(op, **dict(zip(names, (q, k, v))))
     common.check_row_stride(op, **dict(zip(names, (q, k, v))))
@@ -139,17 +138,27 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
     return be
 
 
-def _check_summary_kv(op, summary_kv, k_cache, group_size, summaries) -> None:
+def _unsupported_head_dim(q: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these head dims (``None``: they can)."""
+    for what, d in (("q/k head dim", q.shape[-1]), ("value head dim", v.shape[-1])):
+        if d not in SUPPORTED_HEAD_DIMS:
+            return f"the Triton kernels need a {what} that is a multiple of 8 and <= 256, got {d}"
+    return None
+
+
+def _check_summary_kv(op, summary_kv, k_cache, v_cache, group_size, summaries) -> None:
     if not summaries:
         raise ValueError(f"{op}: summary_kv is only used with summaries=True")
     if not isinstance(summary_kv, (tuple, list)) or len(summary_kv) != 2:
         raise TypeError(f"{op}: summary_kv must be a (k_summary, v_summary) pair of tensors")
     b, tk, hkv, d = k_cache.shape
-    expected = (b, (tk + group_size - 1) // group_size, hkv, d)
-    for name, t in zip(("k_summary", "v_summary"), summary_kv):
+    ng = (tk + group_size - 1) // group_size
+    for name, t, dd in zip(("k_summary", "v_summary"), summary_kv, (d, v_cache.shape[-1])):
         check_tensor(name, t, ndim=4, dtypes=FLOAT_DTYPES, op=op)
+        expected = (b, ng, hkv, dd)
         if tuple(t.shape) != expected:
-            raise ValueError(f"{op}: {name} must have shape {expected} ([B, ceil(Tk/G), Hkv, D]), got {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must have shape {expected} ([B, ceil(Tk/G), Hkv, head dim]), "
+                             f"got {tuple(t.shape)}")
     check_same(op, "dtype", k_cache=k_cache, k_summary=summary_kv[0], v_summary=summary_kv[1])
     check_same(op, "device", k_cache=k_cache, k_summary=summary_kv[0], v_summary=summary_kv[1])
 
@@ -272,7 +281,7 @@ def swa_decode(
                                    group_size=group_size, summaries=summaries,
                                    softmax_scale=softmax_scale, decode=True)
     if summary_kv is not None:
-        _check_summary_kv(op, summary_kv, k_cache, group_size, summaries)
+        _check_summary_kv(op, summary_kv, k_cache, v_cache, group_size, summaries)
     be = _pick_backend(op, backend, q, k_cache, v_cache)
     with torch.no_grad():
         if be == "torch":  # blockwise PyTorch; it pools the summaries from the cache itself

@@ -258,6 +258,10 @@ def swa_attention_with_kvcache(
         raise ValueError(f"{OP}: a cache holds no future keys: window[1] must be 0, got {right}")
     _, _, scale = _validate(OP, q, k_cache, v_cache, window=(left, 0), causal=True, group_size=group_size,
                             summaries=summaries, softmax_scale=softmax_scale, decode=True)
+    if v_cache.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"{OP}: the bounded cache needs one head dim for keys and values, got k_cache "
+                         f"{k_cache.shape[-1]} and v_cache {v_cache.shape[-1]} (swa_decode takes a value head "
+                         f"dim of its own)")
     means, sums = (k_means, v_means), (k_sum, v_sum)
     _check_cache(q, k_cache, k, v, cache_seqlens, means, sums, left, group_size, summaries)
     be = resolve_backend(backend, q, k_cache, v_cache, op=OP)  # the ring kernel takes any D <= 256

@@ -42,12 +42,12 @@ def swa_attention_fwd(
 @swa_attention_fwd.register_fake
 def _swa_attention_fwd_fake(q, k, v, left, right, causal, group_size, summaries, scale):
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
-    out = q.new_empty((b, t, hq, d))
+    hkv, dv = k.shape[2], v.shape[3]
+    out = q.new_empty((b, t, hq, dv))
     lse = q.new_empty((b, hq, t), dtype=torch.float32)
     if _uses_summaries(left, right, causal, summaries):
         ng = (t + group_size - 1) // group_size  # works for SymInts too
-        ks, vs = k.new_empty((b, ng, hkv, d)), v.new_empty((b, ng, hkv, d))
+        ks, vs = k.new_empty((b, ng, hkv, d)), v.new_empty((b, ng, hkv, dv))
     else:
         ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
     return out, lse, ks, vs
@@ -116,11 +116,11 @@ def swa_attention_varlen_fwd(
 @swa_attention_varlen_fwd.register_fake
 def _swa_attention_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, left, right, causal, group_size,
                                    summaries, scale):
-    out = q.new_empty(q.shape)
+    out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     if _uses_summaries(left, right, causal, summaries):
-        shape = (cu_k.shape[0] - 1, (max_k + group_size - 1) // group_size, k.shape[1], k.shape[2])
-        ks, vs = k.new_empty(shape), v.new_empty(shape)
+        shape = (cu_k.shape[0] - 1, (max_k + group_size - 1) // group_size, k.shape[1])
+        ks, vs = k.new_empty((*shape, k.shape[2])), v.new_empty((*shape, v.shape[2]))
     else:
         ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
     return out, lse, ks, vs

@@ -27,7 +27,8 @@ def _group_mean_kernel(
     stride_ksb, stride_kst, stride_ksh,
     stride_vsb, stride_vst, stride_vsh,
     T, H, G,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, VARLEN: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_G: tl.constexpr, VARLEN: tl.constexpr,
 ):
     i_g, i_bh, _ = _block_and_head(VARLEN)
     i_b = (i_bh // H).to(tl.int64)
@@ -42,40 +43,45 @@ def _group_mean_kernel(
     end = tl.minimum(start + G, T)
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < HEAD_DIM
+    o_dv = tl.arange(0, BLOCK_DV)
+    m_dv = o_dv < HEAD_DV
     o_t = tl.arange(0, BLOCK_G)
     p_k = K + i_b * stride_kb + i_h * stride_kh
     p_v = V + i_b * stride_vb + i_h * stride_vh
     b_ks = tl.zeros([BLOCK_D], dtype=tl.float32)
-    b_vs = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b_vs = tl.zeros([BLOCK_DV], dtype=tl.float32)
     for t0 in range(start, end, BLOCK_G):
         rows = t0 + o_t
-        m = (rows < end)[:, None] & m_d[None, :]
+        m_t = (rows < end)[:, None]
         r64 = rows.to(tl.int64)[:, None]
-        b_ks += tl.sum(tl.load(p_k + r64 * stride_kt + o_d[None, :], mask=m, other=0.0).to(tl.float32), 0)
-        b_vs += tl.sum(tl.load(p_v + r64 * stride_vt + o_d[None, :], mask=m, other=0.0).to(tl.float32), 0)
+        b_ks += tl.sum(tl.load(p_k + r64 * stride_kt + o_d[None, :], mask=m_t & m_d[None, :], other=0.0)
+                       .to(tl.float32), 0)
+        b_vs += tl.sum(tl.load(p_v + r64 * stride_vt + o_dv[None, :], mask=m_t & m_dv[None, :], other=0.0)
+                       .to(tl.float32), 0)
     cnt = (end - start).to(tl.float32)
     p_ks = KS + i_b * stride_ksb + i_g.to(tl.int64) * stride_kst + i_h * stride_ksh + o_d
-    p_vs = VS + i_b * stride_vsb + i_g.to(tl.int64) * stride_vst + i_h * stride_vsh + o_d
+    p_vs = VS + i_b * stride_vsb + i_g.to(tl.int64) * stride_vst + i_h * stride_vsh + o_dv
     tl.store(p_ks, (b_ks / cnt).to(KS.dtype.element_ty), mask=m_d)
-    tl.store(p_vs, (b_vs / cnt).to(VS.dtype.element_ty), mask=m_d)
+    tl.store(p_vs, (b_vs / cnt).to(VS.dtype.element_ty), mask=m_dv)
 
 
 @common.on_device_of_first_arg
 def group_means_fwd(
     k: torch.Tensor, v: torch.Tensor, group_size: int, *, varlen: common.Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pool ``k, v [B, T, H, D]`` (any strides, last stride 1) to ``[B, ceil(T/G), H, D]``.
+    """Pool ``k [B, T, H, D]``, ``v [B, T, H, Dv]`` (any strides, last stride 1) to ``[B, ceil(T/G), H, D or Dv]``.
 
     With ``varlen``, ``k, v`` are the ``[B, total_k, H, D]`` batch-stride-0 views of a packed
     batch (:func:`~dasg_kernels.attention.common.batched_view`): each sequence's groups
     restart at its first key, ``ks[b, g]`` is group ``g`` of sequence ``b`` (the output has
     ``ceil(max_k / G)`` groups; those past a sequence's end are left unwritten)."""
     b, t, h, d = k.shape
+    dv = v.shape[-1]
     if varlen is not None:
         t = varlen.max_k
     ng = triton.cdiv(t, group_size)
     ks = common.new_empty((b, ng, h, d), k.dtype, k.device)
-    vs = common.new_empty((b, ng, h, d), v.dtype, v.device)
+    vs = common.new_empty((b, ng, h, dv), v.dtype, v.device)
     if ks.numel() == 0:
         return ks, vs
     if varlen is None:
@@ -87,7 +93,7 @@ def group_means_fwd(
         ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
         t, h, group_size,
-        HEAD_DIM=d, BLOCK_D=common.block_d(d),
+        HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
         BLOCK_G=max(2, min(POOL_BLOCK_G, triton.next_power_of_2(group_size))), VARLEN=varlen is not None,
     )
     return ks, vs

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from dasg_kernels.attention import common, ops
-from dasg_kernels.attention.interface import SUPPORTED_HEAD_DIMS, _check_options
+from dasg_kernels.attention.interface import _check_options, _unsupported_head_dim
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.validation import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_same, check_tensor
 
@@ -30,8 +30,9 @@ def _validate(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
     v = check_tensor("v", v, ndim=3, dtypes=FLOAT_DTYPES, op=OP)
     check_same(OP, "dtype", q=q, k=k, v=v)
     check_same(OP, "device", q=q, k=k, v=v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"{OP}: k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if tuple(k.shape[:-1]) != tuple(v.shape[:-1]):
+        raise ValueError(f"{OP}: k and v must have the same shape but for the head dim, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
     hq, d = q.shape[1], q.shape[2]
     hkv = k.shape[1]
     if k.shape[2] != d:
@@ -56,11 +57,11 @@ def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     be = resolve_backend(backend, q, k, v, op=OP)
     if be != "triton":
         return be
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+    bad = _unsupported_head_dim(q, v)
+    if bad:
         if backend == "auto":
             return "torch"
-        raise ValueError(f"{OP}: the Triton kernels need a head dim D that is a multiple of 8 and <= 256, "
-                         f"got {q.shape[-1]} (use backend='torch' for other head dims)")
+        raise ValueError(f"{OP}: {bad} (use backend='torch' for other head dims)")
     check_last_dim_contiguous(OP, q=q, k=k, v=v)
     common.check_row_stride(OP, **{n: x.unsqueeze(0) for n, x in (("q", q), ("k", k), ("v", v))})
     # varlen grids put batch * heads on axis 0 (2**31 - 1) and the blocks of the longest
@@ -75,7 +76,7 @@ def _torch_varlen(q, k, v, cu_q, cu_k, *, window, causal, group_size, summaries,
     """The ``torch`` backend: the blockwise op per sequence (host reads of ``cu_seqlens``)."""
     from dasg_kernels.attention.blockwise import swa_attention_blockwise
 
-    out = q.new_zeros(q.shape)  # rows of empty sequences: 0, lse -inf
+    out = q.new_zeros(*q.shape[:-1], v.shape[-1])  # rows of empty sequences: 0, lse -inf
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
     bq, bk = cu_q.tolist(), cu_k.tolist()
     for i in range(len(bq) - 1):
