@@ -84,8 +84,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import dasg_kernels
-from dasg_kernels import expert_ffn, swa_attention, swa_attention_with_kvcache, swa_decode
+from dasg_kernels import expert_ffn, swa_attention, swa_attention_varlen, swa_attention_with_kvcache, swa_decode
 from dasg_kernels.attention import SUPPORTED_HEAD_DIMS
 from dasg_kernels.backend import BACKENDS, resolve_backend
 from dasg_kernels.reference import local_mask
@@ -582,64 +581,26 @@ def _restarts_layout(pos: torch.Tensor) -> _Layout:
     return layout
 
 
-# --------------------------------------------------------------------------- attention: capability probes
+# --------------------------------------------------------------------------- attention: capabilities
 
-_PROBED: dict[tuple, bool] = {}
+#: Ops of dasg_kernels that take a value head dim other than the query / key one (DeepSeek
+#: MLA: 192 / 128): every attention op but the bounded-cache one.
+VALUE_HEAD_DIM_OPS = frozenset({"swa_attention", "swa_decode", "swa_attention_varlen"})
 
 
-def _value_dim_ok(op: str, backend: str, device: torch.device) -> bool:
-    """Whether ``op`` takes a value head dim other than the query / key one (probed once per
-    op, backend and device type on tiny inputs; unknown while compiling: no)."""
-    key = (op, backend, device.type)
-    if key in _PROBED:
-        return _PROBED[key]
-    if _is_tracing():
-        return False
-    q = torch.zeros(1, 2, 1, 16, device=device)
-    k, v = torch.zeros(1, 2, 1, 16, device=device), torch.zeros(1, 2, 1, 8, device=device)
-    try:
-        if op == "swa_attention":
-            out = swa_attention(q, k, v, window=(-1, 0), backend=backend)
-        elif op == "swa_decode":
-            out = swa_decode(q[:, :1], k, v, window=(-1, 0), backend=backend)
-        elif op == "swa_attention_with_kvcache":
-            n = torch.full((1,), 2, dtype=torch.int32, device=device)
-            out = swa_attention_with_kvcache(q[:, :1], k.clone(), v.clone(), n, window=-1, backend=backend)
-        else:
-            fn = getattr(dasg_kernels, "swa_attention_varlen", None)
-            if fn is None:
-                out = q.new_zeros(2, 1, 8)  # the loop of swa_attention below
-                ok = _value_dim_ok("swa_attention", backend, device)
-                _PROBED[key] = ok
-                return ok
-            cu = torch.tensor([0, 2], dtype=torch.int32, device=device)
-            out = fn(q[0], k[0], v[0], cu, cu, 2, 2, window=(-1, 0), causal=True, backend=backend)
-        ok = out.shape[-1] == 8
-    except (ValueError, TypeError, NotImplementedError, RuntimeError):
-        ok = False
-    _PROBED[key] = ok
-    return ok
+def _value_dim_ok(op: str) -> bool:
+    """Whether ``op`` takes a value head dim other than the query / key one (static: no probe
+    launch, the same answer while compiling)."""
+    return op in VALUE_HEAD_DIM_OPS
 
 
 # --------------------------------------------------------------------------- attention: runs
 
 
 def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, left, causal, scale, backend):
-    """``swa_attention_varlen`` (flash-attn varlen layout ``[total, H, D]``); until the kernel
-    package has it, a loop of :func:`swa_attention` over the documents (reads ``cu_seqlens``)."""
-    window = (left, 0 if causal else -1)
-    fn = getattr(dasg_kernels, "swa_attention_varlen", None)
-    if fn is not None:
-        return fn(q, k, v, cu_q, cu_k, max_q, max_k, window=window, causal=causal, softmax_scale=scale,
-                  backend=backend)
-    out = q.new_zeros(*q.shape[:-1], v.shape[-1])
-    bq, bk = cu_q.tolist(), cu_k.tolist()
-    for i in range(len(bq) - 1):
-        (q0, q1), (k0, k1) = (bq[i], bq[i + 1]), (bk[i], bk[i + 1])
-        if q1 > q0:
-            out[q0:q1] = swa_attention(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], window=window, causal=causal,
-                                       softmax_scale=scale, backend=backend)[0]
-    return out
+    """:func:`dasg_kernels.swa_attention_varlen` (flash-attn varlen layout ``[total, H, D]``)."""
+    return swa_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=(left, 0 if causal else -1), causal=causal,
+                                softmax_scale=scale, backend=backend)
 
 
 def _cache_attention(q, k, v, n, left, scale, backend, *, append: bool):
@@ -772,15 +733,16 @@ def _attention_unsupported(layout, query, key, value, dropout, softcap, is_causa
     if not is_causal and window is not None:
         return "a bidirectional sliding window"
     d = query.shape[-1]
-    if backend != "torch" and d not in SUPPORTED_HEAD_DIMS:
-        # "auto" would quietly run the PyTorch path: the model's own path is as good
-        return f"head dim {d} (the Triton kernels need a multiple of 8, at most 256)"
+    for what, dd in (("head dim", d), ("value head dim", value.shape[-1])):
+        if backend != "torch" and dd not in SUPPORTED_HEAD_DIMS:
+            # "auto" would quietly run the PyTorch path: the model's own path is as good
+            return f"{what} {dd} (the Triton kernels need a multiple of 8, at most 256)"
     if value.shape[-1] != d:
         op = {"varlen": "swa_attention_varlen", "plain": "swa_attention" if tq == tk else "swa_decode"}.get(
             layout.kind, "swa_attention" if tq == tk else "swa_attention_with_kvcache")
         if op == "swa_decode" and _is_tracing():
             op = "swa_attention_with_kvcache"
-        if not _value_dim_ok(op, backend, query.device):
+        if not _value_dim_ok(op):
             return f"a value head dim ({value.shape[-1]}) other than the query / key one ({d}): {op} does not take it yet"
     return None
 
