@@ -14,10 +14,11 @@ order = sequence order, equal shards). Per call and rank it receives
   sums of both shards;
 
 then attends its queries to ``[halo + local]`` keys and the summaries at its global
-position offset. Both collectives are the autograd ones of
-:mod:`torch.distributed.nn.functional`, so the backward returns the gradients of the halo
-and of the summaries to the ranks that own those keys/values. Output and gradients equal
-``swa_attention`` on the whole sequence (the tests check it with gloo on CPU).
+position offset. Both collectives form one autograd node (:class:`_Exchange`) whose
+backward returns the gradients of the halo and of the summaries to the ranks that own
+those keys/values, running the same reverse collectives in the same order on every rank.
+Output and gradients equal ``swa_attention`` on the whole sequence (the tests check it
+with gloo on CPU).
 
 Also :func:`shift_labels_cp`: next-token targets of a sequence-sharded batch (the target of
 a shard's last position is the next shard's first label).
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 
 from dasg_kernels import reference
 from dasg_kernels.attention import ops
@@ -34,26 +34,6 @@ from dasg_kernels.attention.interface import _pick_backend, _validate
 from dasg_kernels.attention.interface import swa_attention as _swa_attention
 from dasg_kernels.backend import interpreted_bf16
 
-
-class _AllGather(torch.autograd.Function):
-    """``all_gather`` with autograd whose backward works on any subgroup: each rank's
-    gradient is the sum over ranks of the gradient of its slot (``reduce_scatter`` done as an
-    ``all_reduce`` + slice, which gloo supports; ``torch.distributed.nn.functional.all_gather``
-    mixes group and global ranks in its backward on gloo subgroups)."""
-
-    @staticmethod
-    def forward(ctx, group, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ctx.group = group
-        ctx.rank = dist.get_rank(group)
-        bufs = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(bufs, x, group=group)
-        return tuple(bufs)
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor):
-        g = torch.stack([gr.contiguous() for gr in grads])
-        dist.all_reduce(g, group=ctx.group)
-        return None, g[ctx.rank]
 
 __all__ = ["resolve_group", "shift_labels_cp", "swa_attention_cp"]
 
@@ -115,39 +95,87 @@ def _halo_len(rank: int, t_local: int, left: int) -> int:
     return start if left < 0 else min(left, start)
 
 
-def _exchange_halo(
-    k: torch.Tensor, v: torch.Tensor, left: int, group: dist.ProcessGroup, rank: int, world: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[halo + local]`` keys and values: the last ``_halo_len`` rows before this shard are
-    received from the preceding ranks by one autograd ``all_to_all_single``."""
-    b, tl, hkv, d = k.shape
-    dv = v.shape[-1]
-    if left == 0 or world == 1:
-        return k, v
-    start = rank * tl
+def _halo_splits(rank: int, world: int, t_local: int, left: int) -> tuple[list[int], list[int]]:
+    """``(send, recv)``: rows this shard sends to / receives from each rank for the halos
+    (what rank ``p > rank`` needs is a suffix of this shard)."""
+    start = rank * t_local
     send, recv = [], []
     for p in range(world):
-        # rows of this shard that rank p needs (a suffix of this shard, since p > rank)
         if p > rank:
-            sp = p * tl
-            send.append(max(0, min(sp, start + tl) - max(sp - _halo_len(p, tl, left), start)))
+            sp = p * t_local
+            send.append(max(0, min(sp, start + t_local) - max(sp - _halo_len(p, t_local, left), start)))
         else:
             send.append(0)
-        # rows of rank p's shard in this shard's halo
         if p < rank:
-            recv.append(max(0, min(start, (p + 1) * tl) - max(start - _halo_len(rank, tl, left), p * tl)))
+            recv.append(max(0, min(start, (p + 1) * t_local) - max(start - _halo_len(rank, t_local, left), p * t_local)))
         else:
             recv.append(0)
-    # one row per position: [T_local, B, Hkv * (D + Dv)], k and v in one message
-    rows = torch.cat([k.reshape(b, tl, hkv * d), v.reshape(b, tl, hkv * dv)], dim=-1).transpose(0, 1)
-    inp = torch.cat([rows[tl - n:] for n in send], dim=0) if sum(send) else rows[:0]
-    out = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
-    halo = dist_fn.all_to_all_single(out, inp.contiguous(), recv, send, group=group)
-    h = halo.shape[0]
-    halo = halo.transpose(0, 1)  # [B, h, F]
-    k_halo = halo[..., : hkv * d].reshape(b, h, hkv, d)
-    v_halo = halo[..., hkv * d:].reshape(b, h, hkv, dv)
-    return torch.cat([k_halo, k], dim=1), torch.cat([v_halo, v], dim=1)
+    return send, recv
+
+
+class _Exchange(torch.autograd.Function):
+    """The halo ``all_to_all_single`` and the summary ``all_gather`` of one call as one
+    autograd node.
+
+    Its backward runs both reverse collectives, always in the same order, on every rank: the
+    node's first output holds the local keys (always used), so it runs even on a rank whose
+    queries see no summary (its gathered parts then get zero gradients). With two separate
+    autograd collectives, such a rank skipped the gather's backward while the others waited
+    in it (a hang with 4 ranks, seen in CI), and ranks could also reach the two backwards in
+    different orders.
+
+    ``rows [T_local, B, F]`` (one row per position: every kv head's ``k | v``) ->
+    ``[halo + T_local, B, F]``; ``pmeans [B, n_slot, F]`` -> one such tensor per rank.
+    """
+
+    @staticmethod
+    def forward(ctx, group, send: list[int], recv: list[int], halo: bool, gather: bool,
+                rows: torch.Tensor, pmeans: torch.Tensor):
+        ctx.group, ctx.send, ctx.recv, ctx.halo, ctx.gather = group, send, recv, halo, gather
+        ctx.rank, ctx.t_local = dist.get_rank(group), rows.shape[0]
+        if halo:
+            inp = torch.cat([rows[rows.shape[0] - n:] for n in send], 0) if sum(send) else rows[:0]
+            got = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
+            dist.all_to_all_single(got, inp.contiguous(), recv, send, group=group)
+            ext = torch.cat([got, rows], 0)
+        else:
+            ext = rows.clone()
+        if not gather:
+            return (ext,)
+        parts = [torch.empty_like(pmeans) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, pmeans.contiguous(), group=group)
+        return (ext, *parts)
+
+    @staticmethod
+    def backward(ctx, g_ext: torch.Tensor, *g_parts: torch.Tensor):
+        h = g_ext.shape[0] - ctx.t_local
+        g_rows = g_ext[h:].clone()
+        if ctx.halo:  # each halo row's gradient goes back to the rank that sent it
+            g_sent = g_ext.new_empty((sum(ctx.send),) + tuple(g_ext.shape[1:]))
+            dist.all_to_all_single(g_sent, g_ext[:h].contiguous(), ctx.send, ctx.recv, group=ctx.group)
+            off = 0
+            for n in ctx.send:
+                if n:
+                    g_rows[ctx.t_local - n:] += g_sent[off:off + n]
+                off += n
+        g_pmeans = None
+        if ctx.gather:  # reduce_scatter as all_reduce + slice (gloo has no reduce_scatter)
+            g = torch.stack([gp.contiguous() for gp in g_parts])
+            dist.all_reduce(g, group=ctx.group)
+            g_pmeans = g[ctx.rank]
+        return None, None, None, None, None, g_rows, g_pmeans
+
+
+def _rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``k [B, T, Hkv, D]``, ``v [B, T, Hkv, Dv]`` -> ``[B, T, Hkv * (D + Dv)]``."""
+    b, t = k.shape[:2]
+    return torch.cat([k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
+
+
+def _split_rows(x: torch.Tensor, hkv: int, d: int, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`_rows` for ``x [B, T, Hkv * (D + Dv)]``."""
+    b, t = x.shape[:2]
+    return x[..., : hkv * d].reshape(b, t, hkv, d), x[..., hkv * d:].reshape(b, t, hkv, dv)
 
 
 def _group_slots(t_local: int, group_size: int) -> int:
@@ -155,46 +183,62 @@ def _group_slots(t_local: int, group_size: int) -> int:
     return (t_local + group_size - 2) // group_size + 1
 
 
-def _gather_summaries(
-    k: torch.Tensor, v: torch.Tensor, group_size: int, n_groups: int,
-    group: dist.ProcessGroup, rank: int, world: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Means ``[B, n_groups, Hkv, D]`` of the first ``n_groups`` global groups.
+def _slot_counts(r: int, t_local: int, group_size: int) -> torch.Tensor:
+    """Positions of shard ``r`` in each of its group slots (slot ``j`` = global group ``r*T_local // G + j``)."""
+    pos = torch.arange(r * t_local, (r + 1) * t_local)
+    slot = pos // group_size - (r * t_local) // group_size
+    return torch.bincount(slot, minlength=_group_slots(t_local, group_size)).to(torch.float32)
 
-    Every rank pools its shard into partial means per group slot (slot ``j`` = global group
-    ``start // G + j``), sent in the input dtype by one autograd ``all_gather``; the global
-    mean of a group is the count-weighted sum of the partial means of the shards it
-    touches (fp32 accumulation), so straddling groups come out right.
-    """
+
+def _partial_means(rows: torch.Tensor, group_size: int, rank: int) -> torch.Tensor:
+    """This shard's partial mean per group slot, ``[B, n_slot, F]`` in the input dtype
+    (summed in fp32) from ``rows [B, T_local, F]``."""
+    b, tl, f = rows.shape
+    g = group_size
+    start = rank * tl
+    slot = (torch.arange(start, start + tl, device=rows.device) // g) - start // g
+    sums = rows.new_zeros((b, _group_slots(tl, g), f), dtype=torch.float32).index_add(1, slot, rows.float())
+    cnt = _slot_counts(rank, tl, g).to(rows.device)
+    return (sums / cnt.clamp(min=1)[None, :, None]).to(rows.dtype)
+
+
+def _combine_means(parts: tuple[torch.Tensor, ...], t_local: int, group_size: int, n_groups: int) -> torch.Tensor:
+    """Means ``[B, n_groups, F]`` of the first ``n_groups`` global groups from every shard's
+    partial means: the count-weighted sum over the shards a group touches (fp32), so
+    straddling groups come out right."""
+    g, world = group_size, len(parts)
+    b, n_slot, f = parts[0].shape
+    n_total = reference.num_groups(world * t_local, g)
+    acc = parts[0].new_zeros((b, n_total + n_slot, f), dtype=torch.float32)  # slack: slots past the end
+    group_count = torch.clamp(world * t_local - torch.arange(n_total) * g, max=g).to(torch.float32)
+    for r, part in enumerate(parts):
+        g0 = (r * t_local) // g
+        idx = torch.arange(g0, g0 + n_slot)
+        w = _slot_counts(r, t_local, g) / group_count[idx.clamp(max=n_total - 1)]
+        acc = acc.index_add(1, idx.to(part.device), part.float() * w.to(part.device)[None, :, None])
+    return acc[:, :n_groups].to(parts[0].dtype)
+
+
+def _exchange(k: torch.Tensor, v: torch.Tensor, *, left: int, group_size: int | None, n_groups: int | None,
+              group: dist.ProcessGroup, rank: int, world: int):
+    """``(k_ext, v_ext, ks, vs)``: the local keys/values behind their halo (``[B, h + T_local,
+    Hkv, D | Dv]``) and, when ``n_groups`` is not ``None``, the means of the first
+    ``n_groups`` global groups (``[B, n_groups, Hkv, D | Dv]``), from one :class:`_Exchange`."""
     b, tl, hkv, d = k.shape
     dv = v.shape[-1]
-    g = group_size
-    n_slot = _group_slots(tl, g)
-    t_total = world * tl
-
-    def slot_counts(r: int) -> torch.Tensor:
-        pos = torch.arange(r * tl, (r + 1) * tl)
-        slot = pos // g - (r * tl) // g
-        return torch.bincount(slot, minlength=n_slot).to(torch.float32)
-
-    start = rank * tl
-    rows = torch.cat([k.reshape(b, tl, hkv * d), v.reshape(b, tl, hkv * dv)], dim=-1).float()
-    slot = (torch.arange(start, start + tl, device=k.device) // g) - start // g
-    sums = rows.new_zeros((b, n_slot, rows.shape[-1])).index_add(1, slot, rows)
-    cnt = slot_counts(rank).to(k.device)
-    pmeans = (sums / cnt.clamp(min=1)[None, :, None]).to(k.dtype)  # [B, n_slot, F]
-    parts = _AllGather.apply(group, pmeans.contiguous())
-
-    n_total = reference.num_groups(t_total, g)
-    acc = rows.new_zeros((b, n_total + n_slot, rows.shape[-1]))  # slack: slots past the end
-    group_count = torch.clamp(t_total - torch.arange(n_total) * g, max=g).to(torch.float32)
-    for r, part in enumerate(parts):
-        g0 = (r * tl) // g
-        idx = torch.arange(g0, g0 + n_slot)
-        w = slot_counts(r) / group_count[idx.clamp(max=n_total - 1)]
-        acc = acc.index_add(1, idx.to(k.device), part.float() * w.to(k.device)[None, :, None])
-    means = acc[:, :n_groups].to(k.dtype)
-    return means[..., : hkv * d].reshape(b, n_groups, hkv, d), means[..., hkv * d:].reshape(b, n_groups, hkv, dv)
+    halo = left != 0 and world > 1
+    gather = n_groups is not None
+    if not halo and not gather:
+        return k, v, None, None
+    rows = _rows(k, v)  # [B, T_local, F]
+    pm = _partial_means(rows, group_size, rank) if gather else rows.new_empty((0,))
+    send, recv = _halo_splits(rank, world, tl, left)
+    ext, *parts = _Exchange.apply(group, send, recv, halo, gather, rows.transpose(0, 1), pm)
+    k_ext, v_ext = _split_rows(ext.transpose(0, 1), hkv, d, dv)
+    if not gather:
+        return k_ext, v_ext, None, None
+    ks, vs = _split_rows(_combine_means(tuple(parts), tl, group_size, n_groups), hkv, d, dv)
+    return k_ext, v_ext, ks, vs
 
 
 # --------------------------------------------------------------------------- shard attention
@@ -382,14 +426,15 @@ def swa_attention_cp(
         raise ValueError(f"{_OP}: q must hold at least one position (T_local >= 1), got shape {tuple(q.shape)}")
 
     h = _halo_len(rank, tl, left)
-    k_ext, v_ext = _exchange_halo(k, v, left, group, rank, world)
-    ks = vs = None
+    n_groups = None
     if summaries and left >= 0:
         # groups wholly before the window of some query of this shard / of the last shard
         n_mine = max(0, (rank * tl + tl - 1 - left) // group_size)
         n_any = max(0, (world * tl - 1 - left) // group_size)
         if n_any > 0:  # the same decision on every rank: all of them join the all-gather
-            ks, vs = _gather_summaries(k, v, group_size, n_mine, group, rank, world)
+            n_groups = n_mine
+    k_ext, v_ext, ks, vs = _exchange(k, v, left=left, group_size=group_size, n_groups=n_groups, group=group,
+                                     rank=rank, world=world)
     kw = dict(h=h, left=left, group_size=group_size, q_start=rank * tl, scale=scale)
     if be == "torch":
         return _shard_attention_torch(q, k_ext, v_ext, ks, vs, **kw)

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
+from _helpers import free_port, run_ranks
 from torch.testing import assert_close
 
 from dasg_kernels import reference
@@ -33,12 +32,6 @@ from dasg_model.parallel import apply_context_parallel
 from dasg_model.parallel.context import remove_context_parallel
 
 # --------------------------------------------------------------------------- harness
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None:
@@ -52,11 +45,7 @@ def _worker(rank: int, world: int, port: int, fn_name: str, args: tuple) -> None
 
 
 def _spawn(fn_name: str, world: int, *args) -> None:
-    # fork where there is one: the children skip re-importing torch (seconds per process on 2
-    # cores); _worker sets one thread first, as DataLoader workers do
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker, args=(world, _free_port(), fn_name, args), nprocs=world, join=True,
-                       start_method=method)
+    run_ranks(_worker, world, (world, free_port(), fn_name, args))
 
 
 # --------------------------------------------------------------------------- attention
@@ -116,6 +105,22 @@ CASES_4 = [
     dict(tl=6, left=-1, g=4, summaries=True),                   # full window: summaries never seen
     dict(tl=7, left=4, g=3, summaries=True, hq=4, hkv=1, backend="auto", seed=2),
 ]
+
+
+def _mismatched_collectives(rank: int, world: int) -> None:
+    if rank == 0:
+        dist.all_reduce(torch.ones(1))  # rank 1 never joins
+    else:
+        import time
+
+        time.sleep(60)
+
+
+def test_a_hang_fails_instead_of_blocking():
+    """The harness's safety net: ranks stuck in a collective fail the test after its timeout
+    (a CI run once hung here for its whole budget)."""
+    with pytest.raises(pytest.fail.Exception, match="did not finish in 3 s"):
+        run_ranks(_worker, 2, (2, free_port(), "_mismatched_collectives", ()), timeout=3)
 
 
 def _subgroups(rank: int, world: int) -> None:

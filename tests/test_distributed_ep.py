@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _helpers import free_port, run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 
 from dasg_model import DASGConfig, DASGForCausalLM, DASGMoE
@@ -25,12 +24,6 @@ from dasg_model.parallel import apply_expert_parallel
 from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients, ep_comm_stats
 
 # --------------------------------------------------------------------------- spawning
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -60,15 +53,10 @@ def _entry(rank: int, world: int, port: int, fn, args) -> None:
 
 
 def _spawn(fn, world: int, *args, interpret: bool = False) -> None:
-    # fork: the children start in milliseconds instead of re-importing torch (seconds each on
-    # 2 shared cores). The environment change still counts there: dasg_kernels reads
-    # TRITON_INTERPRET at each dispatch, so "auto" runs the PyTorch path in the children.
-    # (not after CUDA was initialised in this process: then spawn)
-    fork_ok = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
-    method = "fork" if fork_ok else "spawn"
+    # The environment change counts in the children: dasg_kernels reads TRITON_INTERPRET at
+    # each dispatch, so "auto" runs the PyTorch path there unless ``interpret``.
     with _child_env(interpret):
-        mp.start_processes(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True,
-                           start_method=method)
+        run_ranks(_entry, world, (world, free_port(), fn, args))
 
 
 # --------------------------------------------------------------------------- checks
