@@ -11,6 +11,8 @@ Layout (one file per op family, as in ``dasg_kernels/<family>/``):
 - ``common.py``          timing (``triton.testing.do_bench`` on CUDA), FLOP counting,
                          correctness checks, the environment header, progress output
 - ``bench_attention.py`` ``swa_attention`` vs SDPA (dense mask), FlexAttention, SDPA flash
+- ``bench_varlen.py``    ``swa_attention_varlen`` (packed sequences) vs padding and FlexAttention
+                         with a document mask
 - ``bench_moe.py``       ``expert_ffn`` / ``route`` vs the per-expert loop, ``torch._grouped_mm``,
                          an equal-FLOP dense GEMM, and the decode memory bound
 - ``bench_model.py``     ``DASGForCausalLM``: ours vs the PyTorch-reference model vs dense SDPA

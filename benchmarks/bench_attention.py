@@ -47,6 +47,8 @@ GPU_D = (64, 128)
 HIDDEN = 2048          # heads = HIDDEN // D, so both head dims do the same FLOPs per pair
 FLEX_BLOCK = 128
 DENSE_ASSUMED_TFLOPS = 150.0   # to predict how long one dense-mask SDPA call takes
+FLEX_CUDA_ONLY = ("FlexAttention is benchmarked compiled (torch.compile) on CUDA only; on the CPU it "
+                  "would need a C++ toolchain and its compile time would dominate")
 
 
 @dataclass(frozen=True)
@@ -111,15 +113,10 @@ def priority(c: AttnCase) -> tuple:
 # ----------------------------------------------------------------------------- methods
 
 
-def kernel_available(device: torch.device) -> tuple[bool, str]:
-    """Whether ``swa_attention(..., backend="triton")`` runs here (probe on a tiny input)."""
-    import dasg_kernels as dk
-
-    on_cuda = device.type == "cuda"
-    dt = torch.bfloat16 if on_cuda else torch.float32
-    q = torch.randn(1, 16, 1, 128 if on_cuda else 32, device=device, dtype=dt)  # D=128: a kernel the run needs
+def probe_kernel(call: Callable[[], Any]) -> tuple[bool, str]:
+    """Whether ``call`` (one tiny ``backend="triton"`` call) runs here, and why not."""
     try:
-        dk.swa_attention(q, q, q, window=(255 if on_cuda else 3, 0), backend="triton")
+        call()
     except NotImplementedError as exc:
         return False, f"the Triton attention kernel is not built yet ({exc})"
     except ValueError as exc:
@@ -128,6 +125,31 @@ def kernel_available(device: torch.device) -> tuple[bool, str]:
     except Exception:
         pass  # a kernel that crashes is "available" and fails its correctness check loudly
     return True, ""
+
+
+def kernel_available(device: torch.device) -> tuple[bool, str]:
+    """Whether ``swa_attention(..., backend="triton")`` runs here (probe on a tiny input)."""
+    import dasg_kernels as dk
+
+    on_cuda = device.type == "cuda"
+    dt = torch.bfloat16 if on_cuda else torch.float32
+    q = torch.randn(1, 16, 1, 128 if on_cuda else 32, device=device, dtype=dt)  # D=128: a kernel the run needs
+    return probe_kernel(lambda: dk.swa_attention(q, q, q, window=(255 if on_cuda else 3, 0), backend="triton"))
+
+
+def choose_backend(ctx: Context, family: str, available: bool, why: str) -> str | None:
+    """``"triton"`` where the kernel runs; on the CPU the torch reference stands in; elsewhere
+    ``None`` (ours is not timed). Logged and recorded in the family's entry."""
+    if available:
+        backend = "triton"
+    elif ctx.device.type == "cpu":
+        backend = "torch"
+        ctx.log(f"{family}: {why}; timing the torch reference as a stand-in (no speed-ups reported)")
+    else:
+        backend = None
+        ctx.log(f"{family}: {why}; our kernel is not timed on this device")
+    ctx.families[family].update(kernel_available=available, kernel_backend=backend, kernel_reason=why)
+    return backend
 
 
 def _bhtd(x: torch.Tensor) -> torch.Tensor:
@@ -141,6 +163,15 @@ def summary_slots(t: int, g: int) -> int:
     return -(-max(ng, -(-t // 256)) // FLEX_BLOCK) * FLEX_BLOCK
 
 
+def append_slots(k: torch.Tensor, v: torch.Tensor, pool: Callable, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[B,H,T,D]`` keys/values followed by ``pool(x) [B,H,S,D]``, zero-padded to ``slots`` keys."""
+    def one(x):
+        s = pool(x)
+        return torch.cat([x, F.pad(s, (0, 0, 0, slots - s.shape[2]))], dim=2)
+
+    return one(k), one(v)
+
+
 def _with_summaries(k: torch.Tensor, v: torch.Tensor, g: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[B,H,T,D]`` keys/values followed by their group means, zero-padded to ``slots``."""
     from dasg_kernels.reference import group_means_ref
@@ -148,12 +179,10 @@ def _with_summaries(k: torch.Tensor, v: torch.Tensor, g: int, slots: int) -> tup
     def pool(x):
         t = x.shape[2]
         if t % g == 0:  # the benchmark shapes: a mean in the input dtype, no fp32 copy of x
-            s = x.unflatten(2, (t // g, g)).mean(3)
-        else:
-            s = group_means_ref(x.transpose(1, 2), g).transpose(1, 2)
-        return F.pad(s, (0, 0, 0, slots - s.shape[2]))
+            return x.unflatten(2, (t // g, g)).mean(3)
+        return group_means_ref(x.transpose(1, 2), g).transpose(1, 2)
 
-    return torch.cat([k, pool(k)], dim=2), torch.cat([v, pool(v)], dim=2)
+    return append_slots(k, v, pool, slots)
 
 
 def dense_mask(c: AttnCase, tk: int, device) -> torch.Tensor:
@@ -184,29 +213,55 @@ def flex_mask_mod(t: int, left: int, g: int, ng: int, device):
     return mask_mod
 
 
-def sliding_block_mask(t: int, tk: int, left: int, g: int, ng: int, device, block: int = FLEX_BLOCK):
-    """A flex ``BlockMask`` for :func:`flex_mask_mod`, computed from the window in closed
-    form (``create_block_mask`` would evaluate the mask on all ``T * Tk`` pairs: gigabytes
-    at T=64k). Blocks are full (no mask_mod needed) or partial, as FlexAttention wants."""
+def key_intervals(lengths, left: int, group_size: int | None, n_slots: int,
+                  device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask of sequences packed one after another (each its own causal window
+    ``(left, 0)``), followed by ``n_slots`` summary keys, as one query interval per key:
+    key ``k`` is seen by exactly the queries ``[a[k], b[k])``. Slot ``i`` holds the ``i``-th
+    whole group of the sequences in order (a partial group is seen by no query, so it gets
+    no slot); the slots past them are padding, seen by none."""
+    lens = torch.tensor(list(lengths), dtype=torch.int64, device=device)
+    ends = torch.cumsum(lens, 0)
+    starts = ends - lens
+    total = int(lens.sum())
+    seq = torch.arange(lens.numel(), device=device)
+    kv = torch.arange(total, device=device)
+    lft = left if left >= 0 else total
+    a, b = [kv], [torch.minimum(kv + lft + 1, ends[torch.repeat_interleave(seq, lens)])]
+    n_real = 0
+    if group_size and left >= 0:
+        ng = lens // group_size
+        sseq = torch.repeat_interleave(seq, ng)
+        j = torch.arange(sseq.numel(), device=device) - (torch.cumsum(ng, 0) - ng)[sseq]
+        a.append(starts[sseq] + (j + 1) * group_size + left)  # (j+1)*G - 1 < pos - left
+        b.append(ends[sseq])
+        n_real = sseq.numel()
+    if n_slots < n_real:
+        raise ValueError(f"key_intervals: {n_real} whole groups need {n_real} slots, got {n_slots}")
+    a.append(torch.full((n_slots - n_real,), total, dtype=torch.int64, device=device))
+    b.append(torch.zeros(n_slots - n_real, dtype=torch.int64, device=device))
+    return torch.cat(a), torch.cat(b)
+
+
+def block_mask_from_intervals(a: torch.Tensor, b: torch.Tensor, tq: int, mask_mod: Callable,
+                              block: int = FLEX_BLOCK):
+    """A flex ``BlockMask`` for a mask in which key ``k`` is seen by the queries ``[a[k], b[k])``
+    (:func:`key_intervals`), in closed form (``create_block_mask`` would evaluate ``mask_mod``
+    on all ``Tq * Tk`` pairs: gigabytes at 64k). Blocks are full (no mask_mod needed) or
+    partial, as FlexAttention wants; a block reaching past ``Tq`` or ``Tk`` is never full
+    (as in ``create_block_mask``)."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    lft = left if left >= 0 else t
-    nq, nk = -(-t // block), -(-tk // block)
-    q0 = torch.arange(nq, device=device)[:, None] * block
-    q1 = torch.clamp(q0 + block - 1, max=t - 1)
-    k0 = torch.arange(nk, device=device)[None, :] * block
-    k1 = torch.clamp(k0 + block - 1, max=tk - 1)
-    has_local = k0 < t
-    lk1 = torch.clamp(k1, max=t - 1)
-    any_local = has_local & (k0 <= q1) & (lk1 >= q0 - lft)
-    full_local = (k1 < t) & (k1 <= q0) & (k0 >= q1 - lft)
-    has_s = k1 >= t
-    s0 = torch.clamp(k0 - t, min=0)
-    s1 = k1 - t
-    any_s = has_s & (s0 < ng) & ((s0 + 1) * g - 1 < q1 - lft) if ng else torch.zeros_like(has_s)
-    full_s = (k0 >= t) & (s1 < ng) & ((s1 + 1) * g - 1 < q0 - lft) if ng else torch.zeros_like(has_s)
-    any_ = any_local | any_s
-    full = full_local | full_s
+    tk = a.shape[0]
+    nq, nk = -(-tq // block), -(-tk // block)
+    q0 = torch.arange(nq, device=a.device)[:, None] * block
+    q1 = q0 + block - 1
+    pad = nk * block - tk
+    a_, b_ = F.pad(a, (0, pad), value=tq)[None], F.pad(b, (0, pad), value=0)[None]
+    seen = (a_ <= q1) & (b_ > q0) & (a_ < b_)   # by some query of the block
+    whole = (a_ <= q0) & (b_ > q1)              # by every query of the block
+    any_ = seen.view(nq, nk, block).any(-1)
+    full = whole.view(nq, nk, block).all(-1) & any_
     partial = any_ & ~full
 
     def pack(m):
@@ -216,10 +271,15 @@ def sliding_block_mask(t: int, tk: int, left: int, g: int, ng: int, device, bloc
 
     kv_num, kv_idx = pack(partial)
     full_num, full_idx = pack(full)
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block,
-        mask_mod=flex_mask_mod(t, left, g, ng, device), seq_lengths=(t, tk),
-    )
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod,
+                                    seq_lengths=(tq, tk))
+
+
+def sliding_block_mask(t: int, tk: int, left: int, g: int, ng: int, device, block: int = FLEX_BLOCK):
+    """A flex ``BlockMask`` for :func:`flex_mask_mod` (one sequence of ``t`` tokens and
+    ``tk - t`` summary slots), from :func:`key_intervals`."""
+    a, b = key_intervals([t], left, g if ng else None, tk - t, device)
+    return block_mask_from_intervals(a, b, t, flex_mask_mod(t, left, g, ng, device), block)
 
 
 _FLEX_COMPILED = None
@@ -304,8 +364,7 @@ def build_method(name: str, c: AttnCase, q, k, v, device, backend: str) -> Metho
 
     if name == "flex":
         if not on_cuda:
-            return ("FlexAttention is benchmarked compiled (torch.compile) on CUDA only; on the CPU it "
-                    "would need a C++ toolchain and its compile time would dominate")
+            return FLEX_CUDA_ONLY
         ng = -(-c.t // c.group_size) if c.summaries else 0
         bm = sliding_block_mask(c.t, tk, c.left, c.group_size or 1, ng, device)
         flex = compiled_flex()
@@ -441,17 +500,15 @@ def _inputs(c: AttnCase, device):
     return q, k, v, do
 
 
-def time_method(ctx: Context, c: AttnCase, m: Method, do: torch.Tensor, pairs: int) -> None:
-    base = {"case_id": c.id, "case": c.params(), "method": m.name, "note": m.note, "stand_in": m.stand_in,
-            "pairs": pairs}
-    d_o = m.to_bthd(do) if m.name == "ours" else do.transpose(1, 2).contiguous()
+def time_modes(ctx: Context, base: dict[str, Any], m: Method, d_o: torch.Tensor, flops: dict[str, float]) -> None:
+    """Time ``m`` in the modes fwd, bwd (of a retained graph) and fwd+bwd; ``d_o`` is the
+    output gradient in ``m``'s layout."""
     inputs = m.inputs
     fwd = lambda: m.fn(*inputs)  # noqa: E731
 
     def fwd_bwd():
         m.fn(*inputs).backward(d_o)
 
-    flops = {mode: attention_flops(pairs, c.batch, c.heads, c.d, mode) for mode in common.MODES_ATTN}
     ctx.timed({**base, "mode": "fwd"}, fwd, flops=flops["fwd"], memory=True)
     if ctx.out_of_time():
         ctx.timed({**base, "mode": "bwd"}, fwd)
@@ -466,15 +523,23 @@ def time_method(ctx: Context, c: AttnCase, m: Method, do: torch.Tensor, pairs: i
     ctx.timed({**base, "mode": "fwd+bwd"}, fwd_bwd, flops=flops["fwd+bwd"], grad_to_none=inputs, memory=True)
     for x in inputs:
         x.grad = None
-    ctx.log(_line(ctx, c, m.name))
 
 
-def _line(ctx: Context, c: AttnCase, method: str) -> str:
+def time_method(ctx: Context, c: AttnCase, m: Method, do: torch.Tensor, pairs: int) -> None:
+    base = {"case_id": c.id, "case": c.params(), "method": m.name, "note": m.note, "stand_in": m.stand_in,
+            "pairs": pairs}
+    d_o = m.to_bthd(do) if m.name == "ours" else do.transpose(1, 2).contiguous()
+    flops = {mode: attention_flops(pairs, c.batch, c.heads, c.d, mode) for mode in common.MODES_ATTN}
+    time_modes(ctx, base, m, d_o, flops)
+    ctx.log(progress_line(ctx, FAMILY, c.id, m.name))
+
+
+def progress_line(ctx: Context, family: str, case_id: str, method: str) -> str:
     parts = []
     for r in ctx.records:
-        if r.get("case_id") == c.id and r.get("method") == method and r.get("family") == FAMILY:
+        if r.get("case_id") == case_id and r.get("method") == method and r.get("family") == family:
             parts.append(f"{r['mode']}={r['ms']:.3f}ms" if r["status"] == "ok" else f"{r['mode']}:{r['status']}")
-    return f"  attention {c.id:<40} {method:<16} " + " ".join(parts)
+    return f"  {family} {case_id:<40} {method:<16} " + " ".join(parts)
 
 
 def run(ctx: Context) -> None:
@@ -484,15 +549,7 @@ def run(ctx: Context) -> None:
     _settings_dense_max_s = getattr(ctx.settings, "dense_max_call_s", 0.25)
     all_cases = sorted(cases(ctx.settings.quick, dev), key=priority)
     available, why = kernel_available(dev)
-    if available:
-        backend = "triton"
-    elif dev.type == "cpu":
-        backend = "torch"
-        ctx.log(f"attention: {why}; timing the torch reference as a stand-in (no speed-ups reported)")
-    else:
-        backend = None
-        ctx.log(f"attention: {why}; our kernel is not timed on this device")
-    ctx.families[FAMILY].update(kernel_available=available, kernel_backend=backend, kernel_reason=why)
+    backend = choose_backend(ctx, FAMILY, available, why)
 
     # pass 1: ours, flex, flash; pass 2: the dense-mask baseline (slowest, least informative)
     passes = [("ours", "flex", "sdpa_flash"), ("sdpa_dense_mask",)]

@@ -330,16 +330,22 @@ def _skips(ix: Index, family: str) -> list[str]:
     return [""]
 
 
+def _cases(ix: Index, family: str, key: str | None = None) -> list[tuple[str, dict]]:
+    """``(case_id, case params)`` of ``family``'s records, first seen first (only cases with ``key``)."""
+    cases: dict[str, dict] = {}
+    for r in ix.records(family):
+        c = r.get("case")
+        if c and (key is None or key in c):
+            cases.setdefault(r["case_id"], c)
+    return list(cases.items())
+
+
 def attention_md(ix: Index) -> list[str]:
     recs = ix.records("attention", method="ours")
     if not recs and not ix.records("attention"):
         return []
     show, why = ix.speedups_meaningful("attention")
-    cases = []
-    for r in ix.records("attention"):
-        c = r.get("case")
-        if c and r.get("case_id") not in [x[0] for x in cases]:
-            cases.append((r["case_id"], c))
+    cases = _cases(ix, "attention")
     cases.sort(key=lambda x: (x[1]["D"], x[1]["T"], x[1]["W"], x[1]["summaries"]))
     lines = ["## Attention: `swa_attention` (causal sliding window, W keys per query, summaries G=W)", ""]
     if not show:
@@ -372,15 +378,60 @@ def attention_md(ix: Index) -> list[str]:
     return lines + _skips(ix, "attention")
 
 
+VARLEN_METHODS = (("ours_varlen", "varlen"), ("ours_padded", "padded"), ("flex_document", "flex"))
+
+
+def varlen_md(ix: Index) -> list[str]:
+    if not ix.records("varlen"):
+        return []
+    show, why = ix.speedups_meaningful("varlen")
+    cases = _cases(ix, "varlen")
+    lines = ["## Attention, packed sequences: `swa_attention_varlen` vs padding and FlexAttention "
+             "(document mask)", ""]
+    if not show:
+        lines += [f"Speed-ups not shown: {why}.", ""]
+    lines += ["padded = `swa_attention` on the batch padded to its longest sequence (padded before timing); flex = "
+              "compiled FlexAttention on the packed batch, document + window block mask (+ each sequence's summary "
+              "keys). x = baseline ms / varlen ms (> 1: varlen faster); TFLOP/s count each sequence's visible "
+              "pairs only, so padding shows as lost throughput.", ""]
+    for cid, c in cases:
+        if c.get("lengths"):
+            pad = ix.get("varlen", cid, "ours_padded", "fwd") or {}
+            waste = (f"; padded: B x {c['max_len']} = {c['padded_tokens']} tokens "
+                     f"({1 - c['tokens'] / c['padded_tokens']:.0%} padding)" if c.get("padded_tokens") else "")
+            if pad.get("padded_pairs") and pad.get("pairs"):
+                waste += f", {pad['padded_pairs'] / pad['pairs']:.2f}x the useful pairs"
+            lines.append(f"- `{cid}`: lengths {c['lengths']}, Hq={c['Hq']}, Hkv={c['Hkv']}, "
+                         f"G={c['G'] or '—'}, {c['dtype']}{waste}")
+    lines += ["", "| case | mode | varlen ms | varlen TFLOP/s | padded ms | padded TFLOP/s | x padded | flex ms "
+              "| flex TFLOP/s | x flex | peak MiB varlen / padded / flex |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cid, c in cases:
+        for mode in ("fwd", "bwd", "fwd+bwd"):
+            o = ix.get("varlen", cid, "ours_varlen", mode)
+            oms = o["ms"] if o and o.get("status") == "ok" else None
+            cells = [cid, mode, _fmt(oms) if oms else (o or {}).get("status", "—"),
+                     _fmt(o.get("tflops")) if oms else "—"]
+            for meth, _ in VARLEN_METHODS[1:]:
+                b = ix.get("varlen", cid, meth, mode)
+                bms = b["ms"] if b and b.get("status") == "ok" else None
+                cells += [_fmt(bms) if bms else (b or {}).get("status", "—"), _fmt(b.get("tflops")) if bms else "—",
+                          _fmt(_ratio(bms, oms), 2) + "x" if show and bms and oms else "—"]
+            mem = []
+            if mode == "fwd+bwd":
+                for meth, _ in VARLEN_METHODS:
+                    b = ix.get("varlen", cid, meth, mode)
+                    mem.append(_fmt(b.get("peak_mib"), 0) if b and b.get("peak_mib") is not None else "—")
+            cells.append(" / ".join(mem))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + _skips(ix, "varlen")
+
+
 def moe_md(ix: Index) -> list[str]:
     if not ix.records("moe"):
         return []
     show, why = ix.speedups_meaningful("moe")
-    cases = []
-    for r in ix.records("moe"):
-        c = r.get("case")
-        if c and "shape" in c and r.get("case_id") not in [x[0] for x in cases]:
-            cases.append((r["case_id"], c))
+    cases = _cases(ix, "moe", key="shape")
     lines = ["## MoE: `expert_ffn` (routed SwiGLU experts)", ""]
     if not show:
         lines += [f"Speed-ups not shown: {why}.", ""]
@@ -507,6 +558,7 @@ def markdown(results: dict[str, Any], plots: list[str] | None = None, title: str
     lines += header_md(results)
     lines += targets_md(results)
     lines += attention_md(ix)
+    lines += varlen_md(ix)
     lines += moe_md(ix)
     lines += model_md(ix)
     lines += generate_md(ix)
@@ -620,6 +672,26 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
             ax.legend(fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
         save(fig, "moe-tflops")
+
+    # varlen: useful TFLOP/s per method and mode, one panel per case
+    vrecs = [r for r in ix.records("varlen") if r.get("status") == "ok" and r.get("tflops") and r.get("case")]
+    if vrecs:
+        vcases = list(dict.fromkeys(r["case_id"] for r in vrecs))
+        fig, axes = plt.subplots(1, len(vcases), figsize=(5.5 * len(vcases), 4), squeeze=False)
+        modes = ("fwd", "bwd", "fwd+bwd")
+        for ax, cid in zip(axes[0], vcases):
+            width = 0.8 / len(VARLEN_METHODS)
+            for i, (meth, lab) in enumerate(VARLEN_METHODS):
+                vals = [(ix.get("varlen", cid, meth, m) or {}).get("tflops") for m in modes]
+                if any(vals):
+                    ax.bar([j + i * width for j in range(len(modes))], [v or 0 for v in vals], width, label=lab)
+            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modes))])
+            ax.set_xticklabels(modes)
+            ax.set_ylabel("useful TFLOP/s")
+            ax.set_title(cid, fontsize=8)
+            ax.legend(fontsize=7)
+            ax.grid(True, axis="y", alpha=0.3)
+        save(fig, "varlen")
 
     # speed-up bars against each baseline
     panels = []
@@ -809,6 +881,15 @@ def latest_snippet(results_dir: str = RESULTS_DIR, *, link_prefix: str = "", inc
             rows.append(f"| attention fwd T={_t(c['T'])} W={c['W']} D=128 | {_fmt(r['ms'])} ms | "
                         f"{_fmt(r.get('tflops'))} TFLOP/s | "
                         + (f"{f / r['ms']:.2f}x vs FlexAttention" if f and show_a else "—") + " |")
+    show_v, _ = ix.speedups_meaningful("varlen")
+    for r in ix.records("varlen", method="ours_varlen", mode="fwd+bwd"):
+        c = r.get("case") or {}
+        if r.get("status") == "ok":
+            base = {lab: ix.ms("varlen", r["case_id"], meth, "fwd+bwd") for meth, lab in VARLEN_METHODS[1:]}
+            x = [f"{b / r['ms']:.2f}x vs {lab}" for lab, b in base.items() if b and show_v]
+            rows.append(f"| varlen fwd+bwd {_t(c['tokens'])} tokens in {c['B']} sequences"
+                        f"{' + summaries' if c.get('summaries') else ''} | {_fmt(r['ms'])} ms | "
+                        f"{_fmt(r.get('tflops'))} TFLOP/s | {', '.join(x) or '—'} |")
     show_m, _ = ix.speedups_meaningful("moe")
     for r in ix.records("moe", method="ours", mode="fwd+bwd"):
         c = r.get("case") or {}
@@ -818,7 +899,7 @@ def latest_snippet(results_dir: str = RESULTS_DIR, *, link_prefix: str = "", inc
                         "TFLOP/s | " + (f"{g / r['ms']:.2f}x vs torch._grouped_mm" if g and show_m else "—") + " |")
     if rows:
         lines += ["| case | ours | throughput | speed-up |", "|---|---|---|---|", *rows, ""]
-    for name in ("attention-time", "attention-memory", "moe-tflops", "speedup", "model", "generate"):
+    for name in ("attention-time", "attention-memory", "varlen", "moe-tflops", "speedup", "model", "generate"):
         png = os.path.join(os.path.dirname(path), f"{stem}-{name}.png")
         if os.path.exists(png):
             lines += [f"![{name}]({link_prefix}{stem}-{name}.png)", ""]

@@ -4,7 +4,7 @@
 
     python -m benchmarks                    # everything (GPU: issue 2/3/5 matrices, ~8 min on an H100)
     python -m benchmarks --quick            # a small subset
-    python -m benchmarks --only attention   # one family (attention | moe | model | generate); repeatable
+    python -m benchmarks --only attention   # one family (attention | varlen | moe | model | generate); repeatable
     python -m benchmarks --out DIR          # where the JSON / Markdown / PNG go (default benchmarks/results)
 
 Each kernel's output is checked against ``dasg_kernels.reference`` before it is timed;
@@ -33,9 +33,10 @@ import torch
 import benchmarks  # noqa: F401  (sets TRITON_INTERPRET on CPU-only machines first)
 from benchmarks import common
 
-FAMILIES = ("attention", "moe", "model", "generate")
-# share of the time budget per family on a full GPU run; unused time carries over
-BUDGET_SHARE = {"attention": 0.5, "moe": 0.2, "model": 0.18, "generate": 0.12}
+FAMILIES = ("attention", "varlen", "moe", "model", "generate")
+# share of the time budget per family on a full GPU run (normalised over the families run);
+# unused time carries over
+BUDGET_SHARE = {"attention": 0.5, "varlen": 0.12, "moe": 0.2, "model": 0.18, "generate": 0.12}
 DEFAULT_BUDGET_S = {"full": 450.0, "quick": 240.0}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small subset of every matrix")
     p.add_argument("--only", action="append", default=None, metavar="FAMILY",
-                   help="attention | moe | model | generate (repeatable or comma-separated; default: all)")
+                   help="attention | varlen | moe | model | generate (repeatable or comma-separated; default: all)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: benchmarks/results)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",

@@ -21,6 +21,7 @@ import torch
 from benchmarks import bench_attention as BA
 from benchmarks import bench_model as BMo
 from benchmarks import bench_moe as BM
+from benchmarks import bench_varlen as BV
 from benchmarks import common
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
@@ -88,15 +89,46 @@ def test_attention(benchmark, case, method, mode):
         BA.check_baseline(ctx, case, m)
     _require(ctx, method)
     d_o = do if method == "ours" else do.transpose(1, 2).contiguous()
-    if mode == "fwd":
-        fn = lambda: m.fn(*m.inputs)  # noqa: E731
-    elif mode == "bwd":
-        out = m.fn(*m.inputs)
-        fn = lambda: out.backward(d_o, retain_graph=True)  # noqa: E731
-    else:
-        fn = lambda: m.fn(*m.inputs).backward(d_o)  # noqa: E731
     flops = common.attention_flops(case.pairs(), case.batch, case.heads, case.d, mode)
-    _bench(benchmark, fn, f"attention {case.id} {mode}", m.inputs, flops=flops, method=method, **case.params())
+    _bench(benchmark, _attn_mode_fn(m, d_o, mode), f"attention {case.id} {mode}", m.inputs, flops=flops,
+           method=method, **case.params())
+
+
+def _attn_mode_fn(m, d_o, mode):
+    """The timed call of an attention ``Method`` in ``mode`` (bwd: of a retained graph)."""
+    if mode == "fwd":
+        return lambda: m.fn(*m.inputs)
+    if mode == "bwd":
+        out = m.fn(*m.inputs)
+        return lambda: out.backward(d_o, retain_graph=True)
+    return lambda: m.fn(*m.inputs).backward(d_o)
+
+
+# ----------------------------------------------------------------------------- varlen (packed sequences)
+
+_VARLEN_OK = None
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("method", list(BV.METHODS))
+@pytest.mark.parametrize("case", BV.cases(QUICK, DEVICE), ids=lambda c: c.id.replace(" ", ","))
+def test_varlen(benchmark, case, method, mode):
+    global _VARLEN_OK
+    if method.startswith("ours"):
+        if _VARLEN_OK is None:
+            _VARLEN_OK = BV.kernel_available(DEVICE)
+        if not _VARLEN_OK[0]:
+            pytest.skip(_VARLEN_OK[1])
+    q, k, v, do = BV._inputs(case, DEVICE)
+    m = BV.build_method(method, case, q, k, v, DEVICE, "triton")
+    if isinstance(m, str):
+        pytest.skip(m)
+    ctx = _ctx("varlen")
+    BV.check_method(ctx, case, m, q, k, v, BV.reference_rows_packed(q, k, v, case), "triton", set())
+    _require(ctx, method)
+    flops = common.attention_flops(case.pairs(), 1, case.hq, case.d, mode)  # useful pairs only
+    _bench(benchmark, _attn_mode_fn(m, BV.grad_out(m, case, do), mode), f"varlen {case.id} {mode}", m.inputs,
+           flops=flops, method=method, **case.params())
 
 
 # ----------------------------------------------------------------------------- MoE

@@ -5,6 +5,12 @@
 #
 #   device run:  bash scripts/gpu_session.sh            (timeout_s 600)
 #   knobs:       TEST_S=200 BENCH_S=270 ONLY=attention TEST_MARK="not slow" bash scripts/gpu_session.sh
+#   families:    all of benchmarks.runner.FAMILIES unless ONLY is set (attention, varlen, moe, model,
+#                generate; ONLY=attention,varlen takes several). A family gets its share of BENCH_S
+#                (runner.BUDGET_SHARE) plus what the ones before it left. varlen's compiles (its
+#                Triton kernels' autotuning, torch.compile of FlexAttention) will likely need more
+#                than its share on a fresh machine (not measured yet): ONLY=varlen BENCH_S=150
+#                gives it the whole budget.
 #
 # Then, here: unpack $OUT/results.tgz into benchmarks/results/, commit the JSON/MD/PNG, and run
 # `python -m benchmarks.report --latest --readme README.md` to refresh the README's table.

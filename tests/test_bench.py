@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from benchmarks import bench_attention, bench_model, bench_moe, common, report, runner
+from benchmarks import bench_attention, bench_model, bench_moe, bench_varlen, common, report, runner
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REC_STATUSES = {"ok", "skipped", "error", "unavailable"}
@@ -62,7 +62,7 @@ def test_quick_run_writes_every_file(quick_run):
     except ImportError:
         return
     pngs = [f for f in files if f.endswith(".png")]
-    for name in ("attention-time", "attention-memory", "moe-tflops", "speedup", "model"):
+    for name in ("attention-time", "attention-memory", "varlen", "moe-tflops", "speedup", "model"):
         assert f"run-{name}.png" in pngs, pngs
     for p in pngs:
         with open(os.path.join(out, p), "rb") as f:
@@ -78,7 +78,7 @@ def test_results_json_schema(quick_run):
                 "interpreter", "quick"):
         assert key in env, key
     assert env["device_kind"] == "cpu" and env["timings_meaningful"] is False and env["quick"] is True
-    assert set(res["families"]) == {"attention", "moe", "model", "generate"}
+    assert set(res["families"]) == {"attention", "varlen", "moe", "model", "generate"}
     for fam, info in res["families"].items():
         assert info["status"] == "ok", (fam, info)
         assert "kernel_available" in info
@@ -86,11 +86,13 @@ def test_results_json_schema(quick_run):
     for c in res["correctness"]:
         assert {"family", "case_id", "op", "check", "passed", "max_err", "tol"} <= set(c)
     ops = {(c["family"], c["op"]) for c in res["correctness"] if not c.get("baseline")}
-    assert {("attention", "swa_attention"), ("moe", "expert_ffn"), ("model", "DASGForCausalLM"),
-            ("generate", "generate")} <= ops
+    assert {("attention", "swa_attention"), ("varlen", "swa_attention_varlen"), ("varlen", "swa_attention (padded)"),
+            ("moe", "expert_ffn"), ("model", "DASGForCausalLM"), ("generate", "generate")} <= ops
     if all(c["passed"] for c in res["correctness"]):
         assert ("moe", "route") in ops
         assert {"dq", "dk", "dv"} <= {c["check"] for c in res["correctness"] if c["op"] == "swa_attention"}
+        assert {"dq", "dk", "dv", "lse (sampled rows)", "out == padded swa_attention (every row)"} <= {
+            c["check"] for c in res["correctness"] if c["op"] == "swa_attention_varlen"}
     for r in res["records"]:
         assert {"family", "case_id", "method", "mode", "status"} <= set(r), r
         assert r["status"] in REC_STATUSES
@@ -104,17 +106,26 @@ def test_results_json_schema(quick_run):
                       ("moe", "loop"), ("moe", "grouped_mm"), ("moe", "dense_gemm")]:
         assert (fam, meth) in timed, (fam, meth)
     # ours: timed, or (a kernel that failed its check) recorded as not timed with the reason
-    for fam in ("attention", "moe", "model"):
-        ours = [r for r in res["records"] if r["family"] == fam and r["method"] == "ours"]
+    for fam, meth in (("attention", "ours"), ("moe", "ours"), ("model", "ours"), ("varlen", "ours_varlen"),
+                      ("varlen", "ours_padded")):
+        ours = [r for r in res["records"] if r["family"] == fam and r["method"] == meth]
         assert ours and all(r["status"] == "ok" or ("wrong output" in r["reason"] and "ms" not in r)
                             for r in ours), ours
     # FlexAttention needs compile on CUDA: recorded as skipped, with the reason
-    flex = [r for r in res["records"] if r["method"] == "flex"]
-    assert flex and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in flex)
+    for meth in ("flex", "flex_document"):
+        flex = [r for r in res["records"] if r["method"] == meth]
+        assert flex and all(r["status"] == "skipped" and "CUDA" in r["reason"] for r in flex)
     # useful FLOPs are recorded with the attention timings
     fwd = [r for r in res["records"] if r["family"] == "attention" and r["method"] == "sdpa_dense_mask"
            and r["mode"] == "fwd" and r["status"] == "ok"]
     assert fwd and all(r["flops"] > 0 and r["pairs"] > 0 for r in fwd)
+    # varlen: FLOPs of the useful pairs only, for the padded batch too (its waste is recorded)
+    vfwd = {r["method"]: r for r in res["records"] if r["family"] == "varlen" and r["mode"] == "fwd"
+            and r["status"] == "ok"}
+    if {"ours_varlen", "ours_padded"} <= set(vfwd):
+        o, p = vfwd["ours_varlen"], vfwd["ours_padded"]
+        assert o["flops"] == p["flops"] > 0 and p["padded_pairs"] > p["pairs"] == o["pairs"]
+        assert p["padded_tokens"] > o["case"]["tokens"] == sum(o["case"]["lengths"])
     # every target is N/A on a CPU run
     assert res["targets"] and all(t["status"] == "N/A" for t in res["targets"])
 
@@ -123,9 +134,11 @@ def test_markdown_report_structure(quick_run):
     _, out = quick_run
     md = open(os.path.join(out, "run.md")).read()
     assert "NOT meaningful" in md
-    for section in ("## Targets", "## Attention", "## MoE", "## Model", "## Correctness", "## Plots"):
+    for section in ("## Targets", "## Attention", "## Attention, packed sequences", "## MoE", "## Model",
+                    "## Correctness", "## Plots"):
         assert section in md, section
     assert "| T | W | D | summ | mode | ours ms" in md
+    assert "| case | mode | varlen ms | varlen TFLOP/s | padded ms" in md
     assert "| shape | N | mean k | mode | ours ms" in md
     assert ("**FAIL**" in md) == (quick_run[0] == 1)
     # no speed-up is printed on a CPU run
@@ -177,6 +190,24 @@ def test_wrong_attention_kernel_fails_the_run(tmp_path, monkeypatch, capsys):
     assert "**FAIL**" in md
 
 
+def test_wrong_varlen_kernel_fails_the_run(tmp_path, monkeypatch, capsys):
+    """A wrong varlen op (and a wrong dense op, so that the padded method is not timed either:
+    a few seconds of interpreter) fails the run; nothing of ours is timed."""
+    import dasg_kernels
+
+    monkeypatch.setattr(dasg_kernels, "swa_attention_varlen", _shift(dasg_kernels.swa_attention_varlen, 0.05))
+    monkeypatch.setattr(dasg_kernels, "swa_attention", _shift(dasg_kernels.swa_attention, 0.05))
+    rc = _run(tmp_path, "--only", "varlen", "--quick", "--no-plots")
+    assert rc == 1
+    assert "FAILED" in capsys.readouterr().out
+    res = _load(tmp_path)
+    bad = {(c["op"], c["check"]) for c in res["correctness"] if not c["passed"]}
+    assert ("swa_attention_varlen", "out (sampled rows)") in bad and ("swa_attention (padded)",
+                                                                      "out (sampled rows)") in bad
+    ours = [r for r in res["records"] if r["method"].startswith("ours")]
+    assert ours and all(r["status"] == "error" and "ms" not in r for r in ours)
+
+
 def test_wrong_expert_kernel_fails_the_run(tmp_path, monkeypatch, capsys):
     import dasg_kernels
 
@@ -208,12 +239,14 @@ def test_time_budget_skips_with_the_reason(tmp_path):
     # a budget of 0, not "a little": where the kernel probes are fast (no interpreter, e.g. a GPU
     # machine) a tiny budget could leave the first case inside it, and its CUDA-only flex record
     # would then be skipped for that reason instead of the budget
-    rc = _run(tmp_path, "--only", "attention,moe", "--time-budget", "0", "--no-plots")
+    rc = _run(tmp_path, "--only", "attention,varlen,moe", "--time-budget", "0", "--no-plots")
     assert rc == 0
     res = _load(tmp_path)
     assert res["complete"] is True
-    timed = [r for r in res["records"] if r["method"] in ("ours", "loop", "flex", "sdpa_dense_mask")]
+    timed = [r for r in res["records"] if r["method"] in ("ours", "loop", "flex", "sdpa_dense_mask", "ours_varlen",
+                                                          "ours_padded", "flex_document")]
     assert timed and all(r["status"] == "skipped" and "time budget" in r["reason"] for r in timed)
+    assert {r["family"] for r in timed} == {"attention", "varlen", "moe"}
 
 
 def test_unknown_family_is_a_usage_error():
@@ -254,6 +287,70 @@ def test_flex_block_mask_matches_the_dense_mask(w, summ):
     assert torch.equal(ours.to_dense().bool(), ref.to_dense().bool())
     assert torch.equal(ours.full_kv_num_blocks.flatten(), ref.full_kv_num_blocks.flatten())
     assert torch.equal(ours.kv_num_blocks.flatten(), ref.kv_num_blocks.flatten())
+
+
+def test_log_uniform_lengths():
+    lens = bench_varlen.log_uniform_lengths(*bench_varlen.GPU_LENGTHS)
+    assert lens == bench_varlen.log_uniform_lengths(*bench_varlen.GPU_LENGTHS)  # fixed seed
+    assert sum(lens) == 65536 and all(256 <= t <= 32768 for t in lens[:-1]) and 1 <= lens[-1] <= 32768
+    assert bench_varlen.log_uniform_lengths(*bench_varlen.CPU_LENGTHS) == (31, 27, 14)
+    c = bench_varlen.cases(False, torch.device("cuda"))[0]
+    assert (c.hq, c.hkv, c.d, c.left, c.group_size, c.dtype) == (32, 8, 128, 2047, 256, torch.bfloat16)
+    assert c.pairs() == sum(common.attention_pairs(t, 2047, group_size=256, summaries=True) for t in lens)
+    assert c.padded_pairs() > c.pairs()
+
+
+def _packed_dense_mask(c, slots):
+    """Bool ``[total, total + slots]`` from the reference masks, one sequence at a time."""
+    from dasg_kernels.reference import local_mask, summary_mask
+
+    m = torch.zeros(c.total, c.total + slots, dtype=torch.bool)
+    off = c.total
+    for s, t in zip(c.starts, c.lengths):
+        m[s:s + t, s:s + t] = local_mask(t, t, (c.left, 0), True)
+        if c.summaries:
+            sm = summary_mask(t, t, (c.left, 0), True, c.group_size)
+            n = t // c.group_size
+            assert not sm[:, n:].any()  # a partial group is never seen: it gets no slot
+            m[s:s + t, off:off + n] = sm[:, :n]
+            off += n
+    return m
+
+
+VARLEN_MASK_CASES = [((31, 27, 14), 16, True, 4), ((31, 27, 14), 16, False, 4), ((40, 3, 17, 1, 35), 5, True, 3),
+                     ((70,), 200, True, 8)]
+
+
+@pytest.mark.parametrize("lengths,w,summ,g", VARLEN_MASK_CASES)
+def test_document_block_mask_matches_the_dense_mask(lengths, w, summ, g):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    c = bench_varlen.VarlenCase(lengths, w, 32, summ, 2, 1, g, torch.float32)
+    slots = bench_varlen.summary_slots(c)
+    dense = _packed_dense_mask(c, slots)
+    mm = bench_varlen.document_mask_mod(c, "cpu")
+    qi, ki = torch.arange(c.total)[:, None], torch.arange(c.total + slots)[None, :]
+    assert torch.equal(mm(0, 0, qi, ki), dense)
+    a, b = bench_attention.key_intervals(c.lengths, c.left, c.group_size, slots, "cpu")
+    assert torch.equal((qi >= a[None]) & (qi < b[None]), dense)
+    for block in (16, 128):
+        ours = bench_attention.block_mask_from_intervals(a, b, c.total, mm, block)
+        ref = create_block_mask(mm, None, None, c.total, c.total + slots, device="cpu", BLOCK_SIZE=block)
+        assert torch.equal(ours.to_dense().bool(), ref.to_dense().bool())
+        assert torch.equal(ours.full_kv_num_blocks.flatten(), ref.full_kv_num_blocks.flatten())
+        assert torch.equal(ours.kv_num_blocks.flatten(), ref.kv_num_blocks.flatten())
+
+
+@pytest.mark.parametrize("summ", [True, False])
+def test_flex_document_matches_the_reference(summ):
+    """The flex baseline's construction (document block mask, pooled summary slots, GQA),
+    run eagerly on the CPU (forward only there): the benchmark compiles it on CUDA."""
+    c = bench_varlen.VarlenCase((31, 27, 14, 1), 16, 32, summ, 4, 2, 4, torch.float32)
+    q, k, v, _ = (x.detach() for x in bench_varlen._inputs(c, torch.device("cpu")))
+    fn = bench_varlen.flex_document_fn(c, "cpu", compiled=False)
+    out = fn(*(bench_varlen._bhtd(x) for x in (q, k, v)))[0].transpose(0, 1)
+    ref = bench_varlen.reference_packed(q, k, v, c)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_expert_baselines_match_the_reference():
@@ -371,6 +468,33 @@ def test_moe_targets_follow_the_issue_wording():
     assert not any(t.startswith("fwd >= 60%") for t, _, _ in got)
     routing = [(c, st) for t, c, st in got if t.startswith("routing + dispatch")]
     assert routing == [("fine N=16384", "PASS")]
+
+
+def test_varlen_report_on_a_gpu_result(tmp_path):
+    res = _fake_gpu_results(flex_ms=1.5)
+    c = bench_varlen.cases(False, torch.device("cuda"))[0]
+    res["families"]["varlen"] = {"status": "ok", "kernel_available": True}
+    res["correctness"].append({"family": "varlen", "case_id": c.id, "op": "swa_attention_varlen", "check": "out",
+                               "passed": True, "max_err": 0.0, "tol": 1.0})
+    for meth, ms in (("ours_varlen", 1.0), ("ours_padded", 2.5), ("flex_document", 1.6)):
+        for mode, f in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+            rec = {"family": "varlen", "case_id": c.id, "case": c.params(), "method": meth, "mode": mode,
+                   "status": "ok", "ms": ms * f, "tflops": 100.0 / ms, "peak_mib": 10.0, "pairs": c.pairs()}
+            if meth == "ours_padded":
+                rec["padded_pairs"] = c.padded_pairs()
+            res["records"].append(rec)
+    md = report.markdown(res)
+    assert "## Attention, packed sequences" in md and "2.5x" in md and "1.6x" in md
+    assert f"{c.padded_pairs() / c.pairs():.2f}x the useful pairs" in md
+    assert not any(t["family"] == "varlen" for t in report.evaluate_targets(res))  # no varlen target
+    res["targets"] = report.evaluate_targets(res)
+    (tmp_path / "nvidia-h100-2026-11-25.json").write_text(json.dumps(res))
+    snippet = report.latest_snippet(str(tmp_path), include_uncommitted=True)
+    assert "| varlen fwd+bwd 64k tokens in 11 sequences + summaries |" in snippet
+    assert "2.50x vs padded, 1.60x vs flex" in snippet
+    paths = report.make_plots(res, str(tmp_path), "gpu")
+    if paths:
+        assert os.path.join(str(tmp_path), "gpu-varlen.png") in paths
 
 
 def test_latest_snippet_without_and_with_a_gpu_run(tmp_path):
