@@ -20,8 +20,10 @@ Its value at import is kept (:data:`INTERPRET_AT_IMPORT`); if it changes later,
 ``triton`` is a ``ValueError`` saying so and ``auto`` runs ``torch``.
 
 The ``torch`` backend of attention is :mod:`dasg_kernels.attention.blockwise`
-(``O(T * (W + T/G))`` time and memory); ``dasg_kernels.reference`` stays the
-readable oracle of the tests and the ``torch`` path of the MoE ops.
+(``O(T * (W + T/G))`` time and memory), that of the routed experts
+:mod:`dasg_kernels.moe.experts_torch` (static shapes: compiles without a graph
+break); ``dasg_kernels.reference`` stays the readable oracle of the tests and the
+``torch`` routing.
 """
 from __future__ import annotations
 

@@ -1,9 +1,12 @@
 """Readable PyTorch references: the semantics every backend must meet.
 
 These are written for clarity, not speed (masks are materialised). They are the
-ground truth of the tests and the ``backend="torch"`` path of the MoE ops; attention's
-``torch`` backend is the blockwise :mod:`dasg_kernels.attention.blockwise` (the same
-semantics without the ``[T, T]`` scores).
+ground truth of the tests, and :func:`route_ref` is the ``backend="torch"`` routing.
+The ``torch`` backend of the routed experts is
+:func:`dasg_kernels.moe.experts_torch.expert_ffn_torch` (the same sum with static
+shapes, so ``torch.compile`` traces it without a graph break); attention's is the
+blockwise :mod:`dasg_kernels.attention.blockwise` (the same semantics without the
+``[T, T]`` scores).
 
 Attention (GMHA)
 ----------------
@@ -228,7 +231,9 @@ def route_ref(
     if pad:
         ids = F.pad(ids, (0, pad), value=-1)
         w = F.pad(w, (0, pad), value=0.0)
-    counts = torch.bincount(ids[ids >= 0].flatten(), minlength=e)
+    # histogram of the used slots (a scatter-add: static shapes, so torch.compile traces it)
+    counts = torch.zeros(e, dtype=torch.long, device=logits.device).scatter_add_(
+        0, ids.clamp(min=0).flatten(), (ids >= 0).flatten().long())
     return Routing(ids.to(torch.int32), w, num.to(torch.int32), counts.to(torch.int32))
 
 
@@ -259,7 +264,9 @@ def expert_ffn_ref(
     Returns:
         ``y [N, D]`` in ``x.dtype``: ``sum_slots weight * down(silu(gate(x)) * up(x))``.
 
-    Traceable by ``torch.compile(fullgraph=True)`` (no host reads while compiling).
+    The oracle: each expert's tokens are gathered with ``torch.where``, a size that
+    depends on the routing (a graph break under ``torch.compile``, a host sync on CUDA).
+    ``backend="torch"`` runs :func:`dasg_kernels.moe.experts_torch.expert_ffn_torch`.
     """
     cdt = torch.float32 if upcast else x.dtype
     out = torch.zeros(x.shape, dtype=cdt, device=x.device)

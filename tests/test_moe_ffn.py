@@ -14,6 +14,7 @@ import triton.language as tl
 
 import dasg_kernels as dk
 from dasg_kernels.moe import grouped_gemm as gg
+from dasg_kernels.moe.experts_torch import choose_method, expert_ffn_torch
 from dasg_kernels.moe.grouped_gemm import _swizzle
 from dasg_kernels.reference import expert_ffn_ref
 
@@ -664,3 +665,71 @@ def test_moe_ffn_gpu_no_host_sync_and_deterministic(device, monkeypatch):
         torch.cuda.set_sync_debug_mode("default")
     for u, v in zip(a, b):
         assert torch.equal(u, v)
+
+
+# --------------------------------------------------------------------------- torch backend
+# backend="torch" runs dasg_kernels.moe.experts_torch (static shapes, no host read; see
+# tests/test_moe_compile.py for torch.compile), held here to the reference at fp32 rounding.
+
+TORCH_SHAPES = [  # n, d, f, e, k: odd sizes, one expert, k = E, many experts, one token
+    (13, 7, 5, 3, 2), (29, 16, 12, 1, 1), (6, 8, 9, 4, 4), (20, 9, 11, 40, 4), (1, 4, 6, 5, 3), (70, 12, 8, 6, 2)]
+TORCH_METHODS = [("dense", None), ("grouped", 16), ("grouped", 128), (None, None)]
+
+
+def _torch_backend(method, block_m):
+    return lambda *a: expert_ffn_torch(*a, method=method, block_m=block_m)
+
+
+@pytest.mark.parametrize("method,block_m", TORCH_METHODS)
+@pytest.mark.parametrize("n,d,f,e,k", TORCH_SHAPES)
+def test_expert_ffn_torch_backend_matches_reference(device, n, d, f, e, k, method, block_m):
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, k, device)
+    ids[::3, -1] = -1  # k_max padding (top-p took fewer experts)
+    ids[1::4] = -1  # tokens routed to no expert
+    wt = _routing(ids, device)
+    dy = torch.randn(n, d, device=device)
+    got = _run(_torch_backend(method, block_m), x, w1, w2, ids, wt, dy)
+    want = _run(expert_ffn_ref, x, w1, w2, ids, wt, dy)
+    for name, a, b in zip(NAMES, got, want):
+        assert a.dtype == b.dtype, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    if n > 1:
+        assert torch.all(got[0][1] == 0) and torch.all(got[1][1] == 0)  # token 1 is routed nowhere
+
+
+@pytest.mark.parametrize("method", ["dense", "grouped"])
+def test_expert_ffn_torch_backend_edge_cases(device, method):
+    # a weight in an unused slot, an id past E (unused, as on the Triton path), an expert
+    # taken twice by one token, nothing routed at all, bf16 and an empty batch
+    fn = _torch_backend(method, None)
+    n, d, f, e = 9, 6, 10, 5
+    x = torch.randn(n, d, device=device)
+    w1, w2 = _weights(e, d, f, torch.float32, device)
+    ids = _ids_topk(n, e, 3, device)
+    ids[0, 1], ids[2, 2], ids[3] = -1, e, ids[3, 0]
+    wt = torch.rand(n, 3, device=device) + 0.1  # nonzero weights in the unused slots too
+    dy = torch.randn(n, d, device=device)
+    for name, a, b in zip(NAMES, _run(fn, x, w1, w2, ids, wt, dy), _run(expert_ffn_ref, x, w1, w2, ids, wt, dy)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    none = torch.full_like(ids, -1)
+    out = _run(fn, x, w1, w2, none, wt, dy)
+    assert all(torch.all(t == 0) for t in out)  # zero output, zero (not None) gradients
+    xb, w1b, w2b = x.bfloat16(), w1.bfloat16(), w2.bfloat16()
+    yb = fn(xb, w1b, w2b, ids, wt)
+    assert yb.dtype == torch.bfloat16
+    torch.testing.assert_close(yb, expert_ffn_ref(xb, w1b, w2b, ids, wt))  # fp32 inside, as the reference
+    assert fn(x[:0], w1, w2, ids[:0], wt[:0]).shape == (0, d)
+
+
+def test_expert_ffn_torch_backend_method_choice():
+    # from the sizes alone: one expert (the shared banks) and small banks dense, many
+    # experts grouped, with larger tiles when each expert gets many rows
+    assert choose_method(4096, 1, 1)[0] == "dense"
+    assert choose_method(12, 2, 4)[0] == "dense"
+    assert choose_method(2, 2, 64)[0] == "grouped"  # decode: a few tiles, not 64 experts
+    method, bm = choose_method(4096, 2, 64)
+    assert method == "grouped" and bm > 16
+    with pytest.raises(ValueError, match="method"):
+        expert_ffn_torch(*_problem(2, 4, 4, 2, 1, "cpu"), method="sparse")

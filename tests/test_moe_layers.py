@@ -1,7 +1,8 @@
 """The MoE package is layered one way (read from the source with ``ast``, nothing imported).
 
 Bottom to top: ``types``; the kernels and their launchers (``routing``, ``dispatch``,
-then ``grouped_gemm`` / ``combine``, which take a ``DispatchPlan``); ``ops`` (the
+then ``grouped_gemm`` / ``combine``, which take a ``DispatchPlan``) and ``experts_torch``
+(the ``backend="torch"`` experts, on the torch-built plan); ``ops`` (the
 ``torch.library`` custom ops); ``interface`` (the public API, which composes the ops);
 the package ``__init__``. A module may import only modules of a strictly lower layer,
 and only at module level (no function-level imports hiding a cycle).
@@ -21,6 +22,7 @@ LAYERS = {
     "dispatch": 1,
     "grouped_gemm": 2,
     "combine": 2,
+    "experts_torch": 2,
     "ops": 3,
     "interface": 4,
     "__init__": 5,

@@ -10,7 +10,11 @@ their launchers (:mod:`.routing`, :mod:`.dispatch`, :mod:`.grouped_gemm`,
 
 ``route`` -> ``dispatch`` -> ``expert_ffn`` (grouped SwiGLU GEMMs + combine), chained by
 ``moe_ffn``. Every argument is checked here, in Python, before any launch; the
-messages name the argument. ``backend="torch"`` runs :mod:`dasg_kernels.reference`.
+messages name the argument. ``backend="torch"`` routes with
+:func:`dasg_kernels.reference.route_ref` and runs the experts with
+:func:`dasg_kernels.moe.experts_torch.expert_ffn_torch` (static shapes, no host read:
+``torch.compile`` traces it without a graph break); :mod:`dasg_kernels.reference` stays
+the oracle of the tests.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.moe import grouped_gemm as _gg
 from dasg_kernels.moe import ops as _ops
 from dasg_kernels.moe.dispatch import DispatchPlan, build_plan_torch, plan_from_tensors
+from dasg_kernels.moe.experts_torch import expert_ffn_torch
 from dasg_kernels.moe.types import Routing
 from dasg_kernels.validation import check_int, check_same, check_tensor
 
@@ -365,7 +370,7 @@ def expert_ffn(
         raise TypeError(f"{op}: recompute must be a bool, got {type(recompute).__name__}")
     n, k = expert_ids.shape
     if be == "torch" or n == 0 or k == 0:
-        return reference.expert_ffn_ref(x, gate_up_proj, down_proj, expert_ids, weights)
+        return expert_ffn_torch(x, gate_up_proj, down_proj, expert_ids, weights)
     e = gate_up_proj.shape[0]
     if block_m is None:
         block_m = _gg.choose_block_m(n * k, e)
