@@ -187,7 +187,12 @@ def _attn_bytes(s: AttnShape, d: int, el: int, n_q_tensors: int, n_kv_tensors: i
     return float(q_side + kv_side + s.b * s.hq * s.t * 4 * 2)
 
 
-def attn_work(kind: str, s: AttnShape, d: int, el: int, bm: int, bn: int) -> Work:
+#: matmuls per tile of the dk/dv kernel: fused (0), the dv pass (1: Q K^T, P^T dO), the dk
+#: pass (2: Q K^T, dO V^T, dS^T Q)
+DKDV_PASS_MATMULS = {0: 4, 1: 2, 2: 3}
+
+
+def attn_work(kind: str, s: AttnShape, d: int, el: int, bm: int, bn: int, dkdv_pass: int = 0) -> Work:
     local, summ = attn_pairs(s)
     heads = s.b * s.hq
     if kind in ("fwd", "dq"):
@@ -197,11 +202,11 @@ def attn_work(kind: str, s: AttnShape, d: int, el: int, bm: int, bn: int) -> Wor
         nbytes = _attn_bytes(s, d, el, 2 if kind == "fwd" else 3, 2)
     elif kind == "dkdv":
         full, masked = attn_kv_iters(s, bm, bn)
-        flops = 8.0 * d * local * heads
+        flops = DKDV_PASS_MATMULS[dkdv_pass] * 2.0 * d * local * heads
         nbytes = _attn_bytes(s, d, el, 2, 4)
     else:  # dkdv_summary
         full, masked = attn_summary_kv_iters(s, bm, bn)
-        flops = 8.0 * d * summ * heads
+        flops = DKDV_PASS_MATMULS[dkdv_pass] * 2.0 * d * summ * heads
         nbytes = _attn_bytes(s, d, el, 2, 0)
     return Work(s.label, full, masked, flops, nbytes)
 
@@ -389,8 +394,9 @@ def _attn_label(launch: Launch) -> str | None:
         return "attn_decode" if kw.get("PACK_GQA") else "attn_fwd"
     if launch.name == "_swa_bwd_dq_kernel":
         return "attn_dq"
-    if launch.name == "_swa_bwd_dkdv_kernel":
-        return "attn_dkdv_summary" if kw.get("IS_SUMMARY") else "attn_dkdv"
+    if launch.name == "_swa_bwd_dkdv_kernel":  # D > 128: two passes (dv, then dk), labelled apart
+        p = kw.get("DKDV_PASS", 0)
+        return ("attn_dkdv_summary" if kw.get("IS_SUMMARY") else "attn_dkdv") + (f"_pass{p}" if p else "")
     return {"_group_mean_kernel": "attn_pool", "_bwd_preprocess_kernel": "attn_bwd_preprocess",
             "_ring_fwd_kernel": "attn_ring_decode"}.get(launch.name)
 
@@ -426,6 +432,19 @@ def _attn_record(s: AttnShape, d: int, dt: torch.dtype, decode: bool = False,
         return launches
 
     return record
+
+
+def _long_label(launch: Launch) -> str | None:
+    """The local dk/dv launches only (the summary-gradient epilogue target)."""
+    label = _attn_label(launch) or ""
+    return label if label.startswith("attn_dkdv") and "summary" not in label else None
+
+
+def _nosum_label(launch: Launch) -> str | None:
+    label = _attn_label(launch) or ""
+    if label == "attn_fwd" or label.startswith("attn_dkdv"):
+        return label.replace("attn_fwd", "attn_fwd_nosum").replace("attn_dkdv", "attn_dkdv_nosum")
+    return None
 
 
 def _varlen_label(launch: Launch) -> str | None:
@@ -488,12 +507,9 @@ def build_cases(quick: bool) -> list[Case]:
         dn = str(dt).replace("torch.", "")
         for d in dims:
             cases.append(Case("attention", _attn_label, _attn_record(ATTN_MAIN, d, dt), dn, d, ATTN_MAIN))
-            cases.append(Case("attention-long", lambda l: "attn_dkdv" if _attn_label(l) == "attn_dkdv" else None,
-                              _attn_record(ATTN_LONG, d, dt), dn, d, ATTN_LONG))
+            cases.append(Case("attention-long", _long_label, _attn_record(ATTN_LONG, d, dt), dn, d, ATTN_LONG))
             if not quick or d == 128:
-                cases.append(Case("attention-nosum", lambda l: {"attn_fwd": "attn_fwd_nosum", "attn_dq": None,
-                                                                "attn_dkdv": "attn_dkdv_nosum"}.get(_attn_label(l)),
-                                  _attn_record(ATTN_NOSUM, d, dt), dn, d, ATTN_NOSUM))
+                cases.append(Case("attention-nosum", _nosum_label, _attn_record(ATTN_NOSUM, d, dt), dn, d, ATTN_NOSUM))
                 cases.append(Case("decode", _attn_label, _attn_record(ATTN_MAIN, d, dt, decode=True), dn, d, ATTN_MAIN))
                 cases.append(Case("attention-varlen", _varlen_label, _attn_record(ATTN_VARLEN, d, dt, varlen=True),
                                   dn, d, ATTN_VARLEN))
@@ -571,9 +587,10 @@ def run_job(job: tuple) -> dict:
     el = 2
     work = None
     if target == "sm_90a":
-        kind = _attn_kind(label.replace("_nosum", "").replace("_varlen", ""))
+        base, _, passno = label.replace("_nosum", "").replace("_varlen", "").partition("_pass")
+        kind = _attn_kind(base)
         if kind is not None:
-            work = attn_work(kind, case.shape, case.head_dim, el, kw["BLOCK_M"], kw["BLOCK_N"])
+            work = attn_work(kind, case.shape, case.head_dim, el, kw["BLOCK_M"], kw["BLOCK_N"], int(passno or 0))
         elif isinstance(case.shape, MoEShape):
             work = moe_work(launch, cfg, rec, case.shape, el, kw.get("BLOCK_M", _moe_block_m(case.shape)))
     if work is not None:

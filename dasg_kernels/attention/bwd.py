@@ -87,9 +87,10 @@ def _dkdv_tiles(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr,
     MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
-    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, DKDV_PASS: tl.constexpr,
 ):
-    """Accumulate dk, dv of the key block over the query tiles ``[lo, hi)`` (transposed scores)."""
+    """Accumulate dk, dv of the key block over the query tiles ``[lo, hi)`` (transposed scores);
+    ``DKDV_PASS`` 1 accumulates dv only, 2 dk only (the other stays as passed in)."""
     o_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + o_m
@@ -102,10 +103,12 @@ def _dkdv_tiles(
             m_vis = m_vis & (rows < n_q)[None, :]
             b_st = tl.where(m_vis, b_st, float("-inf"))
         b_pt = tl.exp2(b_st - b_lse2[None, :])
-        b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
-        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
-        b_dst = b_pt * (b_dpt - b_delta[None, :])
-        b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
+        if DKDV_PASS != 2:
+            b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
+        if DKDV_PASS != 1:
+            b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=DOT_PREC)
+            b_dst = b_pt * (b_dpt - b_delta[None, :])
+            b_dk = tl.dot(b_dst.to(b_q.dtype), b_q, b_dk, input_precision=DOT_PREC)
     return b_dk, b_dv
 
 
@@ -116,7 +119,7 @@ def _dkdv_head(
     o_dv, a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
-    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, DKDV_PASS: tl.constexpr,
 ):
     """dk, dv of the key block from the query tiles of q head ``i_h``: for a summary block
     the "after" rows ``[a_lo, a_hi)``, then masked ``[lo, full_lo)``, unmasked
@@ -130,19 +133,23 @@ def _dkdv_head(
         b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
                                  stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                  a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
-                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                             DKDV_PASS)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
                              stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                              lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                             DKDV_PASS)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
                              stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                              full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                             DKDV_PASS)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
                              stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                              full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                             DKDV_PASS)
     return b_dk, b_dv
 
 
@@ -166,6 +173,7 @@ def _swa_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
+    DKDV_PASS: tl.constexpr,
 ):
     i_n, i_bh, _ = _block_and_head(VARLEN)
     i_b = (i_bh // H_KV).to(tl.int64)
@@ -242,7 +250,7 @@ def _swa_bwd_dkdv_kernel(
                                     stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                     a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
-                                    DOT_PREC)
+                                        DOT_PREC, DKDV_PASS)
     else:
         for j0 in range(0, KV_GROUP, HEADS_UNROLLED):
             for j in tl.static_range(HEADS_UNROLLED):
@@ -251,11 +259,22 @@ def _swa_bwd_dkdv_kernel(
                                         stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                         a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
                                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
-                                    DOT_PREC)
+                                        DOT_PREC, DKDV_PASS)
 
     b_dk = b_dk * sm_scale
     p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
     p_dv = DV + i_b * stride_dvb + i_hk64 * stride_dvh
+    _dkdv_epilogue(b_dk, b_dv, p_dk, p_dv, DKS, DVS, cols, start_n, o_n, o_d, o_dv, i_b, i_hk64, T, N_KEYS, G,
+                   stride_dkt, stride_dvt, stride_dsb, stride_dst, stride_dsh, stride_dvsb, stride_dvst, stride_dvsh,
+                   HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, ADD_POOL_GRAD, DKDV_PASS)
+
+
+@triton.jit
+def _dkdv_epilogue(b_dk, b_dv, p_dk, p_dv, DKS, DVS, cols, start_n, o_n, o_d, o_dv, i_b, i_hk64, T, N_KEYS, G,
+                   stride_dkt, stride_dvt, stride_dsb, stride_dst, stride_dsh, stride_dvsb, stride_dvst, stride_dvsh,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   ADD_POOL_GRAD: tl.constexpr, DKDV_PASS: tl.constexpr):
+    """Store dk and / or dv (``DKDV_PASS``), adding the pooling backward with ``ADD_POOL_GRAD``."""
     if ADD_POOL_GRAD:
         # backward of the group mean: every position of group g gets d(summary_g) / count_g.
         # The launcher has already summed the query-row splits (once, in a fixed order:
@@ -268,16 +287,20 @@ def _swa_bwd_dkdv_kernel(
         g0 = start_n // G
         o_g2d = (grp - g0)[:, None] * stride_dst + o_d[None, :]
         p_ds = i_b * stride_dsb + i_hk64 * stride_dsh + tl.cast(g0, tl.int64) * stride_dst
-        b_dk += tl.load(DKS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
-        _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
-        m_gv = (cols < N_KEYS)[:, None] & (o_dv < HEAD_DV)[None, :]
-        o_gv2d = (grp - g0)[:, None] * stride_dvst + o_dv[None, :]
-        p_dvs = i_b * stride_dvsb + i_hk64 * stride_dvsh + tl.cast(g0, tl.int64) * stride_dvst
-        b_dv += tl.load(DVS + p_dvs + o_gv2d, mask=m_gv, other=0.0) * inv_cnt[:, None]
-        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
+        if DKDV_PASS != 1:
+            b_dk += tl.load(DKS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
+            _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+        if DKDV_PASS != 2:
+            m_gv = (cols < N_KEYS)[:, None] & (o_dv < HEAD_DV)[None, :]
+            o_gv2d = (grp - g0)[:, None] * stride_dvst + o_dv[None, :]
+            p_dvs = i_b * stride_dvsb + i_hk64 * stride_dvsh + tl.cast(g0, tl.int64) * stride_dvst
+            b_dv += tl.load(DVS + p_dvs + o_gv2d, mask=m_gv, other=0.0) * inv_cnt[:, None]
+            _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
     else:
-        _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
-        _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
+        if DKDV_PASS != 1:
+            _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+        if DKDV_PASS != 2:
+            _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
 
 
 @triton.jit
@@ -489,7 +512,13 @@ def swa_bwd(
         ng, rows, n_splits = 0, t, 0
         dks, dvs = dk.unsqueeze(0), dv.unsqueeze(0)  # unused
 
+    passes = configs.dkdv_passes(d, dv_)
+
     def dkdv_launch(kk, vv, dkk, dvv, n_keys, is_summary):
+        for p in passes:
+            dkdv_pass(kk, vv, dkk, dvv, n_keys, is_summary, p)
+
+    def dkdv_pass(kk, vv, dkk, dvv, n_keys, is_summary, dkdv_pass):
         def grid(meta):
             return common.block_grid(triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, varlen,
                                      n_splits if is_summary else 1)
@@ -507,7 +536,8 @@ def swa_bwd(
             lse3.stride(0), lse3.stride(1),
             t, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
             rows, wk,
-            IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, **flags, **launch_meta("dkdv"),
+            IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, DKDV_PASS=dkdv_pass, **flags,
+            **launch_meta("dkdv"),
         )
 
     if use_sum:

@@ -56,6 +56,21 @@ def heads_unrolled(kv_group: int) -> int:
     return kv_group if kv_group <= MAX_HEADS_UNROLLED else 1
 
 
+#: Largest head dim whose dk and dv fp32 accumulators the dk/dv kernel keeps together.
+#: A wgmma dot of M = BLOCK_N rows on W warps needs BLOCK_N >= 16 * W (else warps duplicate
+#: the tile), so the two [BLOCK_N, D] fp32 accumulators take at least 2 * 16 * D * 4 / 32
+#: = 4 * D bytes per thread: 1 KB (all 255 registers) at D = 256. Above this dim dv and dk
+#: are computed in two passes (``DKDV_PASS`` 1, then 2), each with one accumulator: one
+#: more Q K^T per tile (5 matmuls instead of 4) instead of spills in the main loop.
+MAX_FUSED_DKDV_DIM = 128
+
+
+def dkdv_passes(d: int, dv: int) -> tuple[int, ...]:
+    """The dk/dv kernel's passes for head dims ``d`` (q/k) and ``dv``: ``(0,)`` = both
+    gradients in one pass, ``(1, 2)`` = dv, then dk."""
+    return (0,) if max(d, dv) <= MAX_FUSED_DKDV_DIM else (1, 2)
+
+
 def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
@@ -68,7 +83,7 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 # (a 64-row tile on 8 warps is laid out [8, 1]: both warpgroups compute the same tile).
 # The M of a dot is BLOCK_M in the forward and dq, BLOCK_N (the keys) in dk/dv.
 # Comments: stack bytes spilled outside the main loop / SASS instructions per main-loop
-# iteration. Their SPEED IS UNMEASURED (no GPU yet).
+# iteration (unless stated otherwise). Their SPEED IS UNMEASURED (no GPU yet).
 _FWD_SPACE = [
     (_cfg(128, 64, 8, 3), 64),   # 0 B, 351
     (_cfg(64, 64, 4, 3), 64),    # 0, 355
@@ -93,10 +108,13 @@ _DKDV_SPACE = [  # also the summary dk/dv launch; GQA heads looped (configs.head
     (_cfg(32, 128, 8, 2), 128),  # 200, 293
     (_cfg(16, 128, 8, 2), 128),  # 92, 220
     (_cfg(32, 128, 8, 3), 128),  # 196, 318
-    # D=256 spills inside the main loop in every config tried (about 260 spill
-    # instructions per iteration): pointer-based loads of four [BLOCK, 256] tiles
-    (_cfg(16, 64, 4, 2), 256),
-    (_cfg(32, 64, 4, 2), 256),
+    # D > 128 runs two passes (dkdv_passes: dv, then dk). Fused, every D=256 config spilled
+    # in its main loop (16x64 w4 s2: 260 spill instructions and 652 instructions per
+    # iteration); per pass (stack bytes / main-loop spill instructions / issue cycles per
+    # tensor cycles of an iteration, pass 1 ; pass 2):
+    (_cfg(32, 128, 8, 2), 256),  # 152/0/0.45 ; 264/0/0.58 (197 KB shared memory in pass 2)
+    (_cfg(16, 128, 8, 2), 256),  # 300/0/0.73 ; 256/0/0.96
+    (_cfg(16, 64, 4, 2), 256),   # 480/0/0.64 ; 504/4/0.86
 ]
 _DQ_SPACE = [
     (_cfg(64, 64, 4, 3), 64),    # 0, 297
@@ -140,7 +158,7 @@ def tune_key(name: str) -> list[str]:
     the same dtype in both launches) the local launch would reuse the config tuned for
     the summary one.
     """
-    return TUNE_KEY + {"fwd": ["PACK_GQA"], "dkdv": ["IS_SUMMARY"]}.get(name, [])
+    return TUNE_KEY + {"fwd": ["PACK_GQA"], "dkdv": ["IS_SUMMARY", "DKDV_PASS"]}.get(name, [])
 
 
 def _pruner(space):
