@@ -11,7 +11,7 @@ setup(
     packages=find_packages(include=["dasg_kernels*", "dasg_model*", "benchmarks*"]),
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "numpy"],
+        "test": ["pytest", "pytest-benchmark", "pytest-xdist", "numpy"],
         "bench": ["matplotlib"],
         "hf": ["transformers>=4.56", "accelerate>=1.1"],  # accelerate: transformers.Trainer
     },

@@ -44,8 +44,7 @@ def _assert_matches(got, want, atol, rtol):
 # --------------------------------------------------------------------------- equals the reference
 
 WINDOWS = [(-1, -1), (5, 0), (3, 4), (0, 0), (-1, 3), (6, -1)]
-CASES = list(itertools.product(
-    [1, 37, 70],                 # T: ragged, not multiples of the block or of G
+SEMANTICS = list(itertools.product(
     [(4, 2), (3, 1), (2, 2)],     # (Hq, Hkv): GQA, MQA, MHA
     WINDOWS,
     [True, False],                # causal
@@ -53,12 +52,15 @@ CASES = list(itertools.product(
 ))
 
 
-@pytest.mark.parametrize("block_size", [None, 8])
-def test_blockwise_equals_reference_fp32(block_size):
-    """fp32, forward and every gradient, over the product of T, heads, windows, causal and
-    groups: the same fp32 math in another order (atol 2e-5)."""
+# T ragged, not multiples of the block or of G: with the default block (one block at these
+# T) T=1 and T=70; with 8-row blocks T=37 (4 whole blocks and a partial one, groups of 4 and
+# 7 straddling blocks)
+@pytest.mark.parametrize("block_size, lengths", [(None, (1, 70)), (8, (37,))])
+def test_blockwise_equals_reference_fp32(block_size, lengths):
+    """fp32, forward and every gradient, over the product of heads, windows, causal and
+    groups at each T: the same fp32 math in another order (atol 2e-5)."""
     torch.manual_seed(0)
-    for t, (hq, hkv), window, causal, (g, summaries) in CASES:
+    for t, ((hq, hkv), window, causal, (g, summaries)) in itertools.product(lengths, SEMANTICS):
         q, k, v = _qkv(2, t, hq, hkv, 16)
         kw = dict(window=window, causal=causal, group_size=g, summaries=summaries)
         got = _fwd_bwd(swa_attention_blockwise, q, k, v, block_size=block_size, **kw)
