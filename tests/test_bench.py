@@ -38,7 +38,7 @@ def _load(out):
 pytestmark = pytest.mark.xdist_group("bench_quick_run")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quick")
     rc = _run(out, "--quick")

@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.xdist_group("compile_smoke")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
     if not tools_available():
         pytest.skip("this Triton ships no NVIDIA ptxas/cuobjdump (offline compile impossible)")
