@@ -119,14 +119,9 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
     ``backend="auto"`` falls back to the reference for a head dim the kernels do not
     support; ``backend="triton"`` raises instead.
     """
-    be = resolve_backend(backend, q, k, v, op=op)
+    be = head_dim_backend(op, backend, q, k, v)
     if be != "triton":
         return be
-    bad = _unsupported_head_dim(q, v)
-    if bad:
-        if backend == "auto":
-            return "torch"
-        raise ValueError(f"{op}: {bad} (use backend='torch' for other head dims)")
     names = ("q", "k_cache", "v_cache") if op == "swa_decode" else ("q", "k", "v")
     check_last_dim_contiguous(op, **dict(zip(names, (q, k, v))))
     common.check_row_stride(op, **dict(zip(names, (q, k, v))))
@@ -144,6 +139,18 @@ def _unsupported_head_dim(q: torch.Tensor, v: torch.Tensor) -> str | None:
         if d not in SUPPORTED_HEAD_DIMS:
             return f"the Triton kernels need a {what} that is a multiple of 8 and <= 256, got {d}"
     return None
+
+
+def head_dim_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """``resolve_backend``, then ``"torch"`` (``backend="auto"``) or a ``ValueError``
+    (``"triton"``) for head dims the kernels lack."""
+    be = resolve_backend(backend, q, k, v, op=op)
+    bad = _unsupported_head_dim(q, v) if be == "triton" else None
+    if bad:
+        if backend == "auto":
+            return "torch"
+        raise ValueError(f"{op}: {bad} (use backend='torch' for other head dims)")
+    return be
 
 
 def _check_summary_kv(op, summary_kv, k_cache, v_cache, group_size, summaries) -> None:

@@ -24,6 +24,15 @@ def _uses_summaries(left: int, right: int, causal: bool, summaries: bool) -> boo
     return before or after
 
 
+def _fake_summaries(q, k, v, b, n_keys, left, right, causal, group_size, summaries):
+    """Fake pooled summaries ``[B, ceil(n_keys/G), Hkv, D | Dv]`` (empty when no query sees one)."""
+    if not _uses_summaries(left, right, causal, summaries):
+        return q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    ng = (n_keys + group_size - 1) // group_size  # works for SymInts too
+    hkv = k.shape[-2]
+    return k.new_empty((b, ng, hkv, k.shape[-1])), v.new_empty((b, ng, hkv, v.shape[-1]))
+
+
 @torch.library.custom_op("dasg_kernels::swa_attention_fwd", mutates_args=())
 def swa_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, left: int, right: int, causal: bool,
@@ -41,15 +50,10 @@ def swa_attention_fwd(
 
 @swa_attention_fwd.register_fake
 def _swa_attention_fwd_fake(q, k, v, left, right, causal, group_size, summaries, scale):
-    b, t, hq, d = q.shape
-    hkv, dv = k.shape[2], v.shape[3]
-    out = q.new_empty((b, t, hq, dv))
+    b, t, hq, _ = q.shape
+    out = q.new_empty((b, t, hq, v.shape[3]))
     lse = q.new_empty((b, hq, t), dtype=torch.float32)
-    if _uses_summaries(left, right, causal, summaries):
-        ng = (t + group_size - 1) // group_size  # works for SymInts too
-        ks, vs = k.new_empty((b, ng, hkv, d)), v.new_empty((b, ng, hkv, dv))
-    else:
-        ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    ks, vs = _fake_summaries(q, k, v, b, t, left, right, causal, group_size, summaries)
     return out, lse, ks, vs
 
 
@@ -118,11 +122,7 @@ def _swa_attention_varlen_fwd_fake(q, k, v, cu_q, cu_k, max_q, max_k, left, righ
                                    summaries, scale):
     out = q.new_empty((q.shape[0], q.shape[1], v.shape[2]))
     lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
-    if _uses_summaries(left, right, causal, summaries):
-        shape = (cu_k.shape[0] - 1, (max_k + group_size - 1) // group_size, k.shape[1])
-        ks, vs = k.new_empty((*shape, k.shape[2])), v.new_empty((*shape, v.shape[2]))
-    else:
-        ks, vs = q.new_empty(_EMPTY_SHAPE), q.new_empty(_EMPTY_SHAPE)
+    ks, vs = _fake_summaries(q, k, v, cu_k.shape[0] - 1, max_k, left, right, causal, group_size, summaries)
     return out, lse, ks, vs
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from dasg_kernels.attention import common, ops
-from dasg_kernels.attention.interface import _check_options, _unsupported_head_dim
-from dasg_kernels.backend import interpreted_bf16, resolve_backend
+from dasg_kernels.attention.interface import _check_options, head_dim_backend
+from dasg_kernels.backend import interpreted_bf16
 from dasg_kernels.validation import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_same, check_tensor
 
 OP = "swa_attention_varlen"
@@ -54,14 +54,9 @@ def _validate(q, k, v, cu_q, cu_k, max_q, max_k) -> None:
 
 
 def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_q: int, max_k: int) -> str:
-    be = resolve_backend(backend, q, k, v, op=OP)
+    be = head_dim_backend(OP, backend, q, k, v)
     if be != "triton":
         return be
-    bad = _unsupported_head_dim(q, v)
-    if bad:
-        if backend == "auto":
-            return "torch"
-        raise ValueError(f"{OP}: {bad} (use backend='torch' for other head dims)")
     check_last_dim_contiguous(OP, q=q, k=k, v=v)
     common.check_row_stride(OP, **{n: x.unsqueeze(0) for n, x in (("q", q), ("k", k), ("v", v))})
     # varlen grids put batch * heads on axis 0 (2**31 - 1) and the blocks of the longest
