@@ -33,11 +33,6 @@ def _load(out):
         return json.load(f)
 
 
-# one worker runs every test of this module (pytest-xdist --dist loadgroup): the module
-# fixture is computed once
-pytestmark = pytest.mark.xdist_group("bench_quick_run")
-
-
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_quick")

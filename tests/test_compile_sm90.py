@@ -21,11 +21,6 @@ from benchmarks.offline_compile import tools_available
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# one worker runs every test of this module (pytest-xdist --dist loadgroup): the module
-# fixture is computed once
-pytestmark = pytest.mark.xdist_group("compile_smoke")
-
-
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory):
     if not tools_available():
