@@ -35,9 +35,36 @@ from dasg_kernels.attention.interface import swa_attention as _swa_attention
 from dasg_kernels.backend import interpreted_bf16
 
 
-__all__ = ["resolve_group", "shift_labels_cp", "swa_attention_cp"]
+__all__ = ["cp_comm_stats", "resolve_group", "shift_labels_cp", "swa_attention_cp"]
 
 _OP = "swa_attention_cp"
+
+
+# --------------------------------------------------------------------------- byte counter
+
+_SENT: dict[str, int] = {}
+
+
+def _count(phase: str, nbytes: int) -> None:
+    _SENT[phase] = _SENT.get(phase, 0) + int(nbytes)
+
+
+def cp_comm_stats(reset: bool = False) -> dict[str, int]:
+    """Bytes this process sent to *other* ranks in :func:`swa_attention_cp`'s collectives
+    since the last reset, by phase, plus ``"total"``; ``reset`` zeroes the counters.
+
+    Phases: ``"halo"`` / ``"halo_bwd"`` (the ``all_to_all_single`` rows and their gradients),
+    ``"summaries"`` (the ``all_gather``: this rank's partial means once per other rank),
+    ``"summaries_bwd"`` (the ``all_reduce`` that stands in for a reduce-scatter: ``2 (W-1)/W``
+    of its buffer, as a ring all-reduce sends) and ``"validate"`` (the argument check).
+    Counted on the host from the split sizes at each call (no device sync); calls traced by
+    ``torch.compile`` are counted when traced, not when replayed.
+    """
+    out = dict(_SENT)
+    out["total"] = sum(_SENT.values())
+    if reset:
+        _SENT.clear()
+    return out
 
 
 # --------------------------------------------------------------------------- group handling
@@ -78,6 +105,7 @@ def _check_same_on_all_ranks(op: str, group: dist.ProcessGroup, device: torch.de
     mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
     bufs = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(bufs, mine, group=group)
+    _count("validate", (world - 1) * mine.numel() * mine.element_size())
     allv = torch.stack(bufs).cpu()
     for j, n in enumerate(names):
         col = allv[:, j].tolist()
@@ -113,6 +141,11 @@ def _halo_splits(rank: int, world: int, t_local: int, left: int) -> tuple[list[i
     return send, recv
 
 
+def _remote(splits: list[int], rank: int) -> int:
+    """Rows of ``splits`` that go to (or come from) ranks other than ``rank``."""
+    return sum(n for p, n in enumerate(splits) if p != rank)
+
+
 class _Exchange(torch.autograd.Function):
     """The halo ``all_to_all_single`` and the summary ``all_gather`` of one call as one
     autograd node.
@@ -133,10 +166,12 @@ class _Exchange(torch.autograd.Function):
                 rows: torch.Tensor, pmeans: torch.Tensor):
         ctx.group, ctx.send, ctx.recv, ctx.halo, ctx.gather = group, send, recv, halo, gather
         ctx.rank, ctx.t_local = dist.get_rank(group), rows.shape[0]
+        ctx.row_bytes = rows[:1].numel() * rows.element_size()
         if halo:
             inp = torch.cat([rows[rows.shape[0] - n:] for n in send], 0) if sum(send) else rows[:0]
             got = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
             dist.all_to_all_single(got, inp.contiguous(), recv, send, group=group)
+            _count("halo", _remote(send, ctx.rank) * ctx.row_bytes)
             ext = torch.cat([got, rows], 0)
         else:
             ext = rows.clone()
@@ -144,6 +179,7 @@ class _Exchange(torch.autograd.Function):
             return (ext,)
         parts = [torch.empty_like(pmeans) for _ in range(dist.get_world_size(group))]
         dist.all_gather(parts, pmeans.contiguous(), group=group)
+        _count("summaries", (len(parts) - 1) * pmeans.numel() * pmeans.element_size())
         return (ext, *parts)
 
     @staticmethod
@@ -153,6 +189,7 @@ class _Exchange(torch.autograd.Function):
         if ctx.halo:  # each halo row's gradient goes back to the rank that sent it
             g_sent = g_ext.new_empty((sum(ctx.send),) + tuple(g_ext.shape[1:]))
             dist.all_to_all_single(g_sent, g_ext[:h].contiguous(), ctx.send, ctx.recv, group=ctx.group)
+            _count("halo_bwd", _remote(ctx.recv, ctx.rank) * g_ext[:1].numel() * g_ext.element_size())
             off = 0
             for n in ctx.send:
                 if n:
@@ -162,6 +199,8 @@ class _Exchange(torch.autograd.Function):
         if ctx.gather:  # reduce_scatter as all_reduce + slice (gloo has no reduce_scatter)
             g = torch.stack([gp.contiguous() for gp in g_parts])
             dist.all_reduce(g, group=ctx.group)
+            w = g.shape[0]
+            _count("summaries_bwd", 2 * (w - 1) * g.numel() * g.element_size() // w)
             g_pmeans = g[ctx.rank]
         return None, None, None, None, None, g_rows, g_pmeans
 
@@ -312,7 +351,7 @@ class _ShardAttentionTriton(torch.autograd.Function):
     def backward(ctx, dout):
         q_pad, k_ext, v_ext, ks, vs, out, lse1, lse, p2 = ctx.saved_tensors
         h, left, group_size, q_start, scale = ctx.args
-        b, tl, hq, d = out.shape[0], out.shape[1], q_pad.shape[2], q_pad.shape[3]
+        b, hq, d = out.shape[0], q_pad.shape[2], q_pad.shape[3]
         hkv = k_ext.shape[2]
         rep = hq // hkv
         dout = dout.contiguous()

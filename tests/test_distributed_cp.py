@@ -26,7 +26,7 @@ from torch.testing import assert_close
 
 from dasg_kernels import reference
 from dasg_kernels.backend import triton_can_run_on
-from dasg_kernels.distributed import shift_labels_cp, swa_attention_cp
+from dasg_kernels.distributed import cp_comm_stats, shift_labels_cp, swa_attention_cp
 from dasg_model import DASGConfig, DASGForCausalLM
 from dasg_model.parallel import apply_context_parallel
 from dasg_model.parallel.context import remove_context_parallel
@@ -70,14 +70,38 @@ def _check_attention(rank: int, world: int, *, tl: int, left: int, g: int | None
 
     sl = slice(rank * tl, (rank + 1) * tl)
     ql, kl, vl = (x[:, sl].clone().requires_grad_() for x in (q, k, v))
+    cp_comm_stats(reset=True)
     out = swa_attention_cp(ql, kl, vl, group=group, backend=backend, **kw)
     (out * dout[:, sl]).sum().backward()
+    _check_bytes(cp_comm_stats(reset=True), rank, world, tl=tl, left=left, g=g, summaries=summaries,
+                 row_bytes=b * hkv * 2 * d * 4)
 
     t_ = dict(atol=tol, rtol=tol)
     assert_close(out, ref[:, sl].detach(), **t_, msg=lambda m: f"out: {m}")
     assert_close(ql.grad, qf.grad[:, sl], **t_, msg=lambda m: f"dq: {m}")
     assert_close(kl.grad, kf.grad[:, sl], **t_, msg=lambda m: f"dk: {m}")
     assert_close(vl.grad, vf.grad[:, sl], **t_, msg=lambda m: f"dv: {m}")
+
+
+def _check_bytes(sent: dict, rank: int, world: int, *, tl, left, g, summaries, row_bytes) -> None:
+    """The counted bytes against the exchange's geometry: the halo rows of later ranks that lie
+    in this shard (and, backward, this rank's own halo coming back), the partial means once
+    per other rank."""
+    def halo(p):  # global positions rank p needs from before its shard
+        return range(0 if left < 0 else max(0, p * tl - left), p * tl)
+
+    mine = range(rank * tl, (rank + 1) * tl)
+    out_rows = sum(len(set(halo(p)) & set(mine)) for p in range(rank + 1, world))
+    assert sent.get("halo", 0) == out_rows * row_bytes, f"halo bytes {sent}: want {out_rows} rows"
+    assert sent.get("halo_bwd", 0) == len(halo(rank)) * row_bytes, f"halo_bwd bytes {sent}"
+    n_any = (world * tl - 1 - left) // g if summaries and left >= 0 else 0
+    if n_any > 0:
+        slots = -(-(tl - 1) // g) + 1
+        assert sent["summaries"] == (world - 1) * slots * row_bytes, f"summary bytes {sent}: {slots} slots"
+        assert sent["summaries_bwd"] == 2 * (world - 1) * slots * row_bytes, f"summary grad bytes {sent}"
+    else:
+        assert "summaries" not in sent and "summaries_bwd" not in sent, sent
+    assert sent["total"] == sum(v for k, v in sent.items() if k != "total")
 
 
 def _attention_cases(rank: int, world: int, cases: list[dict]) -> None:

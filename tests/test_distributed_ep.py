@@ -207,6 +207,42 @@ def _zero_worker(rank, world):
     assert moe.shallow_experts.num_experts == 3 and type(moe) is DASGMoE
 
 
+def _slot_order_worker(rank, world):
+    # k_max=4 with a flat router: tokens pick 3-4 experts, so the combine order matters in fp32.
+    # Each rank also runs the layer on a one-rank EP group over every token (ep=1): the shard
+    # of the world-size EP result and its input gradients must be bitwise the same.
+    solo = [dist.new_group([r]) for r in range(world)][rank]
+    torch.manual_seed(0)
+    moe = DASGMoE(_moe_config("torch", top_p=0.95, k_max=4))
+    with torch.no_grad():
+        for lin in (moe.router.shallow_router, moe.router.deep_router):
+            lin.weight.normal_(std=0.1)
+    n = 12
+    x_all, g_all = torch.randn(world * n, 32), torch.randn(world * n, 32)
+    sl = slice(rank * n, (rank + 1) * n)
+
+    def run(group, x, g):
+        m = apply_expert_parallel(copy.deepcopy(moe), group)
+        x = x.clone().requires_grad_()
+        y, out = m(x)
+        (y * g).sum().backward()
+        return y.detach(), x.grad, out
+
+    y1, gx1, out1 = run(solo, x_all, g_all)
+    y, gx, out = run(None, x_all[sl], g_all[sl])
+    ks = [(lvl.routing.expert_ids >= 0).sum(1) for lvl in out1.router.levels.values()]
+    assert max(int(k.max()) for k in ks) >= 3, "the test needs tokens with 3+ experts"
+    assert torch.equal(y, y1[sl]), f"ep={world} vs ep=1: y differs by {(y - y1[sl]).abs().max():.3e}"
+    assert torch.equal(gx, gx1[sl]), f"ep={world} vs ep=1: x.grad differs by {(gx - gx1[sl]).abs().max():.3e}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_result_independent_of_ep_size(world):
+    """k_max=4 (3-4 experts per token): the EP output and input gradients are bitwise those of
+    the same layer on one rank (the combine sums in the fixed slot order, not arrival order)."""
+    _spawn(_slot_order_worker, world)
+
+
 def _full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 

@@ -230,7 +230,7 @@ def ep_routed_experts(
         offs.append(offs[-1] + e)
     c = offs[-1]
 
-    keys, toks, visited = [], [], []
+    keys, visited = [], []
     for lvl, (bank, ids, _) in enumerate(levels):
         k = ids.shape[1]
         ids64 = ids.long()
@@ -239,13 +239,13 @@ def ep_routed_experts(
         dest = torch.div(gid, e_loc[lvl], rounding_mode="floor")
         col = dest * c + offs[lvl] + (gid - dest * e_loc[lvl])
         keys.append(torch.where(valid, col, torch.full_like(col, ep * c)).reshape(-1))
-        toks.append(torch.arange(n * k, device=dev) // k)
         hit = torch.zeros(n, ep, dtype=torch.int32, device=dev).scatter_add_(1, dest, valid.to(torch.int32))
         visited.append((hit > 0).sum(1))
     key = torch.cat(keys)
-    tok = torch.cat(toks)
     order = torch.argsort(key, stable=True)
-    send = torch.bincount(key, minlength=ep * c + 1)[: ep * c].reshape(ep, c)
+    # counts by scatter_add_ (torch.bincount syncs with the host on CUDA)
+    send = torch.zeros(ep * c + 1, dtype=torch.int64, device=dev).scatter_add_(0, key, torch.ones_like(key))
+    send = send[: ep * c].reshape(ep, c)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     # THE host sync of the layer: all_to_all_single needs the split sizes on the host.
@@ -257,7 +257,10 @@ def ep_routed_experts(
     n_send, m = sum(in_splits), sum(out_splits)
 
     sel = order[:n_send]
-    x_recv = _all_to_all(x.index_select(0, tok[sel]), out_splits, in_splits, group, ep_rank, stats, "dispatch")
+    # rows per (level, token, slot), then the sent ones: the backward sums each token's pair
+    # gradients over the slot axis, in an order that does not depend on the EP size
+    pairs = torch.cat([x[:, None].expand(n, ids.shape[1], d).reshape(-1, d) for _, ids, _ in levels])
+    x_recv = _all_to_all(pairs.index_select(0, sel), out_splits, in_splits, group, ep_rank, stats, "dispatch")
 
     # received rows arrive per source in (level, local expert) order: their column from the counts
     cols = torch.arange(c, device=dev).repeat(ep)
