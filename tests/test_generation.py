@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, TextStreamer
 
 from dasg_model import DASGCache, DASGConfig, DASGForCausalLM
 from dasg_model.cache import SPARE_GROUPS
+from dasg_model.model import _CACHE_KWARGS  # the name generate takes a cache under (cache / past_key_values)
 
 
 def tiny(**kw) -> DASGForCausalLM:
@@ -76,7 +77,7 @@ def test_cache_memory_is_bounded():
     model = tiny(attention_window=32, group_size=32, prefill_chunk_size=16)
     prompt = torch.randint(1, 64, (1, 40))
     cache = DASGCache(model.config)
-    out = model.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, past_key_values=cache)
+    out = model.generate(prompt, max_new_tokens=1000, min_new_tokens=1000, do_sample=False, **{_CACHE_KWARGS[0]: cache})
     t = out.shape[1] - 1  # the last token is sampled, not cached
     assert cache.get_seq_length() == t
     bound = 32 + 1 + t // 32 + 1 + SPARE_GROUPS
@@ -90,7 +91,7 @@ def test_cache_memory_is_bounded():
     assert cache.memory_bytes() * 5 < full.memory_bytes()
     # and it stays bounded: 200 more tokens add at most their groups' means
     before = cache.entries_per_layer()
-    model.generate(out, max_new_tokens=200, min_new_tokens=200, do_sample=False, past_key_values=cache)
+    model.generate(out, max_new_tokens=200, min_new_tokens=200, do_sample=False, **{_CACHE_KWARGS[0]: cache})
     assert cache.entries_per_layer() <= before + 200 // 32 + 1 + SPARE_GROUPS
 
 
