@@ -20,12 +20,13 @@ One layer's forward, per rank (both levels share the exchanges)::
     y[t] = sum over slots s in order 0..k-1 of w[t, s] * out[t, s]   (fp32, on the source)
 
 The source rank combines the per-slot outputs with its own routing weights in the fixed
-slot order, exactly as one process does, so the result does not depend on the number of
-ranks (bitwise in fp32 against ``backend="torch"`` for ``k_max <= 2``; for larger
-``k_max`` the single-process reference adds the slots in expert order, so the two agree
-to rounding). In 16 bit the per-slot outputs travel in ``x.dtype`` (rounded once before
-the weighted sum). Both exchanges have autograd (:class:`_AllToAll`: the backward is the
-reverse all-to-all), so gradients reach ``x``, the router and the routing weights on the
+slot order, and the sent rows are gathered per (level, token, slot), so each token's input
+gradient sums its slots in a fixed order too: output and gradients do not depend on the
+number of ranks (bitwise for ep = 1, 2, 4, any ``k_max``; the tests check ``k_max=4``), and
+equal the unsharded layer bitwise in fp32 on ``backend="torch"`` for ``k_max <= 2`` (for
+larger ``k_max`` the unsharded layer adds the slots in expert order: to rounding). In 16 bit the per-slot outputs travel in ``x.dtype`` (rounded once before
+the weighted sum). Both exchanges have autograd (torch's functional
+``all_to_all_single_autograd``: the backward is the reverse all-to-all), so gradients reach ``x``, the router and the routing weights on the
 source and the expert slices on their owners.
 
 The one host sync is the ``.tolist()`` of the exchanged counts: ``all_to_all_single``
@@ -74,6 +75,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from dasg_model.experts import SwiGLUExperts
@@ -141,33 +143,18 @@ def _remote_bytes(splits: list[int], me: int, row_bytes: int) -> int:
     return sum(c for r, c in enumerate(splits) if r != me) * row_bytes
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` of rows with host split sizes; the backward is the reverse
-    exchange of the gradient rows."""
-
-    @staticmethod
-    def forward(ctx, x, out_splits, in_splits, group, me, stats, phase):
-        ctx.args = (out_splits, in_splits, group, me, stats, phase)
-        x = x.contiguous()
-        out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x, out_splits, in_splits, group=group)
-        if stats is not None:
-            stats.add(phase, _remote_bytes(in_splits, me, math.prod(x.shape[1:]) * x.element_size()))
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits, group, me, stats, phase = ctx.args
-        grad = grad.contiguous()
-        gx = grad.new_empty((sum(in_splits),) + tuple(grad.shape[1:]))
-        dist.all_to_all_single(gx, grad, in_splits, out_splits, group=group)
-        if stats is not None:
-            stats.add(phase + "_bwd", _remote_bytes(out_splits, me, math.prod(grad.shape[1:]) * grad.element_size()))
-        return gx, None, None, None, None, None, None
-
-
 def _all_to_all(x, out_splits, in_splits, group, me, stats, phase):
-    return _AllToAll.apply(x, out_splits, in_splits, group, me, stats, phase)
+    """``all_to_all_single`` of rows with host split sizes, through torch's functional
+    collective with autograd (the backward is the reverse exchange of the gradient rows);
+    ``stats`` counts the bytes sent to other ranks both ways (a hook on the output counts
+    the backward's, when its gradient arrives)."""
+    row_bytes = math.prod(x.shape[1:]) * x.element_size()
+    out = funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
+    if stats is not None:
+        stats.add(phase, _remote_bytes(in_splits, me, row_bytes))
+        if out.requires_grad:
+            out.register_hook(lambda g: stats.add(phase + "_bwd", _remote_bytes(out_splits, me, row_bytes)))
+    return out
 
 
 # --------------------------------------------------------------------------- modules
