@@ -15,7 +15,8 @@ def tiny(**kw) -> DASGForCausalLM:
     base = dict(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1, attention_window=5,
                 group_size=4, shallow_shared_size=32, deep_shared_size=32, shallow_num_experts=4,
                 shallow_expert_size=32, deep_num_experts=4, deep_expert_size=32, top_p=0.6, k_max=2,
-                prefill_chunk_size=8, max_position_embeddings=2048, backend="torch", pad_token_id=0)
+                prefill_chunk_size=8, max_position_embeddings=2048, backend="torch", pad_token_id=0,
+                initializer_range=0.2)  # at 0.02 greedy decoding repeats one token: tests could not see bugs
     base.update(kw)
     torch.manual_seed(0)
     return DASGForCausalLM(DASGConfig(**base)).eval()
@@ -52,6 +53,45 @@ def test_left_padded_batch_equals_each_row_alone():
     t = ids.shape[1]
     for i, r in enumerate(rows):
         assert torch.equal(out[i, t:], model.generate(r[None], **kw)[0, len(r):]), f"row {i}"
+
+
+def test_cached_logits_equal_a_full_forward_and_each_row_alone():
+    """Logits, not just tokens: a left-padded batch prefilled in chunks into the cache, then
+    decoded token by token, gives the logits of one uncached forward over the whole padded
+    sequences, and each row those of its own unpadded sequence."""
+    model = tiny()
+    ids, mask, rows = left_padded([13, 5, 21, 1], seed=4)
+    steps = torch.randint(1, 64, (4, 9), generator=torch.Generator().manual_seed(5))
+    tol = dict(atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        cache = DASGCache(model.config)
+        got = [model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for j in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones(4, 1, dtype=mask.dtype)], 1)
+            got.append(model(steps[:, j:j + 1], attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, 0])
+        got = torch.stack(got, 1)  # [B, 1 + steps, V]: prefill's last position, then each step
+        full = model(torch.cat([ids, steps], 1), attention_mask=mask).logits[:, ids.shape[1] - 1:]
+        torch.testing.assert_close(got, full, **tol)
+        for i, r in enumerate(rows):
+            alone = model(torch.cat([r, steps[i]])[None]).logits[0, len(r) - 1:]
+            torch.testing.assert_close(got[i], alone, **tol, msg=lambda m: f"row {i}: {m}")
+    assert len(set(steps.flatten().tolist())) > 5
+
+
+def test_reorder_cache_moves_every_row():
+    """reorder_cache (beam search) permutes every layer's ring, sums and means: next-step logits
+    equal those of a cache prefilled with the permuted prompts."""
+    model = tiny()
+    ids = torch.randint(1, 64, (3, 19), generator=torch.Generator().manual_seed(6))
+    perm = torch.tensor([2, 0, 0])
+    nxt = torch.randint(1, 64, (3, 1), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        a, b = DASGCache(model.config), DASGCache(model.config)
+        model(ids, past_key_values=a, use_cache=True)
+        a.reorder_cache(perm)
+        model(ids[perm], past_key_values=b, use_cache=True)
+        torch.testing.assert_close(model(nxt, past_key_values=a, use_cache=True).logits,
+                                   model(nxt, past_key_values=b, use_cache=True).logits, atol=1e-6, rtol=1e-6)
 
 
 def test_padding_is_never_attended_in_a_forward():
@@ -91,7 +131,9 @@ def test_cache_memory_is_bounded():
     assert cache.memory_bytes() * 5 < full.memory_bytes()
     # and it stays bounded: 200 more tokens add at most their groups' means
     before = cache.entries_per_layer()
-    model.generate(out, max_new_tokens=200, min_new_tokens=200, do_sample=False, **{_CACHE_KWARGS[0]: cache})
+    # (the generated tokens may include the pad id 0: say they are all real)
+    model.generate(out, attention_mask=torch.ones_like(out), max_new_tokens=200, min_new_tokens=200,
+                   do_sample=False, **{_CACHE_KWARGS[0]: cache})
     assert cache.entries_per_layer() <= before + 200 // 32 + 1 + SPARE_GROUPS
 
 
@@ -116,8 +158,11 @@ def test_sampling_beam_search_streamer_and_dict_output(capsys):
     a = model.generate(ids, **kw)
     torch.manual_seed(3)
     assert torch.equal(a, model.generate(ids, **kw))
-    beams = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
-    assert torch.equal(model.generate(ids, **beams), model.generate(ids, use_cache=False, **beams))
+    beams = dict(attention_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False,
+                 return_dict_in_generate=True, output_scores=True)
+    cached, uncached = model.generate(ids, **beams), model.generate(ids, use_cache=False, **beams)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-5, rtol=1e-5)
     res = model.generate(ids, attention_mask=mask, max_new_tokens=4, return_dict_in_generate=True,
                          output_scores=True, do_sample=False)
     assert res.sequences.shape == (2, 16) and len(res.scores) == 4
