@@ -258,7 +258,15 @@ class DASGForCausalLM(DASGPreTrainedModel, GenerationMixin):
         return False  # generate must not build a DynamicCache
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args: Any, **kwargs: Any) -> None:
-        """``generate`` gets a :class:`DASGCache` (transformers would build a ``DynamicCache``)."""
+        """``generate`` gets a :class:`DASGCache` (transformers would build a ``DynamicCache``);
+        a run that would feed more than ``max_position_embeddings`` columns fails here, before
+        the first token, not midway."""
+        fed = generation_config.max_length - 1  # prompt + new tokens, the last one never fed
+        if fed > self.config.max_position_embeddings:
+            raise ValueError(
+                f"DASGForCausalLM.generate: the prompt plus max_new_tokens feeds {fed} positions to the model "
+                f"(max_length={generation_config.max_length}, minus the last token), more than max_position_embeddings="
+                f"{self.config.max_position_embeddings}; shorten the prompt or lower max_new_tokens")
         if generation_config.use_cache is False or any(model_kwargs.get(n) is not None for n in _CACHE_KWARGS):
             return
         model_kwargs[_CACHE_KWARGS[0]] = DASGCache(self.config)

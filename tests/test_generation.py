@@ -200,6 +200,8 @@ def test_bad_input_is_a_clear_error():
     model = tiny(max_position_embeddings=32)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(torch.randint(1, 64, (1, 40)), max_new_tokens=1)
+    with pytest.raises(ValueError, match="max_new_tokens feeds 40 positions"):  # up front, not midway
+        model.generate(torch.randint(1, 64, (1, 20)), max_new_tokens=21)
     with pytest.raises(ValueError, match="no positions"):
         model(torch.zeros(1, 0, dtype=torch.long))
     other = tiny(attention_window=7)
