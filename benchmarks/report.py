@@ -222,7 +222,7 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             bound = (cfg.get("attention_window", 0) + hi / cfg["group_size"]) / hi
             add("generate", f"cache bytes at T={_t(hi)} <= (W + T/G)/T = {bound:.3f} of the full cache", cid,
                 gen[hi]["cache_bytes"] / full[hi]["cache_bytes"], bound, higher_better=False, unit="fraction",
-                note="the ring also holds one prefill chunk")
+                note="after the decode steps (ring W + 1)")
         if gen[hi].get("prefill_peak_mib"):
             add("generate", f"prefill of T={_t(hi)} fits in 80 GB", cid, gen[hi]["prefill_peak_mib"] / 1024, 80.0,
                 higher_better=False, unit="GiB")
