@@ -81,8 +81,7 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
 
     Static shapes: the chunk is laid out on the absolute group grid (row ``b`` shifted by
     ``first[b] % G``) in ``n_loc = ceil(Tq / G) + 1`` local groups, summed over ``G`` as the
-    reference pools. Writes of unfinished local groups all go (as zeros) to the row of the
-    row's current group, which is scratch until that group finishes.
+    reference pools; each finished group's mean is selected into its row of ``means``.
     """
     b, tq, h, d = x.shape
     g = group_size
@@ -100,10 +99,15 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
     end = first + tq
     gidx = g0[:, None] + torch.arange(n_loc, device=dev)
     finished = ((gidx + 1) * g <= end[:, None]) & (gidx >= 0)
-    cur = (end // g).clamp(min=0, max=means.shape[1] - 1)
-    target = torch.where(finished, gidx, cur[:, None]).clamp(max=means.shape[1] - 1)
-    val = torch.where(finished[:, :, None, None], sums / g, torch.zeros((), device=dev)).to(means.dtype)
-    means.scatter_(1, target[:, :, None, None].expand(b, n_loc, h, d), val)
+    # each finished group's mean into its row, by a select per local group (no scatter with
+    # repeated indices: inductor's CPU code for that scatter_ overwrote other rows of means)
+    rows = torch.arange(means.shape[1], device=dev)[None, :]
+    val = (sums / g).to(means.dtype)
+    new = means
+    for j in range(n_loc):
+        hit = (rows == gidx[:, j:j + 1]) & finished[:, j:j + 1]  # [B, NG]
+        new = torch.where(hit[:, :, None, None], val[:, j:j + 1], new)
+    means.copy_(new)
     cur_local = (end.clamp(min=0) // g - g0).clamp(max=n_loc - 1)  # a row still all padding: sum stays 0
     run_sum.copy_(sums.gather(1, cur_local[:, None, None, None].expand(b, 1, h, d))[:, 0])
 
