@@ -81,7 +81,7 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
 
     Static shapes: the chunk is laid out on the absolute group grid (row ``b`` shifted by
     ``first[b] % G``) in ``n_loc = ceil(Tq / G) + 1`` local groups, summed over ``G`` as the
-    reference pools; each finished group's mean is selected into its row of ``means``.
+    reference pools; each finished group's mean goes into its row of ``means``.
     """
     b, tq, h, d = x.shape
     g = group_size
@@ -97,17 +97,14 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
     sums = grid.view(b, n_loc, g, h, d).sum(2)
     sums[:, 0] += run_sum
     end = first + tq
-    gidx = g0[:, None] + torch.arange(n_loc, device=dev)
-    finished = ((gidx + 1) * g <= end[:, None]) & (gidx >= 0)
-    # each finished group's mean into its row, by a select per local group (no scatter with
-    # repeated indices: inductor's CPU code for that scatter_ overwrote other rows of means)
+    # each finished group's mean into its row, by one select over all rows of ``means`` (a
+    # scatter_ into ``means``, even with distinct rows, miscompiled under inductor on the CPU:
+    # rows it did not target changed)
     rows = torch.arange(means.shape[1], device=dev)[None, :]
-    val = (sums / g).to(means.dtype)
-    new = means
-    for j in range(n_loc):
-        hit = (rows == gidx[:, j:j + 1]) & finished[:, j:j + 1]  # [B, NG]
-        new = torch.where(hit[:, :, None, None], val[:, j:j + 1], new)
-    means.copy_(new)
+    local = rows - g0[:, None]  # [B, NG]: each row's local group in this chunk
+    finished = (local >= 0) & (local < n_loc) & ((rows + 1) * g <= end[:, None])
+    mean = sums.gather(1, local.clamp(0, n_loc - 1)[:, :, None, None].expand(b, -1, h, d)) / g
+    means.copy_(torch.where(finished[:, :, None, None], mean.to(means.dtype), means))
     cur_local = (end.clamp(min=0) // g - g0).clamp(max=n_loc - 1)  # a row still all padding: sum stays 0
     run_sum.copy_(sums.gather(1, cur_local[:, None, None, None].expand(b, 1, h, d))[:, 0])
 
