@@ -58,3 +58,55 @@ def check_int(op: str, name: str, value: object, *, low: int | None = None, high
         hi = "inf" if high is None else high
         raise ValueError(f"{op}: {name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def check_cu_seqlens(
+    op: str,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    total_q: int,
+    total_k: int,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> tuple[list[int], list[int]]:
+    """Check the values of a packed batch's sequence bounds (flash-attn's varlen layout).
+
+    ``cu_seqlens_q, cu_seqlens_k``: int32 ``[B + 1]`` on one device (their metadata is
+    checked by the op). Reads both on the host in one transfer (a sync on CUDA: eager
+    only) and raises a ``ValueError`` naming the argument unless each starts at 0, never
+    decreases and ends at its packed length (``total_q = q.shape[0]``, ``total_k =
+    k.shape[0]``), every sequence has ``len_q <= len_k``, and ``max_seqlen_q`` /
+    ``max_seqlen_k`` are at least the longest ``len_q`` / ``len_k``.
+
+    Returns the bounds as Python lists (the ``torch`` backend loops over them).
+    """
+    if cu_seqlens_q is cu_seqlens_k:
+        bq = bk = cu_seqlens_q.tolist()
+    else:
+        both = torch.cat([cu_seqlens_q, cu_seqlens_k]).tolist()
+        bq, bk = both[: cu_seqlens_q.shape[0]], both[cu_seqlens_q.shape[0]:]
+    for name, b, total, length, mx_name, mx in (
+        ("cu_seqlens_q", bq, total_q, "q.shape[0]", "max_seqlen_q", max_seqlen_q),
+        ("cu_seqlens_k", bk, total_k, "k.shape[0]", "max_seqlen_k", max_seqlen_k),
+    ):
+        if b[0] != 0:
+            raise ValueError(f"{op}: {name} must start at 0, got {name}[0] = {b[0]}")
+        lens = [e - s for s, e in zip(b[:-1], b[1:])]
+        bad = next((i for i, n in enumerate(lens) if n < 0), None)
+        if bad is not None:
+            raise ValueError(f"{op}: {name} must be non-decreasing, got {name}[{bad}] = {b[bad]} > "
+                             f"{name}[{bad + 1}] = {b[bad + 1]}")
+        if b[-1] != total:
+            raise ValueError(f"{op}: {name} must end at the packed length {length} = {total}, "
+                             f"got {name}[-1] = {b[-1]}")
+        longest = max(lens, default=0)
+        if longest > mx:
+            raise ValueError(f"{op}: {mx_name} ({mx}) must be >= the longest sequence of {name} "
+                             f"({longest}, sequence {lens.index(longest)})")
+    for i in range(len(bq) - 1):
+        nq, nk = bq[i + 1] - bq[i], bk[i + 1] - bk[i]
+        if nq > nk:
+            raise ValueError(f"{op}: sequence {i} has {nq} queries (cu_seqlens_q) and {nk} keys (cu_seqlens_k); "
+                             f"needs len_q <= len_k (a sequence's queries are its last positions)")
+    return bq, bk

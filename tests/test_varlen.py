@@ -9,6 +9,8 @@ Every buffer the launchers allocate is NaN-filled first, so a row no program wri
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from _helpers import require_triton
@@ -238,3 +240,104 @@ def test_varlen_value_head_dim_of_its_own(device):
     assert_close(out, ref, **t)
     for g, r in zip((qt.grad, kt.grad, vt.grad), (dq, dk, dv)):
         assert_close(g, r, **t)
+
+
+# --------------------------------------------------------------------------- bad cu_seqlens
+
+# (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, message) for q of 30 rows and
+# k, v of 30 rows; cu_seqlens_k None: the same tensor as cu_seqlens_q.
+BAD_BOUNDS = {
+    "q-ends-past": ([0, 10, 40], None, 30, 30, r"cu_seqlens_q must end at the packed length q.shape\[0\] = 30, "
+                                               r"got cu_seqlens_q\[-1\] = 40"),
+    "q-ends-before": ([0, 10, 25], [0, 10, 30], 20, 20, r"cu_seqlens_q must end at the packed length"),
+    "q-starts-at-2": ([2, 10, 30], [0, 10, 30], 20, 20, r"cu_seqlens_q must start at 0, got cu_seqlens_q\[0\] = 2"),
+    "q-decreasing": ([0, 20, 8, 30], None, 22, 22, r"cu_seqlens_q must be non-decreasing, got cu_seqlens_q\[1\] = 20 "
+                                                   r"> cu_seqlens_q\[2\] = 8"),
+    "k-ends-past": ([0, 10, 30], [0, 10, 40], 30, 30, r"cu_seqlens_k must end at the packed length k.shape\[0\] = 30"),
+    "k-negative": ([0, 10, 30], [0, -2, 30], 32, 32, r"cu_seqlens_k must be non-decreasing"),
+    "max-q-small": ([0, 10, 30], None, 10, 20, r"max_seqlen_q \(10\) must be >= the longest sequence of "
+                                               r"cu_seqlens_q \(20, sequence 1\)"),
+    "max-k-small": ([0, 10, 30], [0, 5, 30], 20, 20, r"max_seqlen_k \(20\) must be >= the longest sequence of "
+                                                     r"cu_seqlens_k \(25, sequence 1\)"),
+    "q-longer-than-k": ([0, 20, 30], [0, 10, 30], 20, 20, r"sequence 0 has 20 queries \(cu_seqlens_q\) and 10 keys "
+                                                          r"\(cu_seqlens_k\)"),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("name", list(BAD_BOUNDS))
+def test_varlen_bad_bounds_raise(name, backend, device):
+    """Every bad ``cu_seqlens`` / ``max_seqlen`` value raises a ``ValueError`` naming the
+    argument before any launch, on both backends (one host read in eager mode)."""
+    if backend == "triton":
+        require_triton(device, "swa_attention_varlen")
+    bq, bk, max_q, max_k, match = BAD_BOUNDS[name]
+    q, k, v = _inputs(30, 30, 2, 1, 16, torch.float32, device)
+    cu_q = torch.tensor(bq, dtype=torch.int32, device=device)
+    cu_k = cu_q if bk is None else torch.tensor(bk, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=match):
+        swa_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=(3, 0), group_size=4, summaries=True,
+                             backend=backend)
+
+
+GUARD = 4096  # elements of NaN before and after every input, of a finite sentinel around every launcher buffer
+SENTINEL = 12345.0
+
+# (cu_seqlens, max_seqlen, packed rows every kernel writes) of 30 packed rows, run with validate=False
+UNCHECKED_BOUNDS = {
+    "ends-past": ([0, 10, 40], 30, 30),  # clamped: rows [10, 30)
+    "negative": ([0, -6, 30], 36, 30),  # clamped: [0, 0) and [0, 30)
+    "decreasing": ([0, 20, 8, 30], 22, 30),  # clamped: [0, 20), [20, 20), [8, 30)
+    "max-small": ([0, 10, 30], 10, 20),  # sequence 1 cut to its first 10 rows: rows [20, 30) unwritten
+}
+
+
+def _guarded(shape, dtype, device, fill, bufs):
+    """A contiguous tensor of ``shape`` inside a buffer with ``GUARD`` elements of ``fill`` on
+    each side (kept in ``bufs``, to check that no kernel wrote there)."""
+    n = math.prod(shape)
+    buf = torch.full((n + 2 * GUARD,), fill, dtype=dtype, device=device)
+    bufs.append(buf)
+    return buf[GUARD:GUARD + n].view(shape)
+
+
+@pytest.mark.parametrize("name", list(UNCHECKED_BOUNDS))
+def test_varlen_unchecked_bounds_stay_in_bounds(name, device, monkeypatch):
+    """With ``validate=False`` (as under ``torch.compile``) bad ``cu_seqlens`` never make a
+    kernel read or write outside its buffers, forward and backward: the inputs sit between NaN
+    guards (a row read past the packed length turns the rows that see it NaN) and every buffer
+    the launchers allocate between sentinel guards (a row written past its end changes them).
+    A window that looks both ways makes rows past the end visible to the last rows."""
+    require_triton(device, "swa_attention_varlen")
+    bounds, max_len, n_ok = UNCHECKED_BOUNDS[name]
+    inputs, allocated = [], []
+    monkeypatch.setattr(common, "new_empty",
+                        lambda shape, dtype, dev: _guarded(shape, dtype, dev, SENTINEL, allocated).fill_(float("nan")))
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_guarded(s, torch.float32, device, float("nan"), inputs).copy_(torch.randn(s, generator=gen))
+               .requires_grad_() for s in ((30, 2, 16), (30, 1, 16), (30, 1, 16)))
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)
+    kw = dict(window=(3, 3), causal=False, group_size=4, summaries=True, backend="triton")
+    out = swa_attention_varlen(q, k, v, cu, cu, max_len, max_len, validate=False, **kw)
+    (out * torch.randn(out.shape, generator=gen).to(device)).sum().backward()
+    for t, what in ((out, "out"), (q.grad, "dq"), (k.grad, "dk"), (v.grad, "dv")):
+        assert torch.isfinite(t[:n_ok]).all(), f"{what}: a kernel read past its buffer"
+    assert allocated, "the launchers allocate through common.new_empty"
+    for buf in allocated:
+        assert (buf[:GUARD] == SENTINEL).all() and (buf[-GUARD:] == SENTINEL).all(), "a kernel wrote past a buffer"
+    for buf in inputs:
+        assert buf[:GUARD].isnan().all() and buf[-GUARD:].isnan().all()
+    if name == "ends-past":  # clamped to the packed length: the bounds [0, 10, 30]
+        monkeypatch.undo()
+        ref = swa_attention_varlen(q.detach(), k.detach(), v.detach(), _cu([10, 20], device), _cu([10, 20], device),
+                                   20, 20, **kw)
+        assert torch.equal(out.detach(), ref)
+
+
+def test_varlen_torch_backend_checks_unvalidated_bounds(device):
+    """The ``torch`` backend reads ``cu_seqlens`` on the host anyway: it checks them even with
+    ``validate=False``."""
+    q, k, v = _inputs(30, 30, 2, 1, 16, torch.float32, device)
+    cu = torch.tensor([0, 10, 40], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cu_seqlens_q must end at the packed length"):
+        swa_attention_varlen(q, k, v, cu, cu, 30, 30, validate=False, backend="torch")

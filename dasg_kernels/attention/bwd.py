@@ -155,7 +155,7 @@ def _dkdv_head(
 
 @tuned("dkdv")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T N_KEYS H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
+    "stride_lb stride_lh T TOTAL N_KEYS H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS, CU,
     stride_qb, stride_qt, stride_qh,
@@ -167,7 +167,7 @@ def _swa_bwd_dkdv_kernel(
     stride_dss, stride_dsb, stride_dst, stride_dsh,
     stride_dvss, stride_dvsb, stride_dvst, stride_dvsh,
     stride_lb, stride_lh,
-    T, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT,
+    T, TOTAL, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -183,8 +183,9 @@ def _swa_bwd_dkdv_kernel(
     if VARLEN:
         # sequence i_b of a packed batch (queries and keys share cu_seqlens): its rows
         # [s0, s0 + T) of q/do/lse/delta and, for the local pass, of k/v/dk/dv; the summary
-        # pass's KS/VS/DKS/DVS are [.., B, NG, ..] per sequence already
-        s0, T = _seq_bounds(CU, i_b)
+        # pass's KS/VS/DKS/DVS are [.., B, NG, ..] per sequence already (clamped to the
+        # packed length and max_seqlen)
+        s0, T = _seq_bounds(CU, i_b, TOTAL, T)
         Q += s0 * stride_qt
         DO += s0 * stride_dot
         LSE += s0
@@ -327,7 +328,7 @@ def _dq_tiles(
 
 @tuned("dq")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T H_Q KV_GROUP left right G NG WIN_KEY"))
+    "stride_lb stride_lh T TOTAL H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_bwd_dq_kernel(
     Q, K, V, KS, VS, DO, LSE, DELTA, DQ, CU,
     stride_qb, stride_qt, stride_qh,
@@ -338,7 +339,7 @@ def _swa_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh,
-    T, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
+    T, TOTAL, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -353,8 +354,8 @@ def _swa_bwd_dq_kernel(
     i_h = i_h.to(tl.int64)
 
     start_m = i_m * BLOCK_M
-    if VARLEN:  # sequence i_b of a packed batch: rows [s0, s0 + T) of every row tensor
-        s0, T = _seq_bounds(CU, i_b)
+    if VARLEN:  # sequence i_b of a packed batch: rows [s0, s0 + T) of every row tensor (clamped)
+        s0, T = _seq_bounds(CU, i_b, TOTAL, T)
         if start_m >= T:
             return
         NG = (T + G - 1) // G
@@ -481,6 +482,7 @@ def swa_bwd(
         q, k, v, do, dq, dk, dv = (common.batched_view(x, varlen) for x in (q, k, v, do, dq, dk, dv))
         cu = varlen.cu_q
     l_eff, r_eff = effective_window(left, right, t)
+    n_rows = min(q.shape[1], k.shape[1])  # varlen: the packed length the kernels clamp to
     if varlen is None:
         common.check_grid("swa_attention backward", b * hq, "batch * q heads")
     common.check_row_stride("swa_attention backward", q=q, k=k, v=v)
@@ -534,7 +536,7 @@ def swa_bwd(
             *dks.stride()[:4],
             *dvs.stride()[:4],
             lse3.stride(0), lse3.stride(1),
-            t, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
+            t, n_rows, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
             rows, wk,
             IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, DKDV_PASS=dkdv_pass, **flags,
             **launch_meta("dkdv"),
@@ -564,7 +566,7 @@ def swa_bwd(
         do.stride(0), do.stride(1), do.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         lse3.stride(0), lse3.stride(1),
-        t, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
+        t, n_rows, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
         **flags, **launch_meta("dq"),
     )
     if varlen is not None:

@@ -175,12 +175,15 @@ def block_grid(n_blocks: int, n_bh: int, varlen: object, *rest: int) -> tuple[in
 
 
 @triton.jit
-def _seq_bounds(CU, i_b):
-    """``(start, length)`` of sequence ``i_b`` of a varlen batch (``CU``: int32 ``cu_seqlens``);
-    ``start`` is int64 (it multiplies row strides), ``length`` int32."""
-    start = tl.load(CU + i_b)
-    end = tl.load(CU + i_b + 1)
-    return start.to(tl.int64), (end - start).to(tl.int32)
+def _seq_bounds(CU, i_b, n_rows, max_len):
+    """``(start, length)`` of sequence ``i_b`` of a varlen batch (``CU``: int32 ``cu_seqlens``),
+    clamped so that whatever ``CU`` holds (it is not checked under ``torch.compile`` or with
+    ``validate=False``) the rows ``[start, start + length)`` lie in ``[0, n_rows)`` (the packed
+    length) and ``0 <= length <= max_len`` (the ``max_seqlen`` that sized the grid and the
+    summary buffers). ``start`` is int64 (it multiplies row strides), ``length`` int32."""
+    start = tl.minimum(tl.maximum(tl.load(CU + i_b), 0), n_rows)
+    end = tl.minimum(tl.maximum(tl.load(CU + i_b + 1), start), n_rows)
+    return start.to(tl.int64), tl.minimum(end - start, max_len).to(tl.int32)
 
 
 @triton.jit

@@ -68,7 +68,7 @@ def _fwd_tiles(
 
 @tuned("fwd")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T_Q T_K Q_OFFSET H_Q KV_GROUP left right G NG WIN_KEY"))
+    "stride_lb stride_lh T_Q T_K TOTAL_Q TOTAL_K Q_OFFSET H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_fwd_kernel(
     Q, K, V, KS, VS, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qt, stride_qh,
@@ -78,7 +78,7 @@ def _swa_fwd_kernel(
     stride_vsb, stride_vst, stride_vsh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
-    T_Q, T_K, Q_OFFSET, H_Q, KV_GROUP, left, right, G, NG, qk_scale,
+    T_Q, T_K, TOTAL_Q, TOTAL_K, Q_OFFSET, H_Q, KV_GROUP, left, right, G, NG, qk_scale,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -115,9 +115,11 @@ def _swa_fwd_kernel(
         i_h = i_h.to(tl.int64)
         if VARLEN:
             # sequence i_b of a packed batch: rows [q0, q0 + T_Q) of q/out/lse, keys
-            # [k0, k0 + T_K); positions, windows and groups restart at its first token
-            q0, T_Q = _seq_bounds(CU_Q, i_b)
-            k0, T_K = _seq_bounds(CU_K, i_b)
+            # [k0, k0 + T_K) (clamped to the packed lengths and max_seqlen, len_q <= len_k);
+            # positions, windows and groups restart at its first token
+            q0, T_Q = _seq_bounds(CU_Q, i_b, TOTAL_Q, T_Q)
+            k0, T_K = _seq_bounds(CU_K, i_b, TOTAL_K, T_K)
+            T_Q = tl.minimum(T_Q, T_K)
             if start_m >= T_Q:
                 return
             Q_OFFSET = T_K - T_Q
@@ -304,7 +306,7 @@ def swa_fwd(
         vs_.stride(0), vs_.stride(1), vs_.stride(2),
         out4.stride(0), out4.stride(1), out4.stride(2),
         lse3.stride(0), lse3.stride(1),
-        tq, tk, q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
+        tq, tk, q.shape[1], k.shape[1], q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
         win_key(l_eff, r_eff, tk),
         HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
         SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,

@@ -19,14 +19,14 @@ from dasg_kernels.attention.common import _block_and_head, _seq_bounds
 from dasg_kernels.attention.configs import POOL_BLOCK_G
 
 
-@triton.jit(do_not_specialize=common.no_specialize("T H G"))
+@triton.jit(do_not_specialize=common.no_specialize("T TOTAL H G"))
 def _group_mean_kernel(
     K, V, KS, VS, CU,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ksb, stride_kst, stride_ksh,
     stride_vsb, stride_vst, stride_vsh,
-    T, H, G,
+    T, TOTAL, H, G,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_G: tl.constexpr, VARLEN: tl.constexpr,
 ):
@@ -34,8 +34,8 @@ def _group_mean_kernel(
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     start = i_g * G
-    if VARLEN:  # groups of sequence i_b: its keys [k0, k0 + T); groups past its end are not written
-        k0, T = _seq_bounds(CU, i_b)
+    if VARLEN:  # groups of sequence i_b: its keys [k0, k0 + T) (clamped); groups past its end are not written
+        k0, T = _seq_bounds(CU, i_b, TOTAL, T)
         if start >= T:
             return
         K += k0 * stride_kt
@@ -92,7 +92,7 @@ def group_means_fwd(
         v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
-        t, h, group_size,
+        t, k.shape[1], h, group_size,
         HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
         BLOCK_G=max(2, min(POOL_BLOCK_G, triton.next_power_of_2(group_size))), VARLEN=varlen is not None,
     )

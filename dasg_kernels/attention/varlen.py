@@ -7,10 +7,15 @@ first token, so no group mean spans two sequences; a sequence's queries are its 
 ``len_q`` positions (``len_q <= len_k``; equal for training).
 
 The Triton path runs the dense kernels with a ``VARLEN`` flag: each program reads its
-sequence's bounds from ``cu_seqlens`` on the device (no host sync) and the grid is sized
-by ``max_seqlen_q/k``, which the caller passes (as in flash-attn); programs past a
-sequence's end exit at once. The ``torch`` backend loops over the sequences (it reads
-``cu_seqlens`` on the host).
+sequence's bounds from ``cu_seqlens`` on the device and the grid is sized by
+``max_seqlen_q/k``, which the caller passes (as in flash-attn); programs past a
+sequence's end exit at once. Each program clamps its bounds to the packed length and to
+``max_seqlen`` (non-negative lengths), so no ``cu_seqlens`` can make a kernel read or
+write outside its buffers. In eager mode the op first checks the values of
+``cu_seqlens`` with one host read (:func:`~dasg_kernels.validation.check_cu_seqlens`);
+``validate=False`` and ``torch.compile`` skip that read (no host sync). The ``torch``
+backend loops over the sequences: it reads ``cu_seqlens`` on the host anyway and always
+checks them.
 """
 from __future__ import annotations
 
@@ -19,7 +24,14 @@ import torch
 from dasg_kernels.attention import common, ops
 from dasg_kernels.attention.interface import _check_options, head_dim_backend
 from dasg_kernels.backend import interpreted_bf16
-from dasg_kernels.validation import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_same, check_tensor
+from dasg_kernels.validation import (
+    FLOAT_DTYPES,
+    check_cu_seqlens,
+    check_int,
+    check_last_dim_contiguous,
+    check_same,
+    check_tensor,
+)
 
 OP = "swa_attention_varlen"
 
@@ -67,18 +79,23 @@ def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return be
 
 
-def _torch_varlen(q, k, v, cu_q, cu_k, *, window, causal, group_size, summaries, scale):
-    """The ``torch`` backend: the blockwise op per sequence (host reads of ``cu_seqlens``)."""
+def _check_bounds(q, k, cu_q, cu_k, max_q, max_k) -> tuple[list[int], list[int]]:
+    """The values of ``cu_seqlens_q/k`` checked against the packed lengths and ``max_seqlen``
+    (one host read); returns them as lists."""
+    return check_cu_seqlens(OP, cu_q, cu_k, total_q=q.shape[0], total_k=k.shape[0], max_seqlen_q=max_q,
+                            max_seqlen_k=max_k)
+
+
+def _torch_varlen(q, k, v, bounds, *, window, causal, group_size, summaries, scale):
+    """The ``torch`` backend: the blockwise op per sequence; ``bounds``: the checked
+    ``cu_seqlens_q/k`` as lists."""
     from dasg_kernels.attention.blockwise import swa_attention_blockwise
 
     out = q.new_zeros(*q.shape[:-1], v.shape[-1])  # rows of empty sequences: 0, lse -inf
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
-    bq, bk = cu_q.tolist(), cu_k.tolist()
+    bq, bk = bounds
     for i in range(len(bq) - 1):
         (q0, q1), (k0, k1) = (bq[i], bq[i + 1]), (bk[i], bk[i + 1])
-        if not 0 <= q1 - q0 <= k1 - k0:
-            raise ValueError(f"{OP}: sequence {i} has {q1 - q0} queries and {k1 - k0} keys; "
-                             f"needs 0 <= len_q <= len_k")
         if q1 > q0:  # slice assignment keeps autograd (CopySlices)
             out[q0:q1], lse[:, q0:q1] = (x[0] for x in swa_attention_blockwise(
                 q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], window=window, causal=causal,
@@ -102,21 +119,28 @@ def swa_attention_varlen(
     softmax_scale: float | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Grouped sliding-window attention over a packed batch of sequences.
 
     Args:
         q: ``[total_q, Hq, D]``; k, v: ``[total_k, Hkv, D]`` (``Hq % Hkv == 0``), fp16 /
             bf16 / fp32, stride 1 in the last dim.
-        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on the device, non-decreasing from 0:
-            sequence ``b`` is rows ``[cu[b], cu[b+1])``. Sequences of length 0 and 1 are fine.
+        cu_seqlens_q, cu_seqlens_k: int32 ``[B + 1]`` on the device of ``q``, non-decreasing
+            from 0 to the packed length (``total_q``, ``total_k``): sequence ``b`` is rows
+            ``[cu[b], cu[b+1])``, with ``len_q <= len_k``. Sequences of length 0 and 1 are fine.
         max_seqlen_q, max_seqlen_k: Python ints, at least the longest sequence (they size the
-            launch grid; no host read of ``cu_seqlens``).
+            launch grid).
         window, causal, group_size, summaries, softmax_scale: as in
             :func:`~dasg_kernels.swa_attention`, per sequence (positions start at 0 at each
             sequence's first key; its queries are its last ``len_q`` positions).
         return_lse: also return ``lse [Hq, total_q]`` (fp32; ``-inf`` for rows that see nothing).
         backend: ``"auto" | "triton" | "torch"``.
+        validate: check the values of ``cu_seqlens_q/k`` and ``max_seqlen_q/k`` (as listed
+            above) with one host read, raising a ``ValueError`` that names the argument. Skipped
+            under ``torch.compile`` and with ``False`` (no host sync: for bounds the caller
+            built itself; bad ones then give wrong rows, never an out-of-bounds access). The
+            ``torch`` backend reads ``cu_seqlens`` on the host anyway and always checks.
 
     Returns:
         ``out [total_q, Hq, D]`` in ``q.dtype`` (and ``lse``). Differentiable w.r.t. ``q, k, v``
@@ -127,13 +151,17 @@ def swa_attention_varlen(
                                         summaries=summaries, softmax_scale=softmax_scale)
     be = _pick_backend(backend, q, k, v, max_seqlen_q, max_seqlen_k)
     if be == "torch":
-        out, lse = _torch_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, window=window, causal=causal,
+        bounds = _check_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        out, lse = _torch_varlen(q, k, v, bounds, window=window, causal=causal,
                                  group_size=group_size, summaries=summaries, scale=scale)
-    elif interpreted_bf16(q):  # the gradients follow the casts
+        return (out, lse) if return_lse else out
+    if validate and not torch.compiler.is_compiling():
+        _check_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if interpreted_bf16(q):  # the gradients follow the casts
         out, lse = swa_attention_varlen(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, window=window, causal=causal, group_size=group_size,
                                         summaries=summaries, softmax_scale=scale, return_lse=True,
-                                        backend="triton")
+                                        backend="triton", validate=False)
         out = out.to(q.dtype)
     else:
         out, lse, _, _ = ops.swa_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
