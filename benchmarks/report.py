@@ -577,6 +577,22 @@ def markdown(results: dict[str, Any], plots: list[str] | None = None, title: str
 
 # ----------------------------------------------------------------------------- plots
 
+#: What a panel that has no data says; CPU runs measure neither CUDA timings nor peak memory.
+NO_DATA_CPU = "no data on CPU ({what} need a GPU)"
+
+
+def mark_empty_panel(ax: Any, env: dict[str, Any], what: str = "timings") -> bool:
+    """Write a centred note on a matplotlib ``ax`` that nothing was drawn on (no line, bar or
+    marker), instead of leaving empty axes; ``what`` names the measurement the panel shows
+    (``"timings"``, ``"peak-memory figures"``). Returns whether the panel was empty."""
+    if ax.has_data():
+        return False
+    msg = NO_DATA_CPU.format(what=what) if env.get("device_kind") != "cuda" else "no data (nothing measured)"
+    ax.text(0.5, 0.5, msg, ha="center", va="center", transform=ax.transAxes, fontsize=10, color="dimgray")
+    ax.grid(False, which="both")
+    ax.tick_params(axis="both", which="both", bottom=False, left=False, labelbottom=False, labelleft=False)
+    return True
+
 
 def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
     """PNG plots; returns their paths ([] without matplotlib)."""
@@ -652,6 +668,7 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
                 if drawn:
                     ax.legend(fontsize=6)
                 ax.grid(True, which="both", alpha=0.3)
+                mark_empty_panel(ax, env, "timings" if what == "time" else "peak-memory figures")
             save(fig, fname)
 
     # MoE: TFLOP/s vs tokens
@@ -669,8 +686,9 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
             ax.set_xlabel("tokens N")
             ax.set_ylabel("TFLOP/s (fwd+bwd, routed FLOPs)")
             ax.set_title(shape)
-            ax.legend(fontsize=7)
             ax.grid(True, which="both", alpha=0.3)
+            if not mark_empty_panel(ax, env):
+                ax.legend(fontsize=7)
         save(fig, "moe-tflops")
 
     # varlen: useful TFLOP/s per method and mode, one panel per case
@@ -689,8 +707,9 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
             ax.set_xticklabels(modes)
             ax.set_ylabel("useful TFLOP/s")
             ax.set_title(cid, fontsize=8)
-            ax.legend(fontsize=7)
             ax.grid(True, axis="y", alpha=0.3)
+            if not mark_empty_panel(ax, env):
+                ax.legend(fontsize=7)
         save(fig, "varlen")
 
     # speed-up bars against each baseline
@@ -767,12 +786,12 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
                     if all(p[2] is not None for p in pts):
                         axes[0, 1].plot([p[0] for p in pts], [p[2] / 1024 for p in pts], style, marker=marker,
                                         label=f"{v} {mode}")
-        for ax, yl in zip(axes[0], ("tokens/s", "peak GiB")):
+        for ax, yl, what in zip(axes[0], ("tokens/s", "peak GiB"), ("timings", "peak-memory figures")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("sequence length T")
             ax.set_ylabel(yl)
             ax.grid(True, which="both", alpha=0.3)
-            if ax.lines:
+            if not mark_empty_panel(ax, env, what):
                 ax.legend(fontsize=7)
         save(fig, "model")
 
@@ -791,7 +810,7 @@ def make_plots(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
             ax.set_xlabel("context length T")
             ax.set_ylabel(yl)
             ax.grid(True, which="both", alpha=0.3)
-            if ax.lines:
+            if not mark_empty_panel(ax, env):
                 ax.legend(fontsize=7)
         save(fig, "generate")
     return paths

@@ -11,11 +11,10 @@ Public ops (each takes ``backend="auto" | "triton" | "torch"``; see
 Every name in ``attention.__all__`` and ``moe.__all__`` is re-exported here.
 """
 from dasg_kernels import attention, moe, reference
+from dasg_kernels._version import __version__  # noqa: F401
 from dasg_kernels.attention import *  # noqa: F401,F403
 from dasg_kernels.backend import interpreter_enabled, resolve_backend
 from dasg_kernels.moe import *  # noqa: F401,F403
-
-__version__ = "0.1.0"
 
 __all__ = [
     "attention",

@@ -15,6 +15,8 @@ Every module passes ``config.backend`` (``"auto" | "triton" | "torch"``) to the 
 from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding, apply_rope
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from dasg_kernels._version import __version__  # noqa: F401
+
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
 from dasg_model.experts import DualScaleSharedExperts, SwiGLUExperts

@@ -19,7 +19,7 @@ FIELDS: dict[str, Any] = {
     "deep_num_experts": 4, "deep_expert_size": 64, "router_top_p": 0.7, "k_max": 2, "min_k": 1, "n_group": 1,
     "topk_group": None, "complexity_threshold": 0.5,
     "load_balance_coef": 0.01, "z_loss_coef": 1e-3, "entropy_coef": 1e-3,
-    "prefill_chunk_size": 256,
+    "prefill_chunk_size": 256, "use_cache": True,
     "backend": "auto",
 }
 
@@ -57,6 +57,8 @@ class DASGConfig(PretrainedConfig):
     Generation: ``prefill_chunk_size`` positions per prefill step against the bounded
     cache (:class:`dasg_model.DASGCache`), so a long prompt's peak activation memory is
     ``O(chunk * (W + T/G))``; the cache's ring holds ``attention_window + prefill_chunk_size``.
+    ``use_cache`` (default ``True``): whether ``generate`` keeps a cache (``False``: every step
+    reruns the whole sequence); it is written to ``config.json`` and ``to_json``.
 
     A ``transformers.PretrainedConfig`` (``model_type = "dasg"``): ``save_pretrained`` /
     ``from_pretrained``, ``AutoConfig``; ``num_hidden_layers`` / ``num_attention_heads`` /
@@ -77,7 +79,6 @@ class DASGConfig(PretrainedConfig):
         for alias, name in {**self.attribute_map, **KEYWORD_ALIASES}.items():
             if alias in kwargs:
                 own[name] = kwargs.pop(alias)
-        kwargs.setdefault("use_cache", True)
         super().__init__(tie_word_embeddings=own["tie_word_embeddings"], **kwargs)
         for name, value in own.items():
             setattr(self, name, value)
@@ -155,6 +156,8 @@ class DASGConfig(PretrainedConfig):
         for n in ("load_balance_coef", "z_loss_coef", "entropy_coef", "rms_norm_eps", "initializer_range"):
             if getattr(self, n) < 0:
                 raise ValueError(f"DASGConfig: {n} must be >= 0, got {getattr(self, n)}")
+        if not isinstance(self.use_cache, bool):
+            raise ValueError(f"DASGConfig: use_cache must be a bool, got {self.use_cache!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"DASGConfig: backend must be one of {BACKENDS}, got {self.backend!r}")
 
