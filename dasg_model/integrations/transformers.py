@@ -525,7 +525,8 @@ def _read_layout(attention_mask, query, key, kwargs) -> _Layout | str:
             return "incomplete packed-sequence keywords (need cu_seq_lens_q/k and max_length_q/k)"
         if tq != tk:
             return "packed sequences (cu_seq_lens) with a KV cache"
-        return _Layout("varlen", cu_q=fa[0], cu_k=fa[1], max_q=fa[2], max_k=fa[3])
+        # the caller's bounds: checked by the op (one host read in eager mode)
+        return _Layout("varlen", cu_q=fa[0], cu_k=fa[1], max_q=fa[2], max_k=fa[3], validate=True)
     m = attention_mask
     if m is None:
         pos = kwargs.get("position_ids")
@@ -597,10 +598,11 @@ def _value_dim_ok(op: str) -> bool:
 # --------------------------------------------------------------------------- attention: runs
 
 
-def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, left, causal, scale, backend):
-    """:func:`dasg_kernels.swa_attention_varlen` (flash-attn varlen layout ``[total, H, D]``)."""
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, left, causal, scale, backend, validate):
+    """:func:`dasg_kernels.swa_attention_varlen` (flash-attn varlen layout ``[total, H, D]``);
+    ``validate=False`` for the ``cu_seqlens`` built here (no host read per layer)."""
     return swa_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=(left, 0 if causal else -1), causal=causal,
-                                softmax_scale=scale, backend=backend)
+                                softmax_scale=scale, backend=backend, validate=validate)
 
 
 def _cache_attention(q, k, v, n, left, scale, backend, *, append: bool):
@@ -638,7 +640,7 @@ def _run(layout: _Layout, query, key, value, is_causal, window, scale, backend) 
     if layout.kind == "varlen":
         flat = [x.reshape(-1, *x.shape[2:]) for x in (q, k, v)]
         out = _varlen(*flat, layout.cu_q, layout.cu_k, _host_int(layout.max_q, tq), _host_int(layout.max_k, tk),
-                      left, bool(is_causal), scale, backend)
+                      left, bool(is_causal), scale, backend, getattr(layout, "validate", False))
         return out.view(b, tq, *out.shape[1:])
     if layout.kind == "plain":
         if tq == tk:
