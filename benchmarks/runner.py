@@ -5,6 +5,7 @@
     python -m benchmarks                    # everything (GPU: issue 2/3/5 matrices, ~8 min on an H100)
     python -m benchmarks --quick            # a small subset
     python -m benchmarks --only attention   # one family (attention | varlen | moe | model | generate); repeatable
+    python -m benchmarks --only quality     # the training benchmark (benchmarks.quality), only when named
     python -m benchmarks --out DIR          # where the JSON / Markdown / PNG go (default benchmarks/results)
 
 Each kernel's output is checked against ``dasg_kernels.reference`` before it is timed;
@@ -34,6 +35,8 @@ import benchmarks  # noqa: F401  (sets TRITON_INTERPRET on CPU-only machines fir
 from benchmarks import common
 
 FAMILIES = ("attention", "varlen", "moe", "model", "generate")
+# trains models for up to an hour: runs only when named (--only quality), see benchmarks.quality
+QUALITY = "quality"
 # share of the time budget per family on a full GPU run (normalised over the families run);
 # unused time carries over
 BUDGET_SHARE = {"attention": 0.5, "varlen": 0.12, "moe": 0.2, "model": 0.18, "generate": 0.12}
@@ -50,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a small subset of every matrix")
     p.add_argument("--only", action="append", default=None, metavar="FAMILY",
-                   help="attention | varlen | moe | model | generate (repeatable or comma-separated; default: all)")
+                   help="attention | varlen | moe | model | generate (repeatable or comma-separated; default: all "
+                        "of these) | quality (the training benchmark, only when named)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (default: benchmarks/results)")
     p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
@@ -68,8 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for item in args.only or []:
         for f in item.split(","):
             f = f.strip()
-            if f not in FAMILIES:
-                p.error(f"--only: unknown family {f!r}; choose from {', '.join(FAMILIES)}")
+            if f not in FAMILIES + (QUALITY,):
+                p.error(f"--only: unknown family {f!r}; choose from {', '.join(FAMILIES + (QUALITY,))}")
             if f not in fams:
                 fams.append(f)
     args.families = fams or list(FAMILIES)
@@ -107,8 +111,25 @@ def header_lines(env: dict) -> list[str]:
     return lines
 
 
+def _quality_argv(args: argparse.Namespace) -> list[str]:
+    """The ``python -m benchmarks.quality`` options matching this command line."""
+    out = ["--out", args.out] + (["--name", args.name] if args.name else [])
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    out += ["--quick"] if args.quick else (["--gpu"] if cuda else [])
+    out += ["--device", "cuda" if cuda else "cpu"]
+    out += ["--time-budget", str(args.time_budget)] if args.time_budget is not None else []
+    return out + ["--no-plots"] * args.no_plots + ["--no-progress"] * args.no_progress
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if QUALITY in args.families:
+        from benchmarks.quality.cli import main as quality_main
+
+        args.families.remove(QUALITY)
+        rc = quality_main(_quality_argv(args))
+        if rc or not args.families:
+            return rc
     if args.device:
         device = torch.device(args.device)
     else:
