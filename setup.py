@@ -32,6 +32,8 @@ setup(
         "test": ["pytest", "pytest-benchmark", "pytest-xdist", "numpy"],
         "bench": [
             "matplotlib",
+            "liger-kernel==0.8.5",  # fused MoE: a calibration peer (benchmarks/calibrate.py)
+            "fla-core==0.6.0",  # parallel_attn: the attention peer the compile report predicts
         ],
         "hf": ["transformers>=4.56", "accelerate>=1.1"],  # accelerate: transformers.Trainer
     },

@@ -17,6 +17,7 @@ Run it without ``TRITON_INTERPRET`` (the interpreter replaces every ``@triton.ji
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import re
@@ -85,9 +86,12 @@ def meta(shape, dtype=torch.bfloat16, stride=None) -> torch.Tensor:
 
 def _stand_in(a: Any) -> Any:
     # Pointers specialise on their dtype and 16-byte alignment only: a 16-element CPU
-    # tensor (64-byte aligned) stands in for every (meta) tensor.
+    # tensor (64-byte aligned) stands in for every (meta) tensor, also the base of a host
+    # tensor descriptor (whose shape, strides and block shape are kept).
     if isinstance(a, torch.Tensor):
         return torch.empty(16, dtype=a.dtype)
+    if type(a).__name__ == "TensorDescriptor" and hasattr(a, "base"):
+        return dataclasses.replace(a, base=torch.empty(16, dtype=a.base.dtype))
     return a
 
 
@@ -137,6 +141,8 @@ def compile_launch(launch: Launch, config=None, target: str = "sm_90a") -> Compi
     kwargs = dict(launch.kwargs)
     if config is not None:
         kwargs.update(config.all_kwargs())
+        if getattr(config, "pre_hook", None) is not None:  # e.g. sets descriptor block shapes per config
+            config.pre_hook(dict(zip(fn.arg_names, launch.args), **kwargs))
     kwargs["debug"] = False
     for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
         if hasattr(knobs.compilation, knob):
@@ -193,16 +199,17 @@ def loops(instrs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
     return out
 
 
-_MMA_SHAPE = re.compile(r"HGMMA\.(\d+)x(\d+)x(\d+)")
+_MMA_SHAPE = re.compile(r"[HQ]GMMA\.(\d+)x(\d+)x(\d+)")
 _HMMA_SHAPE = re.compile(r"HMMA\.(16)(8)(\d+)")
+_DEPBAR = re.compile(r"gsb0\s*,\s*0x([0-9a-f]+)")
 
 
 def mma_fma(op: str) -> tuple[int, str]:
     """Multiply-adds of one tensor-core instruction and its kind (per warpgroup for
-    ``HGMMA``, per warp for ``HMMA``)."""
+    ``HGMMA`` (16-bit) and ``QGMMA`` (fp8) wgmma, per warp for ``HMMA``)."""
     m = _MMA_SHAPE.match(op)
     if m:
-        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), "wgmma"
+        return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), ("wgmma_fp8" if op[0] == "Q" else "wgmma")
     m = _HMMA_SHAPE.match(op)
     if m:
         return int(m.group(1)) * int(m.group(2)) * int(m.group(3)), "mma_sync"
@@ -210,26 +217,66 @@ def mma_fma(op: str) -> tuple[int, str]:
 
 
 #: H100 SXM: dense bf16/fp16 tensor peak per SM and clock (989 TFLOP/s = 132 SMs x 1.83 GHz
-#: x 2048 multiply-adds); mma.sync is taken at half of it.
+#: x 2048 multiply-adds); fp8 wgmma (QGMMA) at twice that, mma.sync at half of it.
 FMA_PER_CLK_WGMMA = 2048
+FMA_PER_CLK_QGMMA = 4096
 FMA_PER_CLK_MMA_SYNC = 1024
 ISSUE_PER_CLK = 4  # one warp instruction per scheduler (4 per SM) per clock
+MUFU_PER_CLK = 16  # MUFU results (ex2, rcp, ...) per clock per SM: a warp's MUFU takes 2 SM clocks
+_WGMMA_OPS = ("HGMMA", "QGMMA")
 
 
 def _count(instrs, pred) -> int:
     return sum(1 for _, op, rest in instrs if pred(op, rest))
 
 
+def in_flight(body: list[tuple[int, str, str]]) -> tuple[int, int]:
+    """(instructions, MUFU) of a loop body issued while a wgmma group of the same warpgroup
+    is still in flight, in the steady state (the body is scanned twice, so a group
+    committed at the end of an iteration and waited for in the next counts).
+
+    A group is the run of ``HGMMA``/``QGMMA`` up to the one carrying ``gsb0`` (its commit);
+    ``WARPGROUP.DEPBAR.LE gsb0, N`` waits until at most ``N`` groups are pending. Every
+    other instruction counts as in flight while a group is pending or being formed;
+    the ones after a full wait (``N = 0``) up to the next wgmma are *exposed*: the
+    warpgroup runs them with its tensor work finished (serialised with it).
+    """
+    pending, forming, n, mufu = 0, False, 0, 0
+    for copy in (0, 1):
+        for _, op, rest in body:
+            if op.startswith(_WGMMA_OPS):
+                forming = "gsb0" not in rest
+                if not forming:
+                    pending += 1
+                continue
+            if op.startswith("WARPGROUP.DEPBAR"):
+                m = _DEPBAR.search(rest)
+                pending = min(pending, int(m.group(1), 16) if m else 0)
+                continue
+            if copy == 1 and (pending or forming):
+                n += 1
+                mufu += op.startswith("MUFU")
+    return n, mufu
+
+
 def loop_stats(body: list[tuple[int, str, str]], num_warps: int) -> dict:
-    """Per iteration of a loop body: instructions, MUFU, tensor and issue cycles per CTA."""
+    """Per iteration of a loop body: instructions, MUFU, tensor and issue cycles per CTA,
+    and the instructions / MUFU issued while a wgmma is in flight (:func:`in_flight`)."""
     fma_wg = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("HGMMA"))
+    fma_q = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("QGMMA"))
     fma_w = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("HMMA"))
-    tensor = (num_warps / 4) * fma_wg / FMA_PER_CLK_WGMMA + num_warps * fma_w / FMA_PER_CLK_MMA_SYNC
+    tensor = ((num_warps / 4) * (fma_wg / FMA_PER_CLK_WGMMA + fma_q / FMA_PER_CLK_QGMMA)
+              + num_warps * fma_w / FMA_PER_CLK_MMA_SYNC)
+    fl_instrs, fl_mufu = in_flight(body)
     return {
         "instrs": len(body),
         "mufu": _count(body, lambda op, _: op.startswith("MUFU")),
-        "mma": _count(body, lambda op, _: op.startswith(("HGMMA", "HMMA"))),
+        "mma": _count(body, lambda op, _: op.startswith(("HGMMA", "QGMMA", "HMMA"))),
+        "qgmma": _count(body, lambda op, _: op.startswith("QGMMA")),
         "spill_ops": _count(body, lambda op, _: op.startswith(("STL", "LDL"))),
+        "bar_syncs": _count(body, lambda op, _: op.startswith("BAR.SYNC")),
+        "inflight_instrs": fl_instrs,
+        "inflight_mufu": fl_mufu,
         "tensor_cycles": tensor,
         "issue_cycles": len(body) * num_warps / ISSUE_PER_CLK,
     }
@@ -286,7 +333,7 @@ def analyse(c: Compiled) -> dict:
     else:
         main, main_range = loop_stats([], c.num_warps), (0, -1)
     # the epilogue: everything after the last loop with tensor-core work (loops in it once)
-    mma_ends = [b for a, b in lps if any(op.startswith(("HGMMA", "HMMA")) for _, op, _ in instrs[a:b + 1])]
+    mma_ends = [b for a, b in lps if any(op.startswith(("HGMMA", "QGMMA", "HMMA")) for _, op, _ in instrs[a:b + 1])]
     tail_from = max(mma_ends, default=-1) + 1
     spill = _SPILL.search(c.ptxas_log)
     regs = _REGS.search(c.res_usage)
@@ -300,7 +347,8 @@ def analyse(c: Compiled) -> dict:
         "spill_bytes": int(spill.group(1)) if spill else (int(stack.group(1)) if stack else 0),
         "stack_bytes": int(stack.group(1)) if stack else 0,
         "smem_bytes": c.shared,
-        "wgmma": _count(instrs, lambda op, _: op.startswith("HGMMA")),
+        "wgmma": _count(instrs, lambda op, _: op.startswith(("HGMMA", "QGMMA"))),
+        "qgmma": _count(instrs, lambda op, _: op.startswith("QGMMA")),
         "mma_sync": _count(instrs, lambda op, _: op.startswith("HMMA")),
         "tma_loads": _count(instrs, lambda op, _: op.startswith("UTMALDG")),
         "cp_async_loads": _count(instrs, lambda op, _: op.startswith("LDGSTS")),
@@ -311,6 +359,10 @@ def analyse(c: Compiled) -> dict:
         "mufu_per_iter": main["mufu"],
         "mma_per_iter": main["mma"],
         "spill_ops_in_main_loop": main["spill_ops"],
+        "inflight_instrs_per_iter": main["inflight_instrs"],
+        "inflight_mufu_per_iter": main["inflight_mufu"],
+        "bar_syncs_per_iter": main["bar_syncs"],
+        "outside_main_loop_instrs": len(instrs) - main["instrs"],
         "tensor_cycles_per_iter": main["tensor_cycles"],
         "issue_cycles_per_iter": main["issue_cycles"],
         "duplicated": dup > 1,
