@@ -485,6 +485,97 @@ def write(points: list[Point], model: dict, out_dir: str, seconds: float) -> tup
     return jpath, mpath
 
 
+# --------------------------------------------------------------------------- measuring (GPU)
+
+#: how each point's measured call runs on a GPU: (point id) -> callable(mod_or_none) -> (fn, flops)
+def _measure_calls() -> dict:
+    def fa(b, h, n, d):
+        def make():
+            mod = load_module_gpu(FA, "peer_fused_attention")
+            q, k, v = (torch.randn((b, h, n, d), device="cuda", dtype=torch.float16) for _ in range(3))
+            return (lambda: mod.attention(q, k, v, False, d ** -0.5, False)), 4.0 * b * h * n * n * d
+        return make
+
+    def mm(size, dt):
+        def make():
+            mod = load_module_gpu(MM, "peer_matmul")
+            a = torch.randn((size, size), device="cuda", dtype=torch.float16).to(dt)
+            b = torch.randn((size, size), device="cuda", dtype=torch.float16).to(dt)
+            b = b.T if dt != torch.float16 else b
+            return (lambda: mod.matmul(a, b)), 2.0 * size ** 3
+        return make
+
+    def liger(t, e, hdim, idim, topk):
+        def make():
+            from liger_kernel.ops import LigerFusedMoEFunction
+
+            x = torch.randn((t, hdim), device="cuda", dtype=torch.bfloat16)
+            w1 = torch.randn((e, 2 * idim, hdim), device="cuda", dtype=torch.bfloat16) * 0.02
+            w2 = torch.randn((e, hdim, idim), device="cuda", dtype=torch.bfloat16) * 0.02
+            logits = torch.randn((t, e), device="cuda")
+            idx = torch.topk(logits, topk, dim=-1).indices.to(torch.int32)
+            wts = torch.softmax(torch.gather(logits, 1, idx.long()), -1).to(torch.bfloat16)
+            return (lambda: LigerFusedMoEFunction.apply(x, w1, w2, idx, wts)), 6.0 * t * topk * hdim * idim
+        return make
+
+    return {"fa-fwd-d128": fa(4, 32, 16384, 128), "fa-fwd-d64": fa(1, 32, 16384, 64),
+            "gemm-fp16-3072": mm(3072, torch.float16), "gemm-fp8-3584": mm(3584, torch.float8_e5m2),
+            "liger-moe-fwd": liger(32768, 128, 2048, 768, 8)}
+
+
+def load_module_gpu(src: GitSource, name: str) -> types.ModuleType:
+    with open(src.cached) as f:
+        text = f.read()
+    if src.cut_at and src.cut_at in text:
+        text = text[:text.index(src.cut_at)]
+    mod = types.ModuleType(name)
+    exec(compile(text, src.cached, "exec"), mod.__dict__)
+    sys.modules[name] = mod
+    return mod
+
+
+def _write_measured(rows: list[dict], stored: dict, out_dir: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "calibration-measured.json")
+    with open(path, "w") as f:
+        json.dump({"meta": {"triton": triton.__version__, "torch": torch.__version__, "model": stored["meta"]["model"]},
+                   "points": rows}, f, indent=1)
+    lines = ["# Calibration peers measured on a GPU (published vs predicted vs MEASURED)", "",
+             "| point | published | predicted | measured | predicted / measured |", "|---|---|---|---|---|"]
+    for r in rows:
+        m = r.get("measured_tflops")
+        meas = "" if m is None else f"{m:.0f}"
+        ratio = "" if not m else f"{r['predicted_tflops'] / m:.2f}"
+        lines.append(f"| {r['id']} | {r['published_tflops']:.0f} | {r['predicted_tflops']:.0f} | {meas} | {ratio} |")
+    with open(os.path.join(out_dir, "calibration-measured.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def measure(out_dir: str, budget_s: float) -> str:
+    """Time every point's measured call on this GPU (do_bench, autotuning first) and write
+    ``calibration-measured.json``/``.md``: published, predicted and measured side by side."""
+    from triton.testing import do_bench
+
+    stored = json.load(open(os.path.join(os.path.dirname(__file__), "results", "calibration.json")))
+    t0, rows, path = time.time(), [], ""
+    for r in stored["points"]:
+        if time.time() - t0 > budget_s:
+            rows.append(dict(r, measured_tflops=None, error="time budget spent"))
+            continue
+        try:
+            fn, flops = _measure_calls()[r["id"]]()
+            fn()  # autotune / compile
+            ms = do_bench(fn, warmup=50, rep=200)
+            rows.append(dict(r, measured_tflops=flops / ms / 1e9, device=torch.cuda.get_device_name()))
+        except Exception as e:  # one failing peer does not stop the others
+            rows.append(dict(r, measured_tflops=None, error=repr(e)[:300]))
+        print(f"{r['id']:16s} published {r['published_tflops']:7.1f} predicted {r['predicted_tflops']:7.1f} "
+              f"measured {rows[-1].get('measured_tflops') or float('nan'):7.1f}", flush=True)
+        path = _write_measured(rows, stored, out_dir)  # after every point: a timeout keeps what was measured
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -492,7 +583,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--git-dir", action="append", default=[], help="owner/name=PATH of a local clone (repeatable)")
     ap.add_argument("--no-fit", action="store_true", help="keep compile_report.MODEL; only check the points")
     ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--measure", action="store_true",
+                    help="on a GPU: time the points' kernels and write calibration-measured.{json,md}")
+    ap.add_argument("--budget-s", type=float, default=120.0, help="--measure: stop starting points after this")
     a = ap.parse_args(argv)
+    if a.measure:
+        git_dirs = dict(_git_dirs(), **dict(x.split("=", 1) for x in a.git_dir))
+        for p in POINTS:
+            if p.needs is not None:
+                obtain(p.needs, git_dirs)
+        print(f"wrote {measure(a.out, a.budget_s)}")
+        return 0
     if not tools_available():
         print("calibrate: this Triton has no NVIDIA ptxas/cuobjdump; nothing to compile", file=sys.stderr)
         return 2

@@ -14,6 +14,8 @@
 #   several GPUs: the EP/CP runs use what is left of 590 s (>= 40 s); with the defaults that is
 #                nothing, so on a multi-GPU lend run BENCH_S=120 (leaves them about 100 s).
 #
+# Calibration peers: device run with carry [".peers"] (filled here by `python -m benchmarks.calibrate`);
+# their measured TFLOP/s land in results/calibration-measured.{json,md} beside the predictions.
 # Then, here: unpack $OUT/results.tgz into benchmarks/results/, commit the JSON/MD/PNG, and run
 # `python -m benchmarks.report --latest --readme README.md` to refresh the README's table.
 set -u
@@ -23,9 +25,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # no network there: never let transformers / huggingface_hub wait on the Hub
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 unset TRITON_INTERPRET
-TEST_S=${TEST_S:-200}
+TEST_S=${TEST_S:-160}
 BENCH_S=${BENCH_S:-200}
 CONF_S=${CONF_S:-70}
+CAL_S=${CAL_S:-60}
 
 {
   date -u
@@ -56,12 +59,21 @@ echo "== old vs new first configs of the kernels issue 9 changed (limit ${CONF_S
 timeout "$CONF_S" python3 -m benchmarks.bench_configs --out "$OUT/results" >"$OUT/configs.log" 2>&1
 echo "bench_configs exit: $?"; tail -12 "$OUT/configs.log"
 
+echo "== calibration peers measured (limit ${CAL_S}s) =="
+# the compile report's model was fitted on published H100 figures of these peers
+# (benchmarks/results/calibration.md); timing them here gives published vs predicted vs measured
+# side by side, to re-fit the model. Their sources are read from .peers/ (ignored by git): call the
+# device tool with carry [".peers"] after `python -m benchmarks.calibrate` has filled it here.
+timeout "$CAL_S" python3 -m benchmarks.calibrate --measure --budget-s $((CAL_S - 20)) --out "$OUT/results" \
+  >"$OUT/calibration.log" 2>&1
+echo "calibrate --measure exit: $?"; tail -8 "$OUT/calibration.log"
+
 echo "== benchmarks (budget ${BENCH_S}s) =="
 only=""
 [ -n "${ONLY:-}" ] && only="--only $ONLY"
 # the runner stops itself at BENCH_S + 90 s (SIGALRM) and writes its files; the outer limit only
-# catches a call that never returns. TEST_S + CONF_S + BENCH_S + 100 (570 s by default) stays under the
-# device's 600 s per command, so results.tgz is still written (with CONF_S: 570 s).
+# catches a call that never returns. TEST_S + CONF_S + CAL_S + BENCH_S + 100 (590 s by default) stays
+# under the device's 600 s per command, so results.tgz is still written.
 timeout $((BENCH_S + 100)) python3 -m benchmarks --time-budget "$BENCH_S" $only --no-progress \
   --out "$OUT/results" >"$OUT/bench.log" 2>&1
 echo "benchmarks exit: $?"
