@@ -2,7 +2,8 @@
 
 Every child builds the same model from one seed, runs the single-process reference on the
 concatenation of all ranks' tokens itself, then the expert-parallel copy on its own shard,
-and compares (fp32). ``TRITON_INTERPRET`` is removed from the children's environment, so
+and compares (fp32), in both exchange modes (per (token, rank), the default, and per
+(token, slot) with ``bitwise=True``). ``TRITON_INTERPRET`` is removed from the children's environment, so
 ``backend="auto"`` resolves to the PyTorch path there (as on a CPU-only machine).
 Children are forked (spawned where fork is missing) and use one thread each.
 """
@@ -22,6 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from dasg_model import DASGConfig, DASGForCausalLM, DASGMoE
 from dasg_model.parallel import apply_expert_parallel
 from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients, ep_comm_stats
+from torch.distributed.tensor import DTensor, Shard
 
 # --------------------------------------------------------------------------- spawning
 
@@ -92,7 +94,28 @@ def _ranks_visited(ids: torch.Tensor, e_local: int, active: torch.Tensor) -> flo
     return sum(vals) / max(len(vals), 1)
 
 
-def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=None):
+def _remote_destinations(router_out, moe, world: int, me: int) -> tuple[int, int, int]:
+    """Reference (plain loops) counts of this rank's routed rows that leave it: distinct
+    (token, rank) pairs over both levels, distinct (token, rank, level), (token, slot, level)."""
+    tr, trl, ts = set(), set(), 0
+    for name in ("shallow", "deep"):
+        ids = router_out.levels[name].routing.expert_ids
+        e_loc = getattr(moe, f"{name}_experts").num_experts // world
+        for t, row in enumerate(ids.tolist()):
+            for e in row:
+                if e >= 0 and e // e_loc != me:
+                    tr.add((t, e // e_loc))
+                    trl.add((t, e // e_loc, name))
+                    ts += 1
+    return len(tr), len(trl), ts
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    g = p.grad
+    return g.to_local() if isinstance(g, DTensor) else g
+
+
+def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=None, bitwise=False):
 
     cfg = _moe_config(backend, **changes)
     torch.manual_seed(0)
@@ -115,20 +138,22 @@ def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=Non
     xr = x_all.clone().requires_grad_()
     y_ref, out_ref = ref(xr)
     _loss(y_ref, g_all, out_ref.aux_losses, 1.0 / world).backward()
-
-    ep_moe = apply_expert_parallel(copy.deepcopy(moe), mesh)
     sl = slice(rank * n_per_rank, (rank + 1) * n_per_rank)
+    with torch.no_grad():  # the unsharded layer on this shard's rows only (same GEMM shapes)
+        y_shard, out_shard = copy.deepcopy(moe)(x_all[sl])
+
+    ep_moe = apply_expert_parallel(copy.deepcopy(moe), mesh, bitwise=bitwise)
     x = x_all[sl].clone().requires_grad_()
     y, out = ep_moe(x)
     _loss(y, g_all[sl], out.aux_losses, 1.0).backward()
     allreduce_gradients(ep_moe, mesh)
 
-    # forward: bitwise on the torch path (fp32, k_max=2: the slot sum is the reference's
-    # expert-order sum); the Triton kernel combines inside, so there to rounding
-    if backend == "triton":
-        _close("y", y, y_ref[sl], 1e-5)
-    else:
-        assert torch.equal(y, y_ref[sl]), f"y differs by {(y - y_ref[sl]).abs().max():.3e}"
+    # forward: bitwise=True on the torch path (fp32, k_max=2: the slot sum is the unsharded
+    # layer's expert-order sum) equals the unsharded layer on the same rows bitwise; the
+    # per-rank exchange sums per rank first, and the Triton kernel combines inside: to rounding
+    if backend != "triton" and bitwise:
+        assert torch.equal(y, y_shard), f"y differs by {(y - y_shard).abs().max():.3e}"
+    _close("y", y, y_ref[sl], 1e-5 if backend == "triton" else 1e-6)
     for k, v in out_ref.aux_losses.items():
         _close(f"aux {k}", out.aux_losses[k].detach(), v.detach(), 1e-5)
     for k, v in out_ref.stats.items():
@@ -153,9 +178,10 @@ def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=Non
         want = ref_params[name].grad
         bank = _owner(ep_moe, name)
         if isinstance(bank, ExpertParallelExperts):
-            assert p.shape[0] == bank.global_num_experts // world
+            assert isinstance(p, DTensor) and p.placements == (Shard(0),), f"{name}: {type(p).__name__}"
+            assert p.shape == want.shape and p.to_local().shape[0] == bank.global_num_experts // world
             want = want[bank.expert_offset: bank.expert_offset + bank.num_experts]
-        _close(f"{name}.grad", p.grad, want)
+        _close(f"{name}.grad", _local_grad(p), want)
     assert isinstance(ep_moe.shallow_experts, ExpertParallelExperts)
     assert isinstance(ep_moe.deep_experts, ExpertParallelExperts)
     assert not isinstance(ep_moe.shared.shallow, ExpertParallelExperts)
@@ -167,6 +193,15 @@ def _check_moe(rank, world, backend, changes, mesh, n_per_rank=24, zero_rank=Non
     tot = torch.tensor([comm["dispatch"], comm.get("combine", 0)], dtype=torch.float64)
     dist.all_reduce(tot)
     assert tot[0] == tot[1] and (world == 1 or tot[0] > 0)
+    # rows: the plain-loop destinations of this rank's tokens
+    tr, trl, ts = _remote_destinations(out_shard.router, moe, world, rank)
+    assert (comm["rows/token_rank"], comm["rows/token_rank_level"], comm["rows/token_slot"]) == (tr, trl, ts)
+    k_all = 2 * cfg.k_max
+    if bitwise:
+        assert comm["rows/sent"] == ts and comm["dispatch"] == ts * d * 4
+    else:  # one row per (token, rank): D fp32 values, K fp32 weights and K int8 ids
+        assert comm["rows/sent"] == tr and comm["dispatch"] == tr * d * 4
+        assert comm["dispatch_meta"] == tr * k_all * 5
     return out, ep_moe
 
 
@@ -180,6 +215,9 @@ def _moe_worker(rank, world):
             assert abs(float(out.stats[f"{name}/mean_ranks_per_token"]) - 1.0) < 1e-6
     # the same with a process group instead of a mesh, and a wider group limit
     _check_moe(rank, world, "torch", dict(n_group=world, topk_group=2), None)
+    # the per-slot exchange
+    _check_moe(rank, world, "torch", {}, mesh, bitwise=True)
+    _check_moe(rank, world, "auto", dict(n_group=world, topk_group=1), None, bitwise=True)
 
 
 def _triton_worker(rank, world):
@@ -189,8 +227,8 @@ def _triton_worker(rank, world):
 
 def _zero_worker(rank, world):
 
-    for backend in ("torch", "auto"):
-        out, ep_moe = _check_moe(rank, world, backend, {}, None, zero_rank=0)
+    for backend, bitwise in (("torch", False), ("auto", False), ("torch", True)):
+        out, ep_moe = _check_moe(rank, world, backend, {}, None, zero_rank=0, bitwise=bitwise)
         for name in ("shallow", "deep"):
             counts = out.stats[f"{name}/tokens_per_expert"]
             e_loc = counts.shape[0] // world
@@ -198,19 +236,26 @@ def _zero_worker(rank, world):
         if rank != 0:
             assert ep_moe.ep_comm.bytes.get("combine", 0) == 0  # received nothing, sent nothing back
             for p in (ep_moe.shallow_experts.gate_up_proj, ep_moe.deep_experts.down_proj):
-                assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+                assert p.grad is not None and torch.count_nonzero(_local_grad(p)) == 0
 
     # E not divisible by the EP size: a clear ValueError, the model untouched
     moe = DASGMoE(_moe_config("torch", shallow_num_experts=3, deep_num_experts=4, k_max=2))
     with pytest.raises(ValueError, match=r"E=3 experts, not divisible by the EP size 2"):
         apply_expert_parallel(moe, None)
     assert moe.shallow_experts.num_experts == 3 and type(moe) is DASGMoE
+    with pytest.raises(TypeError, match=r"bitwise must be a bool"):
+        apply_expert_parallel(DASGMoE(_moe_config("torch")), None, bitwise=1)
+
+
+_A2A = ("dispatch", "dispatch_meta", "combine", "dispatch_bwd", "dispatch_meta_bwd", "combine_bwd")
 
 
 def _slot_order_worker(rank, world):
     # k_max=4 with a flat router: tokens pick 3-4 experts, so the combine order matters in fp32.
-    # Each rank also runs the layer on a one-rank EP group over every token (ep=1): the shard
-    # of the world-size EP result and its input gradients must be bitwise the same.
+    # Each rank also runs the layer on a one-rank EP group over every token (ep=1): with
+    # bitwise=True the shard of the world-size EP result and its input gradients must be
+    # bitwise the same; the per-rank exchange equals it to rounding, is deterministic, and
+    # moves at most 1.1x the bytes of one row per distinct (token, rank, level) each way.
     solo = [dist.new_group([r]) for r in range(world)][rank]
     torch.manual_seed(0)
     moe = DASGMoE(_moe_config("torch", top_p=0.95, k_max=4))
@@ -221,25 +266,41 @@ def _slot_order_worker(rank, world):
     x_all, g_all = torch.randn(world * n, 32), torch.randn(world * n, 32)
     sl = slice(rank * n, (rank + 1) * n)
 
-    def run(group, x, g):
-        m = apply_expert_parallel(copy.deepcopy(moe), group)
+    def run(group, x, g, bitwise):
+        m = apply_expert_parallel(copy.deepcopy(moe), group, bitwise=bitwise)
         x = x.clone().requires_grad_()
         y, out = m(x)
         (y * g).sum().backward()
-        return y.detach(), x.grad, out
+        return y.detach(), x.grad, out, ep_comm_stats(m)
 
-    y1, gx1, out1 = run(solo, x_all, g_all)
-    y, gx, out = run(None, x_all[sl], g_all[sl])
+    y1, gx1, out1, _ = run(solo, x_all, g_all, True)
+    y, gx, out, comm_slot = run(None, x_all[sl], g_all[sl], True)
     ks = [(lvl.routing.expert_ids >= 0).sum(1) for lvl in out1.router.levels.values()]
     assert max(int(k.max()) for k in ks) >= 3, "the test needs tokens with 3+ experts"
     assert torch.equal(y, y1[sl]), f"ep={world} vs ep=1: y differs by {(y - y1[sl]).abs().max():.3e}"
     assert torch.equal(gx, gx1[sl]), f"ep={world} vs ep=1: x.grad differs by {(gx - gx1[sl]).abs().max():.3e}"
 
+    yr, gxr, _, comm = run(None, x_all[sl], g_all[sl], False)
+    yr2, gxr2, _, _ = run(None, x_all[sl], g_all[sl], False)
+    assert torch.equal(yr, yr2) and torch.equal(gxr, gxr2), "per-rank exchange: two runs differ"
+    _close("per-rank y", yr, y1[sl], 1e-6)
+    _close("per-rank x.grad", gxr, gx1[sl], 1e-6)
+    # bytes per step over all ranks; one row each way per destination, forward and backward
+    row_bytes = 32 * 4
+    tot = torch.tensor([sum(comm.get(k, 0) for k in _A2A), sum(comm_slot.get(k, 0) for k in _A2A),
+                        comm["rows/token_rank_level"], comm["rows/token_slot"]], dtype=torch.float64)
+    dist.all_reduce(tot)
+    sent, sent_slot, trl, ts = tot.tolist()
+    assert 0 < trl < ts and sent_slot == 4 * ts * row_bytes
+    assert sent <= 1.1 * 4 * trl * row_bytes, f"per-rank exchange: {sent} B > 1.1 x {4 * trl * row_bytes} B"
+
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_result_independent_of_ep_size(world):
-    """k_max=4 (3-4 experts per token): the EP output and input gradients are bitwise those of
-    the same layer on one rank (the combine sums in the fixed slot order, not arrival order)."""
+    """k_max=4 (3-4 experts per token): with bitwise=True the EP output and input gradients are
+    bitwise those of the same layer on one rank (the combine sums in the fixed slot order, not
+    arrival order); the default per-rank exchange equals them to rounding, is deterministic and
+    sends at most 1.1x one row per distinct (token, rank, level)."""
     _spawn(_slot_order_worker, world)
 
 
@@ -279,26 +340,26 @@ def _train_worker(rank, world, backend, fsdp=False):
 
     ep_model = apply_expert_parallel(copy.deepcopy(model), mesh["ep"])
     if fsdp:
-        # FSDP2 on the 2-D mesh: expert slices sharded over dp, everything else HSDP
-        # (replicated over dp, sharded over ep); 0-dim parameters are not shardable
+        # FSDP2 on the 2-D mesh: the expert DTensors (Shard(0) over ep) sharded over dp too,
+        # everything else HSDP (replicated over dp, sharded over ep); 0-dim parameters are not
+        # shardable
         from torch.distributed.fsdp import fully_shard
 
         for m in ep_model.modules():
             if isinstance(m, ExpertParallelExperts):
                 fully_shard(m, mesh=mesh["dp"])
-        scalars = {p for p in ep_model.parameters() if p.dim() == 0}
-        fully_shard(ep_model, mesh=mesh, ignored_params=scalars)
+                # the expert grads already sum the EP group's losses: FSDP divides by dp * ep
+                # (a sum reduction then a division here: gloo lacks PREMUL_SUM)
+                m.set_gradient_divide_factor(float(dp * ep))
+                m.set_force_sum_reduction_for_comms(True)
+        scalars = {n: p for n, p in ep_model.named_parameters() if p.dim() == 0}
+        assert sorted(scalars) == [f"model.layers.{i}.moe.shared.shallow_scale" for i in range(cfg.num_layers)]
+        fully_shard(ep_model, mesh=mesh, ignored_params=set(scalars.values()))
     mine = ids[rank * b_rank: (rank + 1) * b_rank]
     loss = ep_model(mine, labels=mine).loss
     loss.backward()
     if fsdp:
-        # FSDP averaged the expert grads over dp only: the mean over all dp * ep shards needs
-        # 1/ep more (set_gradient_divide_factor(dp * ep) does it on NCCL; gloo lacks PREMUL_SUM)
-        for m in ep_model.modules():
-            if isinstance(m, ExpertParallelExperts):
-                for p in m.parameters():
-                    p.grad.div_(ep)
-        for p in scalars:
+        for p in scalars.values():
             dist.all_reduce(p.grad)
             p.grad.div_(world)
     else:
@@ -310,23 +371,17 @@ def _train_worker(rank, world, backend, fsdp=False):
     ref_params = dict(ref.named_parameters())
     n_expert = 0
     for name, p in ep_model.named_parameters():
-        want = ref_params[name].grad
-        bank = _owner(ep_model, name)
-        if isinstance(bank, ExpertParallelExperts):
-            want = want[bank.expert_offset: bank.expert_offset + bank.num_experts]
+        if isinstance(_owner(ep_model, name), ExpertParallelExperts):
+            assert isinstance(p, DTensor) and isinstance(p.grad, DTensor)
             n_expert += 1
-        _close(f"{name}.grad", _full(p.grad), want, 5e-5)
+        _close(f"{name}.grad", _full(p.grad), ref_params[name].grad, 5e-5)  # experts: the whole bank
     assert n_expert == 2 * 2 * cfg.num_layers
 
     # one SGD step each: the parameters (slices for the experts) stay equal
     for m in (ref, ep_model):
         torch.optim.SGD(m.parameters(), lr=0.5).step()
     for name, p in ep_model.named_parameters():
-        want = ref_params[name].detach()
-        bank = _owner(ep_model, name)
-        if isinstance(bank, ExpertParallelExperts):
-            want = want[bank.expert_offset: bank.expert_offset + bank.num_experts]
-        _close(f"{name} after step", _full(p.detach()), want, 1e-5)
+        _close(f"{name} after step", _full(p.detach()), ref_params[name].detach(), 1e-5)
 
 
 # --------------------------------------------------------------------------- tests
@@ -359,11 +414,13 @@ def test_ep_rank_receives_no_tokens_and_indivisible_experts():
 @pytest.mark.parametrize("backend", ["torch", "auto"])
 def test_dp_ep_training_step_2x2(backend):
     """DASGForCausalLM on a 2 x 2 (dp x ep) mesh: loss, gradients (replicated ones averaged,
-    expert ones the matching slices) and parameters after an SGD step equal one process."""
+    expert ones DTensors whose full tensor is the whole bank's) and parameters after an SGD
+    step equal one process."""
     _spawn(_train_worker, 4, backend)
 
 
 def test_dp_ep_training_step_2x2_fsdp2():
-    """The same step with FSDP2 ``fully_shard`` on the 2-D mesh (experts over dp, the rest
-    HSDP) instead of allreduce_gradients."""
+    """The same step with FSDP2 ``fully_shard`` on the 2-D mesh (expert DTensors over dp with
+    the gradient divide factor dp * ep, the rest HSDP) instead of allreduce_gradients; the
+    0-dim parameters FSDP2 cannot shard are exactly the ``shared.shallow_scale`` s."""
     _spawn(_train_worker, 4, "torch", True)
