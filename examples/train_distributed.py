@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/train_distributed.py --ep 2
     torchrun --nproc-per-node 4 examples/train_distributed.py --ep 2          # 2 x 2 (dp x ep)
+    torchrun --nproc-per-node 2 examples/train_distributed.py --ep 2 --k-max 4 --bitwise
     torchrun --nproc-per-node 2 examples/train_distributed.py --cp 2
 
 gloo on the CPU, NCCL on GPUs (chosen by ``torch.cuda.is_available()``). The ranks form a
@@ -10,12 +11,19 @@ gloo on the CPU, NCCL on GPUs (chosen by ``torch.cuda.is_available()``). The ran
 the bytes communicated per step, counted at the collectives (forward + backward, sent to
 other ranks, summed over all ranks):
 
-- EP: the two all-to-alls, beside the cost model ``2 * rows * D * dtype_size * (ep - 1) / ep``
-  per direction and layer (rows = routed (token, expert) pairs, both levels), and the mean
-  number of EP ranks a token's routed experts live on (``--n-group ep --topk-group 1``
-  bounds it at 1);
+- EP: the all-to-alls (token rows, their routing weights and ids, the partial sums back, and
+  their gradients), next to the bytes of one row per distinct remote (token, rank, level)
+  destination each way (``x`` the ratio; ``--bitwise`` sends one row per (token, slot)
+  instead), the byte model of :func:`dasg_model.parallel.cost.ep_bytes_per_row` on the rows
+  sent, and the mean number of EP ranks a token's routed experts live on (``--n-group ep
+  --topk-group 1`` bounds it at 1);
 - CP: the halo all-to-all, the summary all-gather and their backwards
   (``dasg_kernels.distributed.cp_comm_stats``).
+
+At the end rank 0 prints the scale-out cost model (a prediction: bytes and times per layer
+at 8, 64 and 256 GPUs on NVLink and InfiniBand against the kernels' predicted compute time,
+:mod:`dasg_model.parallel.cost`) for this run's EP layer and for the reference workloads of
+``benchmarks/results/scaleout-cost.md``.
 """
 from __future__ import annotations
 
@@ -27,11 +35,13 @@ import time
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from dasg_model import DASGConfig, DASGForCausalLM  # noqa: E402
 from dasg_model.parallel import apply_context_parallel, apply_expert_parallel  # noqa: E402
+from dasg_model.parallel import cost  # noqa: E402
 from dasg_model.parallel.expert import allreduce_gradients, ep_comm_stats  # noqa: E402
 from dasg_kernels.distributed import cp_comm_stats  # noqa: E402
 
@@ -51,6 +61,8 @@ def parse_args(argv=None):
                    "maps groups onto EP ranks)")
     p.add_argument("--topk-group", type=int, default=None, help="groups a token may use (bounds the EP "
                    "ranks it visits)")
+    p.add_argument("--bitwise", action="store_true", help="EP: the per-slot exchange (results bitwise "
+                   "independent of ep; about k times the bytes)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="default: bfloat16 on GPU, float32 on CPU")
@@ -92,8 +104,8 @@ def main(argv=None) -> None:
     if cp > 1:
         apply_context_parallel(model, mesh["cp"])
     if ep > 1:
-        apply_expert_parallel(model, mesh["ep"])
-    n_params = sum(p.numel() for p in model.parameters())
+        apply_expert_parallel(model, mesh["ep"], bitwise=args.bitwise)
+    n_params = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
     log(f"world {world} = dp {dp} x cp {cp} x ep {ep} on {device.type} ({dist.get_backend()}), {dtype}, "
         f"{n_params / 1e6:.2f} M parameters on rank 0 (experts: {args.experts // ep} of {args.experts} per level)")
 
@@ -105,6 +117,9 @@ def main(argv=None) -> None:
     seq_local = args.seq // cp
     tokens_per_step = world * args.batch * seq_local
     row_bytes = cfg.hidden_size * torch.finfo(dtype).bits // 8
+    per_row = cost.ep_bytes_per_row(cfg.hidden_size, torch.finfo(dtype).bits // 8, 2 * cfg.k_max,
+                                    1 if 2 * args.experts // ep <= 127 else 4, bitwise=args.bitwise)
+    a2a_phases = ("dispatch", "dispatch_meta", "combine", "dispatch_bwd", "dispatch_meta_bwd", "combine_bwd")
     cp_comm_stats(reset=True)
     for step in range(args.steps):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
@@ -122,30 +137,49 @@ def main(argv=None) -> None:
         dt = time.perf_counter() - t0
         comm = ep_comm_stats(model, reset=True)
         cp_sent = cp_comm_stats(reset=True)
-        # the cost model: rows this rank routed (both levels, all layers), each D * dtype bytes,
-        # dispatch + combine, forward + backward, the share (ep - 1) / ep leaving the rank
-        rows = sum(float(o.stats[f"{lv}/mean_experts_per_token"] * o.stats[f"{lv}/num_tokens"]) / ep
-                   for o in out.moe for lv in ("shallow", "deep"))
-        model_bytes = 4 * rows * row_bytes * (ep - 1) / ep
-        a2a = sum(comm.get(k, 0) for k in ("dispatch", "combine", "dispatch_bwd", "combine_bwd"))
+        a2a = sum(comm.get(k, 0) for k in a2a_phases)
         ranks = [float(o.stats.get(f"{lv}/mean_ranks_per_token", 1.0)) for o in out.moe for lv in ("shallow", "deep")]
-        stats = torch.tensor([out.loss.item(), dt, a2a, model_bytes, sum(ranks) / len(ranks),
+        stats = torch.tensor([out.loss.item(), dt, a2a, comm.get("rows/sent", 0), comm.get("rows/token_rank_level", 0),
+                              comm["total"] - a2a, sum(ranks) / len(ranks),
                               cp_sent["total"], cp_sent.get("halo", 0) + cp_sent.get("halo_bwd", 0)],
                              dtype=torch.float64)
         dist.all_reduce(stats)
-        loss, dt_mean, sent, est, ranks_mean, cp_total, cp_halo = stats.tolist()
+        loss, dt_mean, sent, rows_sent, rows_trl, other, ranks_mean, cp_total, cp_halo = stats.tolist()
         dt_mean /= world
         msg = f"step {step}: loss {loss / world:.4f}  {tokens_per_step / dt_mean:,.0f} tokens/s"
         if ep > 1:
-            msg += (f"  EP sent/step: rank 0 {a2a / 1e3:.1f} kB all-to-all + {(comm['total'] - a2a) / 1e3:.2f} kB "
-                    f"counts/stats; all ranks {sent / 1e6:.3f} MB all-to-all (cost model {est / 1e6:.3f} MB); "
+            dest = 4 * rows_trl * row_bytes  # one row per distinct (token, rank, level), each way, fwd + bwd
+            msg += (f"  EP sent/step, all ranks: {sent / 1e6:.3f} MB all-to-all "
+                    f"(byte model on the {rows_sent:.0f} rows sent: {rows_sent * sum(per_row) / 1e6:.3f} MB) "
+                    f"= {sent / dest:.2f} x one row per distinct (token, rank, level) ({rows_trl:.0f}; "
+                    f"{dest / 1e6:.3f} MB), + {other / 1e3:.1f} kB counts/stats; "
                     f"{ranks_mean / world:.2f} EP ranks per routed token; "
-                    f"host syncs {comm['host_syncs']} (1 per MoE layer)")
+                    f"host syncs {comm['host_syncs']} on rank 0 (1 per MoE layer)")
         if cp > 1:
             msg += (f"  CP sent/step, all ranks: {cp_total / 1e6:.3f} MB (halo {cp_halo / 1e6:.3f} MB, "
                     f"summaries + arg checks {(cp_total - cp_halo) / 1e6:.3f} MB)")
         log(msg)
+    if dist.get_rank() == 0:
+        print_cost_model(cfg, args.batch * seq_local, ep)
     dist.destroy_process_group()
+
+
+def print_cost_model(cfg: DASGConfig, tokens: int, ep: int) -> None:
+    """The scale-out cost model (a PREDICTION) for this run's MoE layer at this run's EP size
+    and those of 8, 64, 256 that divide its experts (uniform routing: compare the rows per
+    token with the measured ones), and for the reference workloads."""
+    print("\nScale-out cost model (PREDICTION, not measured; dasg_model/parallel/cost.py): per layer, "
+          "forward + backward, H100 SXM links and the kernels' predicted TFLOP/s")
+    work = cost.EPWorkload.from_config(cfg, tokens)
+    sizes = [g for g in sorted({ep, 8, 64, 256} - {1})
+             if cfg.shallow_num_experts % g == 0 and cfg.deep_num_experts % g == 0]
+    if sizes:
+        print(f"this run's MoE layer ({tokens} tokens per GPU, k = k_max = {cfg.k_max}, bf16):")
+        print(cost.scaleout_markdown(cost.scaleout_rows(work, None, sizes)))
+    else:
+        print(f"(this run's {cfg.shallow_num_experts} experts per level divide none of {ep}, 8, 64, 256 GPUs)")
+    print("reference workloads (benchmarks/results/scaleout-cost.md):")
+    print(cost.scaleout_markdown(cost.scaleout_rows(cost.REFERENCE_EP, cost.REFERENCE_CP, cp_weak_local=16384)))
 
 
 if __name__ == "__main__":

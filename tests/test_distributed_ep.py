@@ -22,6 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from dasg_model import DASGConfig, DASGForCausalLM, DASGMoE
 from dasg_model.parallel import apply_expert_parallel
+from dasg_model.parallel.cost import (CPWorkload, EPWorkload, cp_layer_cost, ep_bytes_per_row, ep_layer_cost,
+                                      kernel_rates, scaleout_markdown, scaleout_rows)
 from dasg_model.parallel.expert import ExpertParallelExperts, allreduce_gradients, ep_comm_stats
 from torch.distributed.tensor import DTensor, Shard
 
@@ -293,6 +295,9 @@ def _slot_order_worker(rank, world):
     sent, sent_slot, trl, ts = tot.tolist()
     assert 0 < trl < ts and sent_slot == 4 * ts * row_bytes
     assert sent <= 1.1 * 4 * trl * row_bytes, f"per-rank exchange: {sent} B > 1.1 x {4 * trl * row_bytes} B"
+    rows = torch.tensor([comm["rows/sent"]], dtype=torch.float64)
+    dist.all_reduce(rows)
+    assert sent == rows.item() * sum(ep_bytes_per_row(32, 4, 8)), "the cost model's bytes per row"
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -424,3 +429,68 @@ def test_dp_ep_training_step_2x2_fsdp2():
     the gradient divide factor dp * ep, the rest HSDP) instead of allreduce_gradients; the
     0-dim parameters FSDP2 cannot shard are exactly the ``shared.shallow_scale`` s."""
     _spawn(_train_worker, 4, "torch", True)
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def _simulated_rows(w: EPWorkload, ep: int, n: int, gen: torch.Generator) -> tuple[float, float, float]:
+    """Remote (token, rank), (token, rank, level) and (token, slot) rows per token of rank 0
+    under uniform routing (groups = EP ranks), by sampling."""
+    tr = torch.zeros(n, ep, dtype=torch.bool)
+    trl = ts = 0.0
+    deep = torch.rand(n, generator=gen) < w.deep_fraction
+    for e, k, active in ((w.shallow_experts, int(w.shallow_k), torch.ones(n, dtype=torch.bool)),
+                         (w.deep_experts, int(w.deep_k), deep)):
+        per = e // ep
+        if w.topk_group is None:
+            ids = torch.rand(n, e, generator=gen).argsort(1)[:, :k]
+        else:  # k experts among those of topk_group random ranks
+            ranks = torch.rand(n, ep, generator=gen).argsort(1)[:, :w.topk_group]
+            pool = (ranks[:, :, None] * per + torch.arange(per)).reshape(n, -1)
+            ids = pool.gather(1, torch.rand(pool.shape, generator=gen).argsort(1)[:, :k])
+        hit = torch.zeros(n, ep, dtype=torch.bool).scatter_(1, ids // per, True) & active[:, None]
+        tr |= hit
+        trl += hit[:, 1:].sum().item()
+        ts += ((ids // per != 0) & active[:, None]).sum().item()
+    return tr[:, 1:].sum().item() / n, trl / n, ts / n
+
+
+@pytest.mark.parametrize("shape", [(8, 8, 4, 4, 2, None), (16, 32, 3, 2, 4, None), (16, 16, 4, 4, 8, 2)])
+def test_cost_model_rows_match_uniform_routing(shape):
+    """The EP cost model's expected remote rows per token equal sampled uniform routing
+    (with and without topk_group), and its bytes follow ep_bytes_per_row."""
+    e_sh, e_dp, k_sh, k_dp, ep, tg = shape
+    w = EPWorkload(tokens=1000, hidden=64, shallow_experts=e_sh, shallow_ffn=32, shallow_k=k_sh, deep_experts=e_dp,
+                   deep_ffn=64, deep_k=k_dp, deep_fraction=0.4, topk_group=tg)
+    c = ep_layer_cost(w, ep)
+    got = _simulated_rows(w, ep, 20000, torch.Generator().manual_seed(0))
+    for name, sim in zip(("rows_token_rank", "rows_token_rank_level", "rows_token_slot"), got):
+        assert abs(c[name] / w.tokens - sim) <= 0.02 * sim, f"{name}: model {c[name] / w.tokens:.4f} vs {sim:.4f}"
+    fwd, bwd = ep_bytes_per_row(64, 2, k_sh + k_dp)
+    assert c["bytes_bwd"] == pytest.approx(c["rows_token_rank"] * bwd)
+    assert c["bytes_fwd"] == pytest.approx(c["rows_token_rank"] * fwd + (ep - 1) * 8)
+    slot = ep_layer_cost(w, ep, bitwise=True)
+    assert slot["rows_sent"] == pytest.approx(slot["rows_token_slot"]) and slot["rows_sent"] >= c["rows_sent"]
+    with pytest.raises(ValueError, match="must divide"):
+        ep_layer_cost(w, 3)
+
+
+def test_cost_model_cp_and_tables():
+    """CP bytes from swa_attention_cp's geometry on a small case worked by hand; times, the
+    topologies (hybrid = NVLink up to 8 GPUs) and the markdown table."""
+    w = CPWorkload(seq=64, window=20, group_size=8, heads_q=4, heads_kv=2, head_dim=16)
+    c = cp_layer_cost(w, 4)
+    row = 2 * 2 * 16 * 2  # one position's k | v, 2 kv heads, bf16
+    # rank 1 sends 16 halo rows to rank 2 and 4 to rank 3; 3 group slots of partial means per rank
+    assert c["bytes_fwd"] == 20 * row + 3 * 3 * row and c["bytes_bwd"] == 20 * row + 6 * 3 * row
+    assert c["compute_s"] > 0 and c["comm_s"] == cp_layer_cost(w, 4, topology="nvlink")["comm_s"]
+    assert cp_layer_cost(w, 4, topology="ib")["comm_s"] > c["comm_s"]
+    rates = kernel_rates()
+    assert all(0 < rates[k] < 1000 for k in ("attn_fwd", "moe_gate_up_fwd", "moe_dw_down"))
+    ep = EPWorkload(tokens=512, hidden=64, shallow_experts=8, shallow_ffn=32, shallow_k=2, deep_experts=8,
+                    deep_ffn=64, deep_k=2)
+    rows = scaleout_rows(ep, w, gpus=(2, 4), cp_weak_local=16)
+    assert [r["kind"] for r in rows][:3] == ["EP per-rank", "EP per-slot (bitwise)", "EP per-rank, topk_group=2"]
+    text = scaleout_markdown(rows)
+    assert text.count("\n") == len(rows) + 1 and "CP, T_local=0k" not in text
