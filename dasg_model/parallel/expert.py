@@ -475,8 +475,10 @@ def ep_routed_experts(
     s_dest, first = _sorted_firsts(t.dest, ep)
     j = first.long().cumsum(1) - 1  # the destination's position among the token's ranks
     tok = torch.arange(n, device=x.device)[:, None]
-    key = torch.where(first, s_dest * n + tok, ep * n).reshape(-1)
-    order = torch.argsort(key, stable=True)  # (token, rank) pairs by rank, then token
+    # (token, rank) pairs by rank, then token; this rank's own pairs last (they stay here)
+    rank_key = torch.where(s_dest == me, ep - 1, s_dest - (s_dest > me).long())
+    key = torch.where(first, rank_key * n + tok, ep * n).reshape(-1)
+    order = torch.argsort(key, stable=True)
     send = _per_dest(s_dest, first, ep)
     in_splits, out_splits, (trl, ts), _ = _exchange_counts(send, [t.trl, t.ts], group, ep, me, stats)
     _count_rows(stats, me, in_splits, in_splits, trl, ts)
@@ -493,23 +495,19 @@ def ep_routed_experts(
     match = t.dest.index_select(0, tok_sel) == r_sel[:, None]  # [P, K]: the slots on that rank
     id_rows = torch.where(match, t.col.index_select(0, tok_sel), -1).to(_id_dtype(t.col_offs[-1]))
 
-    # this rank's own rows stay here (computed while the others travel)
-    a = sum(in_splits[:me])
-    b = a + in_splits[me]
+    # the other ranks' rows travel (rank order); this rank's own rows, last, are computed here
+    # while they do
+    a = p - in_splits[me]
     in_remote, out_remote = list(in_splits), list(out_splits)
     in_remote[me] = out_remote[me] = 0
-
-    def remote(v):
-        return torch.cat([v[:a], v[b:]])
-
-    xs = _Pending(remote(x_rows), out_remote, in_remote, group, me, stats, "dispatch")
-    ws = _Pending(remote(w_rows), out_remote, in_remote, group, me, stats, "dispatch_meta")
-    ids = _Pending(remote(id_rows), out_remote, in_remote, group, me, stats, "dispatch_meta")
+    xs = _Pending(x_rows[:a], out_remote, in_remote, group, me, stats, "dispatch")
+    ws = _Pending(w_rows[:a], out_remote, in_remote, group, me, stats, "dispatch_meta")
+    ids = _Pending(id_rows[:a], out_remote, in_remote, group, me, stats, "dispatch_meta")
     side = while_in_flight(t.visited) if while_in_flight is not None else None
-    own = _partial_sums(levels, x_rows[a:b], w_rows[a:b], id_rows[a:b], t)
+    own = _partial_sums(levels, x_rows[a:], w_rows[a:], id_rows[a:], t)
     got = _partial_sums(levels, xs.wait(), ws.wait(), ids.wait(), t)
     back = _Pending(got, in_remote, out_remote, group, me, stats, "combine").wait()
-    parts = torch.cat([back[:a], own, back[a:]])  # rows back in the sent order
+    parts = torch.cat([back, own])  # the rows' partial sums in the sent order
     y = _CombineRows.apply(parts, None, pos)
     return y, t.visited, side
 
