@@ -254,9 +254,10 @@ def test_compiled_decode_equals_eager_at_every_batch_size(backend, batch, device
     and finish three groups (G = 4).
 
     Batch 1 used to fail on the torch backend under inductor (``k_cache`` took ``v_cache``'s
-    rows from the second compiled step on; logits off by up to 5): an inductor bug (torch 2.13,
-    CPU) when a ``scatter_`` into a graph input is read through a ``cat`` and a later ``cat`` of
-    the same size reuses that buffer before the input is written back. Plain torch::
+    rows from the second compiled step on; logits then off by up to 5.8): an inductor bug
+    (torch 2.13, CPU) when a ``scatter_`` into a graph input is read through a ``cat`` and a
+    later ``cat`` of the same size reuses that buffer before the input is written back.
+    Plain torch::
 
         def f(a, b, am, bm, x, w, i):
             a.scatter_(0, i, x @ w)
@@ -273,8 +274,10 @@ def test_compiled_decode_equals_eager_at_every_batch_size(backend, batch, device
     ``dasg_kernels.attention.kvcache._attend_torch``).
     """
     compiler = _compiler(backend, device)
+    if compiler == "eager" and batch != 1:  # dynamo's trace alone does not depend on the batch
+        pytest.skip("interpreted Triton traced with backend='eager': batch 1 covers it")
     torch._dynamo.reset()
-    model = tiny(backend=backend, num_layers=2).to(device)
+    model = tiny(backend=backend, num_layers=1).to(device)  # one layer: the same ops, half the compile
     ids = torch.randint(1, 64, (batch, 24), generator=torch.Generator().manual_seed(batch)).to(device)
     with torch.no_grad():
         compiled, eager = DASGCache(model.config), DASGCache(model.config)

@@ -119,28 +119,39 @@ def _slot_positions(total: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _attend_torch(q, k_cache, v_cache, means, first, left, group_size, scale):
-    """The ring + means attention in fp32 PyTorch: ``out [B, Tq, Hq, D]``, ``lse [B, Hq, Tq]``."""
+    """The ring + means attention in fp32 PyTorch: ``out [B, Tq, Hq, D]``, ``lse [B, Hq, Tq]``.
+
+    The ring and the means are scored as two blocks whose scores are joined; the cache
+    tensors themselves are never concatenated. Under inductor (torch 2.13, CPU) a ``cat``
+    reading ``k_cache`` right after the ring's ``scatter_`` made the scatter's result an
+    alias into the cat's buffer, that buffer was reused for ``v_cache``'s cat before the
+    result was copied back, and ``k_cache`` received what that cat wrote there (reproduction in
+    ``tests/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size``).
+    """
     b, tq, hq, d = q.shape
     c, hkv = k_cache.shape[1], k_cache.shape[2]
     dev = q.device
     pos = first.long()[:, None] + torch.arange(tq, device=dev)  # [B, Tq]
     p = _slot_positions(first + tq, c)  # [B, C]
     vis = (p[:, None, :] >= 0) & (p[:, None, :] <= pos[:, :, None]) & (p[:, None, :] >= pos[:, :, None] - left)
-    keys, vals = k_cache, v_cache
+    blocks = [(k_cache, v_cache, vis)]  # (keys, values [B, K, Hkv, D], visible [B, Tq, K])
     if means is not None:
-        ng = means[0].shape[1]
         n_vis = (pos - left).clamp(min=0) // group_size  # groups wholly before the window
-        vis = torch.cat([vis, torch.arange(ng, device=dev)[None, None, :] < n_vis[:, :, None]], dim=2)
-        keys, vals = torch.cat([k_cache, means[0]], 1), torch.cat([v_cache, means[1]], 1)
+        blocks.append((*means, torch.arange(means[0].shape[1], device=dev)[None, None, :] < n_vis[:, :, None]))
     rep = hq // hkv
     qh = q.float().view(b, tq, hkv, rep, d).permute(0, 2, 3, 1, 4)  # [B, Hkv, rep, Tq, D]
-    kh = keys.float().permute(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, K, D]
-    vh = vals.float().permute(0, 2, 1, 3)[:, :, None]
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    s = s.masked_fill(~vis[:, None, None], float("-inf"))
+
+    def heads(x):  # [B, K, Hkv, D] -> [B, Hkv, 1, K, D] fp32
+        return x.float().permute(0, 2, 1, 3)[:, :, None]
+
+    s = torch.cat([((qh @ heads(keys).transpose(-1, -2)) * scale).masked_fill(~m[:, None, None], float("-inf"))
+                   for keys, _, m in blocks], dim=-1)  # [B, Hkv, rep, Tq, K in all]
     lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, rep, Tq]
     w = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = (w @ vh).permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
+    out = w[..., :c] @ heads(v_cache)
+    if means is not None:
+        out = out + w[..., c:] @ heads(means[1])
+    out = out.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
     return out.to(q.dtype), lse.reshape(b, hq, tq)
 
 
