@@ -5,10 +5,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dasg_kernels import swa_attention, swa_attention_with_kvcache
+from dasg_kernels import swa_attention, swa_attention_varlen, swa_attention_with_kvcache
 from dasg_kernels.distributed import swa_attention_cp
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
+from dasg_model.packing import PackedDocuments
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,10 @@ class GroupedMultiHeadAttention(nn.Module):
     ``cp_group`` set, ``x`` is this rank's sequence shard, RoPE uses the global positions
     ``rank * T + arange(T)`` and attention runs through
     :func:`dasg_kernels.distributed.swa_attention_cp` (``cp_validate`` is its ``validate``).
+
+    Packed documents (``documents``, see :mod:`dasg_model.packing`): the ``B * T`` tokens go
+    through :func:`dasg_kernels.swa_attention_varlen`, so windows, groups and summaries restart
+    at each document and no query sees another document.
     """
 
     cp_group: object | None = None
@@ -77,10 +82,13 @@ class GroupedMultiHeadAttention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: DASGCache | None = None,
         layer_idx: int = 0,
+        documents: PackedDocuments | None = None,
     ) -> torch.Tensor:
         """``x [B, T, hidden]``; ``rope`` the tables of the positions; with ``cache`` the ``T``
         new positions go through :func:`dasg_kernels.swa_attention_with_kvcache` against layer
-        ``layer_idx`` of the cache (inference only: no gradients)."""
+        ``layer_idx`` of the cache (inference only: no gradients); with ``documents`` (no cache,
+        no context parallelism) each packed document attends only to itself (``cu_seqlens``
+        checked by the op, with its one host read in eager mode, at layer 0 only)."""
         b, t, _ = x.shape
         if rope is None:
             start = dist.get_rank(self.cp_group) * t if self.cp_group is not None else 0
@@ -92,7 +100,15 @@ class GroupedMultiHeadAttention(nn.Module):
         cfg = self.config
         kw = dict(window=cfg.window, causal=True, group_size=cfg.group_size if cfg.use_summaries else None,
                   summaries=cfg.use_summaries, backend=cfg.backend)
-        if cache is not None:
+        if documents is not None:
+            if cache is not None or self.cp_group is not None:
+                raise ValueError("GroupedMultiHeadAttention: packed documents cannot be used with a generation cache "
+                                 "or context parallelism")
+            d = documents
+            o = swa_attention_varlen(q.reshape(b * t, *q.shape[2:]), k.reshape(b * t, *k.shape[2:]),
+                                     v.reshape(b * t, *v.shape[2:]), d.cu_seqlens_q, d.cu_seqlens_k,
+                                     d.max_seqlen_q, d.max_seqlen_k, validate=layer_idx == 0, **kw)
+        elif cache is not None:
             if self.cp_group is not None:
                 raise ValueError("GroupedMultiHeadAttention: a generation cache cannot be used with context parallelism")
             kw.pop("causal")

@@ -5,8 +5,10 @@
 (registered by ``import dasg_model``), and ``generate`` with everything transformers offers
 (greedy, sampling, beam search, streamers, ``return_dict_in_generate``) on top of the bounded
 :class:`~dasg_model.cache.DASGCache`. Left-padded batches are handled without a ``[T, T]``
-mask (:mod:`dasg_model.padding`); a long prompt is prefilled ``config.prefill_chunk_size``
-positions at a time.
+mask (:mod:`dasg_model.padding`); packed documents (transformers' ``DataCollatorWithFlattening``,
+in each of its modes) are kept apart (:mod:`dasg_model.packing`); a long prompt is prefilled
+``config.prefill_chunk_size`` positions at a time. The loss follows transformers' contract with
+``Trainer`` (``num_items_in_batch``; see :meth:`DASGForCausalLM.forward`).
 """
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
 from dasg_model.experts import SwiGLUExperts
 from dasg_model.moe import DASGMoE, MoEOutput
+from dasg_model.packing import (
+    PackedDocuments,
+    doc_starts_from_cu_seqlens,
+    doc_starts_from_positions,
+    doc_starts_from_seq_idx,
+    host_int,
+    positions_in_documents,
+)
 from dasg_model.padding import check_one_run, roll_rows, run_start
 
 AUX_LOSS_NAMES: tuple[str, str, str] = ("load_balance", "z_loss", "entropy")
@@ -67,8 +77,9 @@ class DASGBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: DASGCache | None = None,
         layer_idx: int = 0,
+        documents: PackedDocuments | None = None,
     ) -> tuple[torch.Tensor, MoEOutput]:
-        x = x + self.attn(self.attn_norm(x), rope, cache, layer_idx)
+        x = x + self.attn(self.attn_norm(x), rope, cache, layer_idx, documents)
         y, aux = self.moe(self.moe_norm(x))
         return x + y, aux
 
@@ -105,19 +116,25 @@ class DASGPreTrainedModel(PreTrainedModel):
 class DASGModel(DASGPreTrainedModel):
     """Embeddings, ``num_layers`` :class:`DASGBlock` s and a final RMSNorm.
 
-    ``forward(input_ids [B, T], attention_mask=None, position_ids=None, cache=None)
+    ``forward(input_ids [B, T], attention_mask=None, position_ids=None, cache=None, ...)
     -> (hidden [B, T, hidden], [MoEOutput per layer])``.
 
     - ``attention_mask [B, T_past + T]`` (1 = token, 0 = padding), one run of tokens per
       row: padding is never attended and never enters a group mean, and each row's positions
-      (RoPE, window, groups) start at its first real token.
-    - ``position_ids`` override the RoPE positions only (window and groups follow each row's
-      token order).
+      (RoPE, window, groups) start at its first real token. With a mask, ``position_ids``
+      override the RoPE positions only (window and groups follow each row's token order).
+    - Packed documents (transformers' ``DataCollatorWithFlattening``), see :meth:`documents`:
+      ``position_ids`` that restart inside a row (no ``attention_mask``, no cache), or the
+      ``cu_seq_lens_q/k`` + ``max_length_q/k`` keywords, or ``seq_idx``. Each document is
+      computed as if alone: attention through :func:`dasg_kernels.swa_attention_varlen`
+      (windows, groups and summaries restart per document), RoPE positions from
+      ``position_ids`` or, when not given, restarting at 0 per document.
     - ``cache`` (:class:`DASGCache`): the new columns are appended, ``prefill_chunk_size`` at
       a time; the returned MoE outputs are those of the last chunk.
 
     With ``cp_group`` set (:func:`dasg_model.parallel.apply_context_parallel`) ``input_ids``
-    is this rank's sequence shard and the positions start at ``rank * T``.
+    is this rank's sequence shard and the positions start at ``rank * T`` (``position_ids``
+    and packed documents are refused there).
     """
 
     cp_group: object | None = None
@@ -136,12 +153,105 @@ class DASGModel(DASGPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def _layers(self, x: torch.Tensor, rope, cache: DASGCache | None = None) -> tuple[torch.Tensor, list[MoEOutput]]:
+    def _layers(self, x: torch.Tensor, rope, cache: DASGCache | None = None,
+                documents: PackedDocuments | None = None) -> tuple[torch.Tensor, list[MoEOutput]]:
         outs = []
         for i, layer in enumerate(self.layers):
-            x, aux = layer(x, rope, cache, i)
+            x, aux = layer(x, rope, cache, i, documents)
             outs.append(aux)
         return x, outs
+
+    def documents(
+        self,
+        batch: int,
+        length: int,
+        device: torch.device,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: DASGCache | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | torch.Tensor | None = None,
+        max_length_k: int | torch.Tensor | None = None,
+    ) -> PackedDocuments | None:
+        """The packed documents of a forward call on ``[batch, length]`` tokens, or ``None``
+        (one sequence per row).
+
+        Read in this order (the first given wins, as in transformers' flash-attention path):
+
+        - ``cu_seq_lens_q/k`` ``[N + 1]`` + ``max_length_q/k`` (all four), offsets into the
+          ``length`` tokens of a batch of size 1; used as given (no host read but
+          ``max_length`` tensors, read once).
+        - ``seq_idx [1, length]``, the document index of each token.
+        - ``position_ids [B or 1, length]`` without ``attention_mask`` and cache: a document
+          starts wherever they do not step by 1 (any batch size). Eager: one host read, and
+          ``None`` when no row restarts; under ``torch.compile``: no read, ``cu_seqlens`` with
+          a slot per token.
+
+        ``ValueError`` (before any launch) for what cannot be honoured: ``cu_seq_lens`` /
+        ``seq_idx`` with a batch size other than 1, with a cache, with context parallelism,
+        with an ``attention_mask`` holding zeros (read in eager mode; taken as all ones under
+        compile), incomplete ``cu_seq_lens`` keywords, unequal ``cu_seq_lens_q`` / ``_k``
+        (read off CUDA, in eager mode), ``seq_idx`` of the wrong shape; ``position_ids`` with
+        context parallelism; ``position_ids`` that restart inside a row with a cache (read in
+        eager mode).
+        """
+        flash = {"cu_seq_lens_q": cu_seq_lens_q, "cu_seq_lens_k": cu_seq_lens_k, "max_length_q": max_length_q,
+                 "max_length_k": max_length_k}
+        given = [name for name, value in flash.items() if value is not None]
+        if given and len(given) < len(flash):
+            raise ValueError(f"DASGModel: packed documents need all of {', '.join(flash)}; got only {', '.join(given)}")
+        tracing = torch.compiler.is_compiling()
+        if given or seq_idx is not None:
+            what = "cu_seq_lens_q/k" if given else "seq_idx"
+            if cache is not None:
+                raise ValueError(f"DASGModel: packed documents ({what}) cannot be used with a generation cache; "
+                                 "pass one document per row (with an attention_mask for padding) to generate")
+            if self.cp_group is not None:
+                raise ValueError(f"DASGModel: packed documents ({what}) are not supported with context parallelism")
+            if batch != 1:
+                raise ValueError(f"DASGModel: a packed batch ({what}) must have batch size 1 "
+                                 f"(DataCollatorWithFlattening's [1, total_tokens]), got input of batch size {batch}")
+            if attention_mask is not None and not tracing and not bool(attention_mask.bool().all()):
+                raise ValueError(f"DASGModel: packed documents ({what}) with an attention_mask that holds padding "
+                                 "(zeros): the documents mark the sequences; drop the padding or the attention_mask")
+            if given:
+                cu_q, cu_k = (c.to(device=device, dtype=torch.int32) for c in (cu_seq_lens_q, cu_seq_lens_k))
+                if cu_q.dim() != 1 or cu_k.shape != cu_q.shape:
+                    raise ValueError(f"DASGModel: cu_seq_lens_q and cu_seq_lens_k must be 1-D [N + 1] and of one "
+                                     f"shape, got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+                if cu_seq_lens_q is not cu_seq_lens_k and device.type != "cuda" and not tracing \
+                        and not torch.equal(cu_q, cu_k):
+                    raise ValueError("DASGModel: cu_seq_lens_q and cu_seq_lens_k differ; packed self-attention "
+                                     "without a cache needs the same documents for queries and keys")
+                start = doc_starts_from_cu_seqlens(cu_q, length)[None]
+                return PackedDocuments(cu_q, cu_k, host_int(max_length_q, length), host_int(max_length_k, length),
+                                       start)
+            if seq_idx.shape != (1, length):
+                raise ValueError(f"DASGModel: seq_idx must be [1, T] = [1, {length}] (one document index per "
+                                 f"token), got {tuple(seq_idx.shape)}")
+            return PackedDocuments.from_starts(doc_starts_from_seq_idx(seq_idx.to(device)))
+        if position_ids is None or attention_mask is not None:
+            return None  # with a mask: position_ids are RoPE positions (e.g. generate's, left padding)
+        if self.cp_group is not None:
+            raise ValueError("DASGModel: position_ids are not supported with context parallelism (its positions are "
+                             "rank * T + arange(T); packed documents would need varlen attention across ranks)")
+        pos = position_ids.view(1, -1) if position_ids.dim() == 1 else position_ids
+        if pos.dim() != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] != length:
+            raise ValueError(f"DASGModel: position_ids must be [B, T] or [1, T] with B={batch}, T={length}, "
+                             f"got {tuple(position_ids.shape)}")
+        start = doc_starts_from_positions(pos.to(device), batch)
+        if cache is not None:
+            if length > 1 and not tracing and bool(start[:, 1:].any()):
+                raise ValueError("DASGModel: position_ids restart inside a row (packed documents), which a "
+                                 "generation cache cannot hold; run packed documents without a cache")
+            return None
+        docs = PackedDocuments.from_starts(start)
+        if not tracing and docs.cu_seqlens_q.numel() == batch + 1:
+            return None  # every row one document: the dense path
+        return docs
 
     def forward(
         self,
@@ -150,7 +260,17 @@ class DASGModel(DASGPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         cache: DASGCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        *,
+        seq_idx: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | torch.Tensor | None = None,
+        max_length_k: int | torch.Tensor | None = None,
+        documents: PackedDocuments | None | str = "auto",
     ) -> tuple[torch.Tensor, list[MoEOutput]]:
+        """See the class docstring. ``documents``: ``"auto"`` reads the packed documents from
+        the keywords (:meth:`documents`); a caller that already did passes its result
+        (``None``: one sequence per row) and the keywords are not read again."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DASGModel: pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -161,6 +281,13 @@ class DASGModel(DASGPreTrainedModel):
                                            or attention_mask.shape[1] < t):
             raise ValueError(f"DASGModel: attention_mask must be a 2-D [B, T_past + T] mask with B={b} and at "
                              f"least T={t} columns, got {tuple(attention_mask.shape)}")
+        if isinstance(documents, str):
+            if documents != "auto":
+                raise ValueError(f"DASGModel: documents must be 'auto', None or a PackedDocuments, got {documents!r}")
+            documents = self.documents(b, t, x.device, attention_mask=attention_mask, position_ids=position_ids,
+                                       cache=cache, seq_idx=seq_idx, cu_seq_lens_q=cu_seq_lens_q,
+                                       cu_seq_lens_k=cu_seq_lens_k, max_length_q=max_length_q,
+                                       max_length_k=max_length_k)
         if cache is not None:
             return self._forward_cached(x, attention_mask, position_ids, cache)
         start, total = 0, t
@@ -169,6 +296,10 @@ class DASGModel(DASGPreTrainedModel):
         if total > self.config.max_position_embeddings:
             raise ValueError(f"DASGModel: sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
+        if documents is not None:
+            pos = positions_in_documents(documents.start) if position_ids is None else position_ids
+            x, outs = self._layers(x, self.rotary(pos), documents=documents)
+            return self.norm(x), outs
         shift = None
         if attention_mask is not None:
             if self.cp_group is not None:
@@ -213,10 +344,12 @@ class DASGCausalLMOutput(ModelOutput):
     """What :meth:`DASGForCausalLM.forward` returns.
 
     Attributes:
-        loss: ``lm_loss + aux_loss`` (``None`` without labels).
+        loss: ``lm_loss + aux_loss``, or ``lm_loss + (n / N) * aux_loss`` with
+            ``num_items_in_batch = N`` (``None`` without labels; see :meth:`DASGForCausalLM.forward`).
         logits: ``[B, T, vocab]`` (the last ``logits_to_keep`` positions when given).
         cache: the :class:`DASGCache` (``past_key_values`` on transformers before the rename).
-        lm_loss: the next-token cross-entropy (``None`` without labels).
+        lm_loss: the next-token cross-entropy, the mean over this call's targets, or their sum
+            over ``num_items_in_batch`` (``None`` without labels).
         aux_loss: the weighted auxiliary loss
             ``load_balance_coef * LB + z_loss_coef * Z + entropy_coef * H`` (each term the mean
             over layers of the per-layer sums over levels).
@@ -240,6 +373,9 @@ class DASGForCausalLM(DASGPreTrainedModel, GenerationMixin):
     """A decoder LM: :class:`DASGModel` + an LM head (tied to the embeddings by default)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_5 else ["lm_head.weight"]
+    #: ``forward`` honours ``num_items_in_batch``: ``Trainer`` must not divide the loss by the
+    #: gradient-accumulation steps (see :meth:`forward`)
+    accepts_loss_kwargs = True
 
     def __init__(self, config: DASGConfig):
         super().__init__(config)
@@ -312,10 +448,18 @@ class DASGForCausalLM(DASGPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         cache: DASGCache | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
+        cu_seq_lens_q: torch.Tensor | None = None,
+        cu_seq_lens_k: torch.Tensor | None = None,
+        max_length_q: int | torch.Tensor | None = None,
+        max_length_k: int | torch.Tensor | None = None,
         **kwargs: Any,
     ) -> DASGCausalLMOutput:
         """``input_ids [B, T]``; ``labels [B, T]`` (usually ``input_ids``; ``-100`` is ignored)
-        are shifted inside: position ``t`` predicts ``labels[:, t + 1]``.
+        are shifted inside: position ``t`` predicts ``labels[:, t + 1]``; or ``shift_labels
+        [B, T]``, already shifted (position ``t`` predicts ``shift_labels[:, t]``).
 
         ``attention_mask``, ``position_ids``: see :class:`DASGModel`. ``past_key_values`` (or
         ``cache``, transformers' newer name): a :class:`DASGCache`, created when ``use_cache``
@@ -324,16 +468,49 @@ class DASGForCausalLM(DASGPreTrainedModel, GenerationMixin):
         logits. Other keywords transformers passes (``cache_position``, ``return_dict``, ...)
         are accepted and not needed.
 
+        Packed documents (``DataCollatorWithFlattening``: restarting ``position_ids``, or
+        ``cu_seq_lens_q/k`` + ``max_length_q/k``, or ``seq_idx``; see
+        :meth:`DASGModel.documents`): every document's logits are those of the document
+        alone, and no target crosses a document boundary (the target of a document's last
+        token, the next document's first, is ignored whatever ``labels`` holds there).
+
+        Loss, transformers' contract with ``Trainer`` (as its own causal LMs; ``Trainer`` then
+        does not divide by the gradient-accumulation steps):
+
+        - without ``num_items_in_batch``: ``lm_loss`` is the mean cross-entropy over this
+          call's targets, ``loss = lm_loss + aux_loss``;
+        - with ``num_items_in_batch = N`` (the targets of all micro-batches of one optimizer
+          step, as ``Trainer`` counts them): ``lm_loss`` is this call's *summed* cross-entropy
+          over ``N``, and ``loss = lm_loss + (n / N) * aux_loss`` with ``n`` this call's
+          targets. Summed over the ``k`` micro-batches of a step, the LM term is the mean over
+          the whole step (the same gradient as one batch ``k`` times the size), and the
+          auxiliary term is the target-weighted mean of the micro-batches' own aux losses (for
+          ``k`` equal micro-batches, their plain mean: what ``Trainer`` gives a model without
+          loss keywords). The aux losses are per-batch statistics by definition (load balance
+          is a product of two batch means), so each micro-batch keeps its own; per-token terms
+          (z-loss and entropy of the shallow level) of equal micro-batches then equal those of
+          the single large batch, while load balance and the deep-level terms (over each
+          micro-batch's deep rows) differ by that batch statistic only. ``aux_loss`` in the
+          output is the micro-batch's, unscaled.
+
         Context parallel (``apply_context_parallel``): ``input_ids`` and ``labels`` are this
         rank's shards, sliced alike; the last position's target is the next rank's first
-        label (``shift_labels_cp``) and ``lm_loss`` is ``cp_size * (this shard's summed
-        cross-entropy) / (targets counted over the CP group)``, so its mean over the CP
-        ranks is the whole sequence's ``lm_loss``, and gradients averaged over the CP ranks
-        (as DDP / FSDP do over a dp x cp mesh) are the whole sequence's. The aux losses are
-        this shard's (load balance over its tokens)."""
+        label (``shift_labels_cp``; or pass this shard's ``shift_labels``) and ``lm_loss`` is
+        ``cp_size * (this shard's summed cross-entropy) / (targets counted over the CP group,
+        or N)``, so its mean over the CP ranks is the whole sequence's ``lm_loss``, and gradients
+        averaged over the CP ranks (as DDP / FSDP do over a dp x cp mesh) are the whole
+        sequence's. The aux losses are this shard's (load balance over its tokens); ``n`` is
+        counted over the CP group."""
         cache = self._resolve_cache(cache if cache is not None else past_key_values, use_cache)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        documents = None
+        if ref is not None and ref.dim() >= 2 and ref.shape[1] > 0:
+            documents = self.model.documents(
+                ref.shape[0], ref.shape[1], ref.device, attention_mask=attention_mask, position_ids=position_ids,
+                cache=cache, seq_idx=seq_idx, cu_seq_lens_q=cu_seq_lens_q, cu_seq_lens_k=cu_seq_lens_k,
+                max_length_q=max_length_q, max_length_k=max_length_k)
         hidden, moe_outs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      cache=cache, inputs_embeds=inputs_embeds)
+                                      cache=cache, inputs_embeds=inputs_embeds, documents=documents)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -345,27 +522,46 @@ class DASGForCausalLM(DASGPreTrainedModel, GenerationMixin):
                     + cfg.entropy_coef * aux_losses["entropy"])
         out = DASGCausalLMOutput(logits=logits, aux_loss=aux_loss, aux_losses=aux_losses, moe=moe_outs,
                                  **{_CACHE_KWARGS[0]: cache})
-        if labels is not None:
-            out.lm_loss = self._lm_loss(logits, labels)
-            out.loss = out.lm_loss + aux_loss
+        if labels is not None or shift_labels is not None:
+            start = None if documents is None else documents.start
+            out.lm_loss, aux_share = self._lm_loss(logits, labels, shift_labels, start, num_items_in_batch)
+            out.loss = out.lm_loss + aux_share * aux_loss
         return out
 
-    def _lm_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def _lm_loss(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor | None,
+        shift_labels: torch.Tensor | None,
+        start: torch.Tensor | None,
+        num_items_in_batch: int | torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """``(lm_loss, aux_share)``: see :meth:`forward` (``start [B, T]``: document starts of a
+        packed batch, whose targets are ignored)."""
         group = self.model.cp_group
-        if group is None:
-            targets, pred = labels[:, 1:].reshape(-1), logits[:, :-1]
+        if shift_labels is not None:
+            targets = shift_labels
+        elif group is None:  # position t predicts labels[:, t + 1]; the last position nothing
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         else:
-            targets, pred = shift_labels_cp(labels, group=group).reshape(-1), logits
-        # mean over the targets that count; 0 (not NaN) when none does (T=1, all -100)
-        denom = (targets != -100).sum()
+            targets = shift_labels_cp(labels, group=group)
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(f"DASGForCausalLM: {'shift_labels' if shift_labels is not None else 'labels'} must "
+                             f"match the logits' [B, T] = {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")
+        if start is not None:  # a document's first token is never the target of the previous document
+            targets = targets.masked_fill(F.pad(start[:, 1:], (0, 1), value=False), -100)
+        targets = targets.reshape(-1)
+        summed = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100,
+                                 reduction="sum")
+        count = (targets != -100).sum()
+        cp_size = 1
         if group is not None:  # the global count, over cp_size: the CP mean of lm_loss is the global one
-            dist.all_reduce(denom, group=group)
-            denom = denom.clamp(min=1) / dist.get_world_size(group)
-        else:
-            denom = denom.clamp(min=1)
-        return F.cross_entropy(
-            pred.reshape(-1, logits.shape[-1]).float(), targets, ignore_index=-100, reduction="sum"
-        ) / denom
+            dist.all_reduce(count, group=group)
+            cp_size = dist.get_world_size(group)
+        if num_items_in_batch is None:  # mean over the targets that count; 0 (not NaN) when none does
+            return summed * cp_size / count.clamp(min=1), 1.0
+        n = torch.as_tensor(num_items_in_batch, device=summed.device).to(torch.float32).clamp(min=1)
+        return summed * cp_size / n, count / n
 
 
 def routing_summary(moe_outs: list[MoEOutput]) -> dict[str, float]:

@@ -88,6 +88,9 @@ from dasg_kernels import expert_ffn, swa_attention, swa_attention_varlen, swa_at
 from dasg_kernels.attention import SUPPORTED_HEAD_DIMS
 from dasg_kernels.backend import BACKENDS, resolve_backend
 from dasg_kernels.reference import local_mask
+from dasg_model.packing import cu_seqlens_from_starts as _cu_seqlens_from_starts
+from dasg_model.packing import doc_starts_from_positions as _doc_starts_from_positions
+from dasg_model.packing import host_int as _host_int
 from dasg_model.padding import roll_rows, run_start
 
 __all__ = [
@@ -318,30 +321,6 @@ def _fallback_mask(reason: str, **kw) -> torch.Tensor:
     if not _is_tracing():
         mask._dasg_reason = reason
     return mask
-
-
-def _cu_seqlens_from_starts(start: torch.Tensor, *, sync: bool) -> tuple[torch.Tensor, int]:
-    """``cu_seqlens`` (int32) of the documents of ``[B, T]`` rows, ``start`` True at each
-    document's first token (column 0 always). With ``sync`` (eager) one host read gives the
-    number of documents and ``max_seqlen``; without it (compile) ``cu_seqlens`` has ``B*T + 1``
-    entries (empty documents at the end) and ``max_seqlen = T``."""
-    b, t = start.shape
-    total = b * t
-    flat = start.reshape(-1)
-    idx = torch.arange(total, device=start.device)
-    cu = torch.cat([torch.sort(torch.where(flat, idx, torch.full_like(idx, total))).values,
-                    torch.full((1,), total, dtype=idx.dtype, device=idx.device)])
-    if not sync:
-        return cu.to(torch.int32), t
-    n, mx = torch.stack([flat.sum(), cu.diff().max()]).tolist()
-    return torch.cat([cu[:n], cu[-1:]]).to(torch.int32), int(mx)
-
-
-def _doc_starts_from_positions(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
-    pos = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
-    start = torch.ones(pos.shape, dtype=torch.bool, device=pos.device)
-    start[:, 1:] = (pos[:, 1:] - pos[:, :-1]) != 1
-    return start
 
 
 def _one_run_per_row(valid: torch.Tensor) -> bool:
@@ -666,13 +645,6 @@ def _run(layout: _Layout, query, key, value, is_causal, window, scale, backend) 
                             backend=backend)
         return _row_mask(roll_rows(out, -start), valid)
     return _cache_attention(q, k, v, valid.sum(1), left, scale, backend, append=True)
-
-
-def _host_int(x: Any, bound: int) -> int:
-    """A max length as a Python int: read a tensor once (eager), else the static ``bound``."""
-    if isinstance(x, torch.Tensor):
-        return bound if _is_tracing() else int(x)
-    return int(x)
 
 
 def _layout_mask(layout: _Layout, query, key, is_causal, window) -> torch.Tensor | None:
