@@ -12,6 +12,10 @@ tokens lying wholly before the window when ``summaries`` is on):
                     long or the mask would not fit.
 ``flex``            ``torch.nn.attention.flex_attention`` (compiled) with a block mask built
                     from the window (same concatenated summary keys). CUDA only.
+``fla``             flash-linear-attention's ``parallel_attn`` (package ``fla-core``, pure
+                    Triton; ``window_size=W`` is our ``window=(W-1, 0)``, checked by
+                    ``tests/test_fla_peer.py``): the cases without summaries (fla has none).
+                    CUDA only; skipped with the reason when fla is not importable.
 ``sdpa_flash``      SDPA's flash backend on *full* causal attention (``window=(-1,-1)``):
                     measured on the full-causal cases; the windowed cases are compared with
                     it as "what full attention costs at this T".
@@ -40,7 +44,7 @@ from benchmarks import common
 from benchmarks.common import Context, attention_flops, attention_pairs, compare
 
 FAMILY = "attention"
-METHODS = ("ours", "flex", "sdpa_dense_mask", "sdpa_flash")
+METHODS = ("ours", "flex", "fla", "sdpa_dense_mask", "sdpa_flash")
 GPU_T = (4096, 16384, 65536)
 GPU_W = (256, 1024, 4096)
 GPU_D = (64, 128)
@@ -49,6 +53,9 @@ FLEX_BLOCK = 128
 DENSE_ASSUMED_TFLOPS = 150.0   # to predict how long one dense-mask SDPA call takes
 FLEX_CUDA_ONLY = ("FlexAttention is benchmarked compiled (torch.compile) on CUDA only; on the CPU it "
                   "would need a C++ toolchain and its compile time would dominate")
+FLA_CUDA_ONLY = ("flash-linear-attention's parallel_attn is timed on CUDA only (on the CPU its Triton kernel runs "
+                 "in the interpreter; tests/test_fla_peer.py checks its semantics there)")
+FLA_NO_SUMMARIES = "flash-linear-attention's parallel_attn has no summary keys (timed on the cases without them)"
 
 
 @dataclass(frozen=True)
@@ -300,12 +307,29 @@ def compiled_flex():
 
 
 class Method:
-    """One way to compute the case: ``fn(*inputs) -> out`` in the layout of ``inputs``."""
+    """One way to compute the case: ``fn(*inputs) -> out`` in the layout of ``inputs``
+    (``[B, T, H, D]`` when ``bthd``, else ``[B, H, T, D]``)."""
 
     def __init__(self, name: str, fn: Callable, inputs: list[torch.Tensor], to_bthd: Callable, note: str = "",
-                 same_semantics: bool = True, stand_in: bool = False):
+                 same_semantics: bool = True, stand_in: bool = False, bthd: bool = False):
         self.name, self.fn, self.inputs, self.to_bthd, self.note = name, fn, inputs, to_bthd, note
-        self.same_semantics, self.stand_in = same_semantics, stand_in
+        self.same_semantics, self.stand_in, self.bthd = same_semantics, stand_in, bthd
+
+
+def fla_parallel_attn() -> tuple[Callable | None, str]:
+    """flash-linear-attention's ``parallel_attn`` and its version, or None and why not."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            from fla.ops.attn.parallel import parallel_attn
+        from importlib.metadata import version
+
+        return parallel_attn, f"fla-core {version('fla-core')}"
+    except Exception as exc:
+        return None, (f"flash-linear-attention is not importable ({type(exc).__name__}: {str(exc)[:120]}); "
+                      "pip install -e '.[bench]'")
 
 
 def build_method(name: str, c: AttnCase, q, k, v, device, backend: str) -> Method | str:
@@ -318,7 +342,21 @@ def build_method(name: str, c: AttnCase, q, k, v, device, backend: str) -> Metho
             return dk.swa_attention(q, k, v, window=(c.left, 0), causal=True, group_size=c.group_size,
                                     summaries=c.summaries, backend=backend)
         note = "" if backend == "triton" else "kernel not available: torch reference stand-in, no speed-up"
-        return Method("ours", ours, [q, k, v], lambda o: o, note, stand_in=backend != "triton")
+        return Method("ours", ours, [q, k, v], lambda o: o, note, stand_in=backend != "triton", bthd=True)
+
+    if name == "fla":
+        if not on_cuda:
+            return FLA_CUDA_ONLY
+        if c.summaries:
+            return FLA_NO_SUMMARIES
+        fla, why = fla_parallel_attn()
+        if fla is None:
+            return why
+
+        def run_fla(q, k, v):
+            return fla(q, k, v, scale=c.d ** -0.5, window_size=c.w if c.w > 0 else None)
+        return Method(name, run_fla, [q, k, v], lambda o: o,
+                      f"{why} parallel_attn, window_size={c.w if c.w > 0 else None}", bthd=True)
 
     qh, kh, vh = _bhtd(q), _bhtd(k), _bhtd(v)
     to_bthd = lambda o: o.transpose(1, 2)  # noqa: E731
@@ -479,7 +517,7 @@ def check_baseline(ctx: Context, c: AttnCase, m: Method) -> bool:
     out = m.to_bthd(m.fn(*m.inputs)).detach()
     with torch.no_grad():
         rows = sample_rows(c.t)
-        qb, kb, vb = (x.transpose(1, 2) for x in m.inputs)
+        qb, kb, vb = m.inputs if m.bthd else (x.transpose(1, 2) for x in m.inputs)
         ref, _ = reference_rows(qb, kb, vb, c, rows)
         low, _ = reference_rows(qb, kb, vb, c, rows, upcast=False)
     res = compare(f"{m.name} out (sampled rows)", take_rows(out, rows, 1), ref, low, dtype=c.dtype, factor=3.0)
@@ -528,10 +566,27 @@ def time_modes(ctx: Context, base: dict[str, Any], m: Method, d_o: torch.Tensor,
 def time_method(ctx: Context, c: AttnCase, m: Method, do: torch.Tensor, pairs: int) -> None:
     base = {"case_id": c.id, "case": c.params(), "method": m.name, "note": m.note, "stand_in": m.stand_in,
             "pairs": pairs}
-    d_o = m.to_bthd(do) if m.name == "ours" else do.transpose(1, 2).contiguous()
+    d_o = do if m.bthd else do.transpose(1, 2).contiguous()
     flops = {mode: attention_flops(pairs, c.batch, c.heads, c.d, mode) for mode in common.MODES_ATTN}
     time_modes(ctx, base, m, d_o, flops)
+    if m.name != "ours":
+        peer_ratios(ctx, FAMILY, c.id, m.name)
     ctx.log(progress_line(ctx, FAMILY, c.id, m.name))
+
+
+def peer_ratios(ctx: Context, family: str, case_id: str, method: str, ours: str = "ours") -> None:
+    """On every timed record of ``method`` for ``case_id``: ``ours_speedup`` = its ms / the ms
+    of ``ours`` in the same mode (> 1: ours faster), when ours was timed (not a stand-in);
+    logged for the fla peer."""
+    mine = {r["mode"]: r for r in ctx.records if r.get("family") == family and r.get("case_id") == case_id
+            and r.get("method") == ours and r.get("status") == "ok" and not r.get("stand_in")}
+    for r in ctx.records:
+        if (r.get("family") == family and r.get("case_id") == case_id and r.get("method") == method
+                and r.get("status") == "ok" and r.get("mode") in mine and mine[r["mode"]].get("ms")):
+            r["ours_speedup"] = r["ms"] / mine[r["mode"]]["ms"]
+            if method.startswith("fla"):
+                ctx.log(f"  {family} {case_id} {r['mode']}: {method} {r['ms']:.3f} ms, {ours} "
+                        f"{mine[r['mode']]['ms']:.3f} ms: ours {r['ours_speedup']:.2f}x fla")
 
 
 def progress_line(ctx: Context, family: str, case_id: str, method: str) -> str:
@@ -552,7 +607,7 @@ def run(ctx: Context) -> None:
     backend = choose_backend(ctx, FAMILY, available, why)
 
     # pass 1: ours, flex, flash; pass 2: the dense-mask baseline (slowest, least informative)
-    passes = [("ours", "flex", "sdpa_flash"), ("sdpa_dense_mask",)]
+    passes = [("ours", "flex", "fla", "sdpa_flash"), ("sdpa_dense_mask",)]
     checked: set = set()
     for methods in passes:
         for c in all_cases:
@@ -584,7 +639,7 @@ def run(ctx: Context) -> None:
                     m = f"could not be set up: {type(exc).__name__}: {str(exc)[:200]}"
                     common.cleanup(dev)
                 if isinstance(m, str):
-                    if not (name == "sdpa_flash" and c.w != -1):
+                    if not ((name == "sdpa_flash" and c.w != -1) or m == FLA_NO_SUMMARIES):
                         ctx.add_record(case_id=c.id, case=c.params(), method=name, mode="*", status="skipped",
                                        reason=m)
                     continue

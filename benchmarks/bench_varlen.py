@@ -19,6 +19,10 @@ layout; ``Hq=32, Hkv=8, D=128``, bf16, causal window ``(2047, 0)`` with summarie
                      and the summary keys: each sequence's whole-group means appended after
                      the packed keys (computed in the timed call), as
                      :mod:`benchmarks.bench_attention` does for one sequence. CUDA only.
+``fla_varlen``       flash-linear-attention's ``parallel_attn`` with ``cu_seqlens`` on the
+                     packed batch (``[1, total, H, D]``, ``window_size=W``); the batch
+                     without summaries only (fla has none). CUDA only; skipped with the
+                     reason when fla is not importable.
 ===================  ======================================================================
 
 Modes ``fwd``, ``bwd``, ``fwd+bwd`` as in the attention family; useful FLOPs are the visible
@@ -45,13 +49,14 @@ from typing import Any
 import torch
 
 from benchmarks import common
-from benchmarks.bench_attention import (FLEX_BLOCK, FLEX_CUDA_ONLY, Method, append_slots, block_mask_from_intervals,
-                                        choose_backend, compiled_flex, key_intervals, probe_kernel, progress_line,
+from benchmarks.bench_attention import (FLA_CUDA_ONLY, FLA_NO_SUMMARIES, FLEX_BLOCK, FLEX_CUDA_ONLY, Method,
+                                        append_slots, block_mask_from_intervals, choose_backend, compiled_flex,
+                                        fla_parallel_attn, key_intervals, peer_ratios, probe_kernel, progress_line,
                                         reference_rows, sample_rows, take_rows, time_modes)
 from benchmarks.common import Context, attention_flops, attention_pairs, compare
 
 FAMILY = "varlen"
-METHODS = ("ours_varlen", "ours_padded", "flex_document")
+METHODS = ("ours_varlen", "ours_padded", "fla_varlen", "flex_document")
 SEED = 0
 GPU_LENGTHS = (256, 32768, 65536)   # log-uniform in [lo, hi] until this many tokens
 GPU_GRAD_LENGTHS = (256, 4096, 12288)  # the gradient check's reduced batch (fp32 reference per sequence)
@@ -286,6 +291,21 @@ def build_method(name: str, c: VarlenCase, q, k, v, device, backend: str) -> Met
         return Method(name, fn, [_bhtd(x) for x in (q, k, v)], lambda o: o[0].transpose(0, 1),
                       "torch.compile(flex_attention), document + window block mask"
                       + (", summary keys of whole groups" if c.summaries else ""))
+    if name == "fla_varlen":
+        if device.type != "cuda":
+            return FLA_CUDA_ONLY
+        if c.summaries:
+            return FLA_NO_SUMMARIES
+        fla, why = fla_parallel_attn()
+        if fla is None:
+            return why
+        cu = c.cu_seqlens(q.device).long()
+
+        def run_fla(q, k, v):
+            return fla(q[None], k[None], v[None], scale=c.d ** -0.5, window_size=c.w, cu_seqlens=cu)[0]
+        return Method(name, run_fla, [q, k, v], lambda o: o,
+                      f"{why} parallel_attn(cu_seqlens), window_size={c.w} (fla prepares its chunk indices "
+                      "from cu_seqlens in each call, as its users do)")
     raise ValueError(name)
 
 
@@ -444,6 +464,8 @@ def time_method(ctx: Context, c: VarlenCase, m: Method, do: torch.Tensor) -> Non
         base.update(padded_pairs=c.padded_pairs(), padded_tokens=c.batch * c.max_len)
     flops = {mode: attention_flops(pairs, 1, c.hq, c.d, mode) for mode in common.MODES_ATTN}
     time_modes(ctx, base, m, grad_out(m, c, do), flops)
+    if m.name == "fla_varlen":
+        peer_ratios(ctx, FAMILY, c.id, m.name, ours="ours_varlen")
     ctx.log(progress_line(ctx, FAMILY, c.id, m.name))
 
 
@@ -453,8 +475,8 @@ def run(ctx: Context) -> None:
     all_cases = sorted(cases(ctx.settings.quick, dev), key=lambda c: not c.summaries)
     available, why = kernel_available(dev)
     backend = choose_backend(ctx, FAMILY, available, why)
-    # pass 1: our two ways; pass 2: flex (its torch.compile is the slowest part of a fresh run)
-    passes = [("ours_varlen", "ours_padded"), ("flex_document",)]
+    # pass 1: our two ways and fla; pass 2: flex (its torch.compile is the slowest part of a fresh run)
+    passes = [("ours_varlen", "ours_padded", "fla_varlen"), ("flex_document",)]
     checked: set = set()
     refs: dict[str, RefRows] = {}
     for methods in passes:
@@ -484,7 +506,8 @@ def run(ctx: Context) -> None:
                 try:
                     m = build_method(name, c, q, k, v, dev, backend or "torch")
                     if isinstance(m, str):
-                        ctx.add_record(**rec, status="skipped", reason=m)
+                        if m != FLA_NO_SUMMARIES:
+                            ctx.add_record(**rec, status="skipped", reason=m)
                         continue
                     good = check_method(ctx, c, m, q, k, v, refs[c.id], backend or "torch", checked)
                 except Exception as exc:

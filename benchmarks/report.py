@@ -352,9 +352,9 @@ def attention_md(ix: Index) -> list[str]:
         lines += [f"Speed-ups not shown: {why}.", ""]
     lines += ["ms = median; x = baseline ms / ours ms (> 1: ours faster); flash = SDPA flash on *full* causal "
               "attention at the same T; TFLOP/s count visible pairs only.", "",
-              "| T | W | D | summ | mode | ours ms | ours TFLOP/s | flex ms | x flex | dense-mask ms | x dense "
-              "| flash (full) ms | x flash | peak MiB ours / flex / dense |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| T | W | D | summ | mode | ours ms | ours TFLOP/s | flex ms | x flex | fla ms | x fla | dense-mask ms "
+              "| x dense | flash (full) ms | x flash | peak MiB ours / flex / dense |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cid, c in cases:
         flash_cid = f"T={c['T']} W=-1 D={c['D']} summaries=0"
         for mode in ("fwd", "bwd", "fwd+bwd"):
@@ -363,7 +363,7 @@ def attention_md(ix: Index) -> list[str]:
             cells = [_t(c["T"]), str(c["W"]), str(c["D"]), "G=W" if c["summaries"] else "—", mode,
                      _fmt(oms) if oms else (o or {}).get("status", "—"),
                      _fmt(o.get("tflops")) if oms else "—"]
-            for meth, cc in (("flex", cid), ("sdpa_dense_mask", cid), ("sdpa_flash", flash_cid)):
+            for meth, cc in (("flex", cid), ("fla", cid), ("sdpa_dense_mask", cid), ("sdpa_flash", flash_cid)):
                 b = ix.get("attention", cc, meth, mode)
                 bms = b["ms"] if b and b.get("status") == "ok" else None
                 cells.append(_fmt(bms) if bms else (b or {}).get("status", "—"))

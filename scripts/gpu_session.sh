@@ -18,10 +18,16 @@
 # their measured TFLOP/s land in results/calibration-measured.{json,md} beside the predictions.
 # Then, here: unpack $OUT/results.tgz into benchmarks/results/, commit the JSON/MD/PNG, and run
 # `python -m benchmarks.report --latest --readme README.md` to refresh the README's table.
+# Peers the device has no network to install (fla-core: the attention benchmarks' fla method;
+# liger-kernel: a calibration peer) travel as pure-Python packages: fill .gl/peer-site here with
+#   pip install --no-deps --target .gl/peer-site fla-core==0.6.0 einops liger-kernel==0.8.5
+# (about 22 MB) and call the device tool with carry [".peers", ".gl/peer-site"].
 set -u
 OUT=${OUT:-/tmp/dasg-gpu-out}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+peer_site=""
+[ -d .gl/peer-site ] && peer_site=":$PWD/.gl/peer-site"
+export PYTHONPATH="$PWD$peer_site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # no network there: never let transformers / huggingface_hub wait on the Hub
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 unset TRITON_INTERPRET
@@ -35,6 +41,7 @@ CAL_S=${CAL_S:-60}
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
   python3 -c "import transformers; print('transformers', transformers.__version__)"
+  python3 -c "from importlib.metadata import version as v; print('fla-core', v('fla-core'), 'liger-kernel', v('liger-kernel'))"
   git log -1 --format='commit %H %s' 2>/dev/null
 } >"$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
