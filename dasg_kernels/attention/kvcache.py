@@ -97,9 +97,7 @@ def _update_groups(x: torch.Tensor, means: torch.Tensor, run_sum: torch.Tensor, 
     sums = grid.view(b, n_loc, g, h, d).sum(2)
     sums[:, 0] += run_sum
     end = first + tq
-    # each finished group's mean into its row, by one select over all rows of ``means`` (a
-    # scatter_ into ``means``, even with distinct rows, miscompiled under inductor on the CPU:
-    # rows it did not target changed)
+    # each finished group's mean into its row, by one select over all rows of ``means``
     rows = torch.arange(means.shape[1], device=dev)[None, :]
     local = rows - g0[:, None]  # [B, NG]: each row's local group in this chunk
     finished = (local >= 0) & (local < n_loc) & ((rows + 1) * g <= end[:, None])
@@ -126,7 +124,8 @@ def _attend_torch(q, k_cache, v_cache, means, first, left, group_size, scale):
     reading ``k_cache`` right after the ring's ``scatter_`` made the scatter's result an
     alias into the cat's buffer, that buffer was reused for ``v_cache``'s cat before the
     result was copied back, and ``k_cache`` received what that cat wrote there (reproduction in
-    ``tests/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size``).
+    ``tests/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size``). A
+    ``scatter_`` into ``k_means`` under the same ``cat`` lost its rows the same way.
     """
     b, tq, hq, d = q.shape
     c, hkv = k_cache.shape[1], k_cache.shape[2]
