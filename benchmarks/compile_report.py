@@ -976,7 +976,7 @@ def target_line(j: dict) -> str:
     if j["status"] == "NO DATA":
         return f"- NO DATA {j['text']}: {j['detail']}"
     txt = (f"- **{j['status']}** (predicted) {j['text']} >= {j['min_tflops']:.0f} TFLOP/s: calibrated "
-           f"{j['calibrated_tflops']:.0f} (band {j['band_low_tflops']:.0f}-{j['band_high_tflops']:.0f}), "
+           f"{j['calibrated_tflops']:.1f} (band {j['band_low_tflops']:.0f}-{j['band_high_tflops']:.0f}), "
            f"serialised {j['serialised_tflops']:.0f}, overlapped {j['overlapped_tflops']:.0f}; "
            + ("UNCALIBRATED overlap (softmax in flight); " if j["uncalibrated_overlap"] else "") + j["rule"]
            + "; " + ", ".join(j["configs"]))
