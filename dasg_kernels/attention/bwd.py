@@ -16,6 +16,9 @@
 
 Probabilities are recomputed from the saved lse (natural log, converted to log2).
 Rows with lse ``-inf`` (no visible key) are guarded so their gradients are 0, not NaN.
+Like the forward, each kernel runs one loop per source of tiles (boundary tiles take a
+masking branch) and, with ``TMA`` (:func:`common.tma_loads_ok`), streams its tiles (dk/dv:
+q and dO; dq: keys and values) through device-side tensor descriptors.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ from dasg_kernels.attention.common import (
     _load_tile,
     _local_key_range,
     _local_query_range,
-    _qk_tile,
+    _kv_tile,
     _block_and_head,
     _seq_bounds,
     _store_tile,
@@ -82,27 +85,30 @@ def _load_row_stats(p_lse, p_delta, rows, n_q, CHECK_ROWS: tl.constexpr):
 
 @triton.jit
 def _dkdv_tiles(
-    b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-    lo, hi, left, right, G, n_keys, n_q, qk_scale,
+    b_dk, b_dv, b_k, b_v, cols, p_q, p_do, q_desc, do_desc, p_lse, p_delta, stride_qt, stride_dot, o_q2d, o_do2d,
+    o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, n_keys, n_q, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, DKDV_PASS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Accumulate dk, dv of the key block over the query tiles ``[lo, hi)`` (transposed scores);
-    ``DKDV_PASS`` 1 accumulates dv only, 2 dk only (the other stays as passed in)."""
+    the tiles in ``[full_lo, full_hi)`` see the whole block and skip the mask (one loop:
+    see :func:`dasg_kernels.attention.fwd._fwd_tiles`). ``DKDV_PASS`` 1 accumulates dv only,
+    2 dk only (the other stays as passed in)."""
     o_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + o_m
-        b_q = _load_tile(p_q, start_m, o_m, o_q2d, stride_qt, o_d, n_q, HEAD_DIM, BLOCK_D, MASK)
-        b_do = _load_tile(p_do, start_m, o_m, o_do2d, stride_dot, o_dv, n_q, HEAD_DV, BLOCK_DV, MASK)
-        b_lse2, b_delta = _load_row_stats(p_lse, p_delta, rows, n_q, MASK)
-        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
-        if MASK:
+        b_q = _kv_tile(p_q, q_desc, start_m, o_m, o_q2d, stride_qt, o_d, n_q, HEAD_DIM, BLOCK_D, TMA)
+        b_do = _kv_tile(p_do, do_desc, start_m, o_m, o_do2d, stride_dot, o_dv, n_q, HEAD_DV, BLOCK_DV, TMA)
+        b_lse2, b_delta = _load_row_stats(p_lse, p_delta, rows, n_q, True)
+        b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        b_arg = b_st * qk_scale - b_lse2[None, :]
+        if (start_m < full_lo) | (start_m >= full_hi):
             m_vis = _visible(rows[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
             m_vis = m_vis & (rows < n_q)[None, :]
-            b_st = tl.where(m_vis, b_st, float("-inf"))
-        b_pt = tl.exp2(b_st - b_lse2[None, :])
+            b_arg = tl.where(m_vis, b_arg, float("-inf"))
+        b_pt = tl.exp2(b_arg)
         if DKDV_PASS != 2:
             b_dv = tl.dot(b_pt.to(b_do.dtype), b_do, b_dv, input_precision=DOT_PREC)
         if DKDV_PASS != 1:
@@ -120,36 +126,33 @@ def _dkdv_head(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, DKDV_PASS: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """dk, dv of the key block from the query tiles of q head ``i_h``: for a summary block
-    the "after" rows ``[a_lo, a_hi)``, then masked ``[lo, full_lo)``, unmasked
-    ``[full_lo, full_hi)`` and masked ``[full_hi, hi)``."""
+    the "after" rows ``[a_lo, a_hi)`` (masked), then ``[lo, hi)`` of which
+    ``[full_lo, full_hi)`` unmasked."""
     i_h = i_h.to(tl.int64)
     p_q = Q + i_b * stride_qb + i_h * stride_qh
     p_do = DO + i_b * stride_dob + i_h * stride_doh
     p_lse = LSE + i_b * stride_lb + i_h * stride_lh
     p_delta = DELTA + i_b * stride_lb + i_h * stride_lh
-    if IS_SUMMARY:
-        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+    q_desc, do_desc = p_q, p_do
+    if TMA:  # this head's rows of this sequence; rows past T read 0
+        q_desc = tl.make_tensor_descriptor(p_q, shape=[T, HEAD_DIM], strides=[stride_qt, 1],
+                                           block_shape=[BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(p_do, shape=[T, HEAD_DV], strides=[stride_dot, 1],
+                                            block_shape=[BLOCK_M, BLOCK_DV])
+    if IS_SUMMARY and SUM_AFTER:
+        b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, q_desc, do_desc, p_lse, p_delta,
                                  stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                                 a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
-                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC,
-                             DKDV_PASS)
-    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
+                                 a_lo, a_lo, a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                                 DKDV_PASS, TMA)
+    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, q_desc, do_desc, p_lse, p_delta,
                              stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                             lo, full_lo, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
-                             DKDV_PASS)
-    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                             stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                             full_lo, full_hi, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, False, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
-                             DKDV_PASS)
-    b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, p_lse, p_delta,
-                             stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                             full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
-                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
-                             DKDV_PASS)
+                             lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                             HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                             DKDV_PASS, TMA)
     return b_dk, b_dv
 
 
@@ -173,7 +176,7 @@ def _swa_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_SUMMARY: tl.constexpr, ADD_POOL_GRAD: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
-    DKDV_PASS: tl.constexpr,
+    DKDV_PASS: tl.constexpr, TMA: tl.constexpr,
 ):
     i_n, i_bh, _ = _block_and_head(VARLEN)
     i_b = (i_bh // H_KV).to(tl.int64)
@@ -251,7 +254,7 @@ def _swa_bwd_dkdv_kernel(
                                     stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                     a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
-                                        DOT_PREC, DKDV_PASS)
+                                        DOT_PREC, DKDV_PASS, TMA)
     else:
         for j0 in range(0, KV_GROUP, HEADS_UNROLLED):
             for j in tl.static_range(HEADS_UNROLLED):
@@ -260,7 +263,7 @@ def _swa_bwd_dkdv_kernel(
                                         stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
                                         a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
                                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
-                                        DOT_PREC, DKDV_PASS)
+                                        DOT_PREC, DKDV_PASS, TMA)
 
     b_dk = b_dk * sm_scale
     p_dk = DK + i_b * stride_dkb + i_hk64 * stride_dkh
@@ -306,21 +309,27 @@ def _dkdv_epilogue(b_dk, b_dv, p_dk, p_dv, DKS, DVS, cols, start_n, o_n, o_d, o_
 
 @triton.jit
 def _dq_tiles(
-    b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-    lo, hi, left, right, G, n_keys, qk_scale,
+    b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
+    lo, full_lo, full_hi, hi, left, right, G, n_keys, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
-    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
 ):
-    """Accumulate dq of the query block over the key tiles ``[lo, hi)``."""
+    """Accumulate dq of the query block over the key tiles ``[lo, hi)``; the tiles in
+    ``[full_lo, full_hi)`` are seen by every row and skip the mask (one loop: see
+    :func:`dasg_kernels.attention.fwd._fwd_tiles`)."""
     o_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
-        b_k, b_v, b_s = _qk_tile(b_q, rows, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                                 left, right, G, n_keys, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
-                                 MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_p = tl.exp2(b_s - b_lse2[:, None])
+        b_k = _kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
+        b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
+        b_arg = b_s * qk_scale - b_lse2[:, None]
+        if (start_n < full_lo) | (start_n >= full_hi):
+            m_vis = _visible(rows[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
+                             IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+            b_arg = tl.where(m_vis, b_arg, float("-inf"))
+        b_p = tl.exp2(b_arg)
         b_ds = b_p * (b_dp - b_delta[:, None])
         b_dq = tl.dot(b_ds.to(b_k.dtype), b_k, b_dq, input_precision=DOT_PREC)
     return b_dq
@@ -344,6 +353,7 @@ def _swa_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
     i_blk, i_bh, n_blk = _block_and_head(VARLEN)
@@ -386,33 +396,36 @@ def _swa_bwd_dq_kernel(
     first = start_m
     last = tl.minimum(start_m + BLOCK_M, T) - 1
     lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T, BLOCK_N)
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                     lo, full_lo, left, right, G, T, qk_scale,
-                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                     full_lo, full_hi, left, right, G, T, qk_scale,
-                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                     full_hi, hi, left, right, G, T, qk_scale,
-                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    k_desc, v_desc = p_k, p_v
+    if TMA:  # this sequence's keys; rows past T read 0
+        k_desc = tl.make_tensor_descriptor(p_k, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(p_v, shape=[T, HEAD_DV], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt,
+                     o_k2d, o_v2d, o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, T, qk_scale,
+                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA)
     if SUM_BEFORE or SUM_AFTER:
         p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
         p_vs = VS + i_b * stride_vsb + i_hk * stride_vsh
         o_ks2d = o_n[:, None] * stride_kst + o_d[None, :]
         o_vs2d = o_n[:, None] * stride_vst + o_dv[None, :]
+        ks_desc, vs_desc = p_ks, p_vs
+        if TMA:
+            ks_desc = tl.make_tensor_descriptor(p_ks, shape=[NG, HEAD_DIM], strides=[stride_kst, 1],
+                                                block_shape=[BLOCK_N, BLOCK_D])
+            vs_desc = tl.make_tensor_descriptor(p_vs, shape=[NG, HEAD_DV], strides=[stride_vst, 1],
+                                                block_shape=[BLOCK_N, BLOCK_DV])
         s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N, SUM_BEFORE, SUM_AFTER)
-        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
-                         o_ks2d, o_vs2d, o_d, o_dv,
-                         0, s_full, left, right, G, NG, qk_scale,
-                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
-                         o_ks2d, o_vs2d, o_d, o_dv,
-                         s_full, s_bhi, left, right, G, NG, qk_scale,
-                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, stride_kst, stride_vst,
-                         o_ks2d, o_vs2d, o_d, o_dv,
-                         s_alo, NG, left, right, G, NG, qk_scale,
-                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        # "before" summaries: [0, s_full) seen by every row, [s_full, s_bhi) masked
+        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, ks_desc, vs_desc, stride_kst, stride_vst,
+                         o_ks2d, o_vs2d, o_d, o_dv, 0, 0, s_full, s_bhi, left, right, G, NG, qk_scale,
+                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA)
+        if SUM_AFTER:  # "after" summaries (non-causal): [s_alo, NG), masked
+            b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
+                             stride_vst, o_ks2d, o_vs2d, o_d, o_dv, s_alo, s_alo, s_alo, NG, left, right, G, NG,
+                             qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE, SUM_AFTER,
+                             DOT_PREC, TMA)
     b_dq = b_dq * sm_scale
     _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
 
@@ -515,6 +528,7 @@ def swa_bwd(
         dks, dvs = dk.unsqueeze(0), dv.unsqueeze(0)  # unused
 
     passes = configs.dkdv_passes(d, dv_)
+    tma_dkdv = common.tma_loads_ok(q, do)  # dk/dv streams q and dO tiles
 
     def dkdv_launch(kk, vv, dkk, dvv, n_keys, is_summary):
         for p in passes:
@@ -525,22 +539,25 @@ def swa_bwd(
             return common.block_grid(triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, varlen,
                                      n_splits if is_summary else 1)
 
-        _swa_bwd_dkdv_kernel[grid](
-            q, kk, vv, do, lse3, delta3, dkk, dvv, dks, dvs, cu,
-            q.stride(0), q.stride(1), q.stride(2),
-            kk.stride(0), kk.stride(1), kk.stride(2),
-            vv.stride(0), vv.stride(1), vv.stride(2),
-            do.stride(0), do.stride(1), do.stride(2),
-            *dkk.stride()[-4:-1],
-            *dvv.stride()[-4:-1],
-            *dks.stride()[:4],
-            *dvs.stride()[:4],
-            lse3.stride(0), lse3.stride(1),
-            t, n_rows, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g, scale * LOG2E, scale,
-            rows, wk,
-            IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, DKDV_PASS=dkdv_pass, **flags,
-            **launch_meta("dkdv"),
-        )
+        with common.tma_scratch(q.device, tma_dkdv):
+            _swa_bwd_dkdv_kernel[grid](
+                q, kk, vv, do, lse3, delta3, dkk, dvv, dks, dvs, cu,
+                q.stride(0), q.stride(1), q.stride(2),
+                kk.stride(0), kk.stride(1), kk.stride(2),
+                vv.stride(0), vv.stride(1), vv.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
+                *dkk.stride()[-4:-1],
+                *dvv.stride()[-4:-1],
+                *dks.stride()[:4],
+                *dvs.stride()[:4],
+                lse3.stride(0), lse3.stride(1),
+                t, n_rows, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g,
+                scale * LOG2E, scale,
+                rows, wk,
+                IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, DKDV_PASS=dkdv_pass,
+                TMA=tma_dkdv, **flags,
+                **launch_meta("dkdv"),
+            )
 
     if use_sum:
         dkdv_launch(ks, vs, dks, dvs, ng, True)
@@ -556,19 +573,21 @@ def swa_bwd(
     def dq_grid(meta):
         return common.block_grid(triton.cdiv(t, meta["BLOCK_M"]), b * hq, varlen)
 
-    _swa_bwd_dq_kernel[dq_grid](
-        q, k, v, ks_, vs_, do, lse3, delta3, dq, cu,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        ks_.stride(0), ks_.stride(1), ks_.stride(2),
-        vs_.stride(0), vs_.stride(1), vs_.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        lse3.stride(0), lse3.stride(1),
-        t, n_rows, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
-        **flags, **launch_meta("dq"),
-    )
+    tma_dq = common.tma_loads_ok(k, v, ks_, vs_)  # dq streams key and value tiles
+    with common.tma_scratch(q.device, tma_dq):
+        _swa_bwd_dq_kernel[dq_grid](
+            q, k, v, ks_, vs_, do, lse3, delta3, dq, cu,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            ks_.stride(0), ks_.stride(1), ks_.stride(2),
+            vs_.stride(0), vs_.stride(1), vs_.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            lse3.stride(0), lse3.stride(1),
+            t, n_rows, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
+            TMA=tma_dq, **flags, **launch_meta("dq"),
+        )
     if varlen is not None:
         dq, dk, dv = dq[0], dk[0], dv[0]
     return dq, dk, dv

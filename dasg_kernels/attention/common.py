@@ -117,6 +117,59 @@ def check_grid(op: str, n_programs: int, what: str) -> None:
                          f"of the kernels' second grid axis; split the batch")
 
 
+def _scratch_allocator_var():
+    """Triton's context variable holding the allocator of kernels' global scratch memory
+    (``triton.set_allocator`` sets it), or ``None`` where this Triton has none."""
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return None
+    var = getattr(_allocation, "_allocator", None)
+    return var if all(hasattr(var, a) for a in ("get", "set", "reset")) else None
+
+
+def tma_loads_ok(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may load the ``[B, T, H, D]`` tiles of ``tensors`` through TMA
+    descriptors built on the device. Needs 2-byte elements (fp32 inputs keep exact FMA dots
+    and pointer loads), a 16-byte aligned start, strides that are 16-byte multiples (every
+    program moves the base by whole rows and heads), a positive row stride and a unit last
+    stride, and on CUDA a GPU with TMA (compute capability 9+) and a Triton whose launches
+    can be given the descriptors' scratch memory (:func:`tma_scratch`). CPU tensors (the
+    interpreter) and ``meta`` tensors (offline compiles) take the TMA path."""
+    for t in tensors:
+        size = t.element_size()
+        # the descriptor is [rows, D] with the row stride t.stride(1) (0 for an expanded
+        # tensor: pointer loads); batch and head strides only move its start
+        if size != 2 or t.dim() != 4 or t.stride(-1) != 1 or t.stride(1) <= 0 or t.data_ptr() % 16:
+            return False
+        if any(st * size % 16 for st in t.stride()[:-1]):
+            return False
+    dev = tensors[0].device
+    if dev.type == "cuda":
+        return torch.cuda.get_device_capability(dev)[0] >= 9 and _scratch_allocator_var() is not None
+    return True
+
+
+@contextlib.contextmanager
+def tma_scratch(device: torch.device, enabled: bool = True):
+    """Launches inside get an allocator for the global scratch memory that device-side TMA
+    descriptors need (128 bytes per descriptor and program), unless the caller installed
+    one with ``triton.set_allocator``; the caller's setting is restored afterwards."""
+    var = _scratch_allocator_var()
+    if not enabled or device.type != "cuda" or var is None or type(var.get()).__name__ != "NullAllocator":
+        yield
+        return
+
+    def alloc(size: int, alignment: int, stream):
+        return torch.empty(size, dtype=torch.int8, device=device)
+
+    token = var.set(alloc)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def on_device_of_first_arg(fn):
     """Run a launcher with the CUDA device of its first (tensor) argument current.
 
@@ -231,23 +284,16 @@ def _visible(i, j, left, right, G, n_keys, IS_SUMMARY: tl.constexpr, SUM_BEFORE:
 
 
 @triton.jit
-def _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-             left, right, G, n_keys, qk_scale,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-             MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
-             SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The key/value tile at ``start_n`` (local keys or summaries) and the scaled scores
-    ``b_q @ b_k^T`` of the query rows at positions ``pos_m``; with ``MASK`` the keys a row
-    does not see score ``-inf`` (the head of the forward and dq tile loops). Keys have head
-    dim ``HEAD_DIM``, values ``HEAD_DV`` (MLA: 192 / 128)."""
-    b_k = _load_tile(p_k, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, MASK)
-    b_v = _load_tile(p_v, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, MASK)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC) * qk_scale
-    if MASK:
-        m_vis = _visible(pos_m[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
-                         IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
-        b_s = tl.where(m_vis, b_s, float("-inf"))
-    return b_k, b_v, b_s
+def _kv_tile(p, desc, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+             TMA: tl.constexpr):
+    """Rows ``start + o_t`` of a tile the main loops stream (keys, values; queries and dO in
+    dk/dv), rows ``>= n_rows`` reading 0: a TMA load through the descriptor ``desc`` (whose
+    shape bounds the rows, see :func:`tma_loads_ok`), or a masked load of ``p``."""
+    if TMA:
+        x = desc.load([start, 0])
+    else:
+        x = _load_tile(p, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM, BLOCK_D, True)
+    return x
 
 
 @triton.jit

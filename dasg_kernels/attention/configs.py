@@ -76,57 +76,67 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 
 # (config, head-dim class it is meant for: 64 = D <= 64, 128 = D in {96, 128}, 256).
-# Chosen from `python -m benchmarks.compile_report` (offline sm_90a, bf16, Triton 3.9;
-# benchmarks/results/compile-sm90a.md): every kept config issues wgmma with no warp
-# computing another's tile and, except at D=256 dk/dv, no spill inside the main loop.
-# The rule behind "no duplicated work": a dot of M rows on W warps needs M >= 16 * W
+# Chosen from offline sm_90a compiles (Triton 3.9, checked with 3.6; `python -m
+# benchmarks.fwd_overlap_experiment`, benchmarks/results/fwd-overlap.md): every kept
+# config issues wgmma with no warp computing another's tile and no spill inside the main
+# loop. The rule behind "no duplicated work": a dot of M rows on W warps needs M >= 16 * W
 # (a 64-row tile on 8 warps is laid out [8, 1]: both warpgroups compute the same tile).
-# The M of a dot is BLOCK_M in the forward and dq, BLOCK_N (the keys) in dk/dv.
-# Comments: stack bytes spilled outside the main loop / SASS instructions per main-loop
-# iteration (unless stated otherwise). Their SPEED IS UNMEASURED (no GPU yet).
+# The M of a dot is BLOCK_M in the forward and dq, BLOCK_N (the keys) in dk/dv. Each list
+# is ordered by the calibrated prediction (compile_report.predict, unmasked tiles on the
+# path that skips the mask); their SPEED IS UNMEASURED (no GPU yet). Comments: calibrated /
+# serialised / overlapped TFLOP/s (bf16, T=32k W=2048 causal with summaries) and CTAs per
+# SM; "U": the softmax runs while a wgmma is in flight, an overlap no calibration point
+# covers (the forward's pipelined loop: all its configs), so only the bounds hold.
+# Forward, dropped: 128x128 w8 s2 and 64x128 w4 s2 at D=128 (17 spill instructions per
+# iteration in the masked branch with Triton 3.9; clean with 3.6), 128x64 w8 s2 at D=256
+# (256 KB of shared memory), 64x64 w4 s2 at D=256 (13 spill instructions).
 _FWD_SPACE = [
-    (_cfg(128, 64, 8, 3), 64),   # 0 B, 351
-    (_cfg(64, 64, 4, 3), 64),    # 0, 355
-    (_cfg(128, 32, 4, 3), 64),   # 0, 409
-    (_cfg(128, 128, 8, 3), 64),  # 0, 560
-    # D=128: 128x32 w8 s3 (the old first) issues 624 cycles per 512 of tensor work; 128x64
-    # w8 s3 issues 846 per 1024 (FlexAttention's bf16 D=128 H100 choice)
-    (_cfg(128, 64, 8, 3), 128),  # 0, 423
-    (_cfg(128, 128, 8, 2), 128), # 0, 620
-    (_cfg(128, 64, 8, 2), 128),  # 0, 395
-    (_cfg(128, 32, 8, 3), 128),  # 0, 312
-    (_cfg(64, 32, 4, 3), 128),   # 0, 316
-    (_cfg(128, 32, 8, 2), 256),  # 28, 401
-    (_cfg(128, 64, 8, 2), 256),  # 128, 540
+    (_cfg(64, 64, 4, 2), 64),    # 456 / 279 / 579, 3 CTAs
+    (_cfg(64, 64, 4, 3), 64),    # 454 / 278 / 578, 3
+    (_cfg(128, 32, 4, 3), 64),   # 444 / 262 / 558, 2
+    (_cfg(64, 128, 4, 2), 64),   # 441 / 283 / 538, 2
+    (_cfg(128, 64, 8, 2), 64),   # 431 / 275 / 431, 1
+    (_cfg(64, 64, 4, 2), 128),   # 511 / 371 / 595, 2 (114.7 KB of shared memory: 2 CTAs just fit)
+    (_cfg(64, 64, 4, 3), 128),   # 492 / 370 / 492, 1
+    (_cfg(128, 64, 8, 2), 128),  # 488 / 364 / 488, 1
+    (_cfg(64, 32, 4, 2), 128),   # 487 / 332 / 613, 3
+    (_cfg(128, 64, 8, 3), 128),  # 486 / 365 / 486, 1
+    (_cfg(64, 32, 4, 2), 256),   # 493 / 385 / 493, 1
+    (_cfg(64, 32, 4, 3), 256),   # 493 / 384 / 493, 1
+    (_cfg(128, 32, 8, 2), 256),  # 483 / 377 / 483, 1
 ]
+# dk/dv and dq (one loop per key/query source, TMA loads; see bwd.py), same columns. dk/dv
+# spills to the stack outside its main loop, in the GQA head loop (up to 316 bytes, D=256).
 _DKDV_SPACE = [  # also the summary dk/dv launch; GQA heads looped (configs.heads_unrolled)
-    (_cfg(32, 128, 8, 2), 64),   # 0, 237
-    (_cfg(32, 64, 4, 3), 64),    # 8, 235
-    (_cfg(64, 128, 8, 2), 64),   # 44, 372
-    (_cfg(64, 64, 4, 3), 64),    # 204, 375
-    # D=128: the old 32x64 / 64x64 on 8 warps duplicated the S and dP tiles
-    (_cfg(32, 128, 8, 2), 128),  # 200, 293
-    (_cfg(16, 128, 8, 2), 128),  # 92, 220
-    (_cfg(32, 128, 8, 3), 128),  # 196, 318
-    # D > 128 runs two passes (dkdv_passes: dv, then dk). Fused, every D=256 config spilled
-    # in its main loop (16x64 w4 s2: 260 spill instructions and 652 instructions per
-    # iteration); per pass (stack bytes / main-loop spill instructions / issue cycles per
-    # tensor cycles of an iteration, pass 1 ; pass 2):
-    (_cfg(32, 128, 8, 2), 256),  # 152/0/0.45 ; 264/0/0.58 (197 KB shared memory in pass 2)
-    (_cfg(16, 128, 8, 2), 256),  # 256/0/0.73 ; 176/0/0.96
-    # (16x64 w4 s2: 480/0/0.64 ; 504/4/0.86, spills in pass 2's loop: not kept)
+    (_cfg(64, 64, 4, 2), 64),    # 484 / 399 / 634, 2
+    (_cfg(32, 64, 4, 2), 64),    # 468 / 357 / 637, 3
+    (_cfg(64, 128, 8, 2), 64),   # 438 / 382 / 438, 1
+    (_cfg(32, 128, 8, 2), 64),   # 422 / 346 / 422, 1
+    (_cfg(32, 64, 4, 2), 128),   # 537 / 440 / 637, 2 (summary launch: 264, the old first 32x128 w8: 186)
+    (_cfg(32, 64, 4, 3), 128),   # 536 / 439 / 637, 2
+    (_cfg(16, 64, 4, 2), 128),   # 514 / 383 / 638, 2
+    (_cfg(64, 128, 8, 2), 128),  # 512 / 464 / 512, 1
+    (_cfg(32, 128, 8, 2), 128),  # 498 / 425 / 498, 1
+    # D > 128 runs two passes (dkdv_passes: dv, then dk; fused, every D=256 config spilled in
+    # its main loop). Pass 1 ; pass 2:
+    (_cfg(32, 64, 4, 2), 256),   # 556 / 468 / 637, 2 ; 567 / 461 / 567 U, 1
+    (_cfg(16, 64, 4, 2), 256),   # 532 / 412 / 637, 2 ; 554 / 395 / 638 U, 2
+    (_cfg(32, 128, 8, 2), 256),  # 520 / 451 / 520, 1 ; 551 / 446 / 551 U, 1 (197 KB shared memory)
 ]
 _DQ_SPACE = [
-    (_cfg(64, 64, 4, 3), 64),    # 0, 297
-    (_cfg(128, 64, 8, 2), 64),   # 0, 273
-    (_cfg(128, 32, 4, 3), 64),   # 0, 320
-    (_cfg(128, 32, 8, 2), 128),  # 0, 237 (the old first, 64x32 on 8 warps, duplicated)
-    (_cfg(128, 64, 8, 2), 128),  # 0, 328
-    (_cfg(128, 32, 8, 3), 128),  # 0, 278
-    (_cfg(64, 32, 4, 3), 128),   # 0, 271
-    (_cfg(64, 64, 4, 3), 128),   # 0, 378
-    (_cfg(128, 32, 8, 2), 256),  # 0, 398
-    (_cfg(64, 32, 4, 2), 256),   # 92, 401
+    (_cfg(64, 64, 4, 2), 64),    # 423 / 365 / 604, 3
+    (_cfg(64, 32, 4, 2), 64),    # 415 / 335 / 621, 5
+    (_cfg(64, 128, 4, 2), 64),   # 409 / 361 / 563, 2
+    (_cfg(128, 64, 8, 2), 64),   # 387 / 356 / 387, 1
+    (_cfg(64, 64, 4, 2), 128),   # 502 / 449 / 609, 2
+    (_cfg(64, 32, 4, 2), 128),   # 495 / 417 / 622, 3
+    (_cfg(64, 32, 4, 3), 128),   # 492 / 417 / 614, 2
+    (_cfg(64, 64, 4, 3), 128),   # 479 / 448 / 479, 1
+    (_cfg(128, 64, 8, 2), 128),  # 471 / 440 / 471, 1
+    (_cfg(128, 32, 8, 2), 128),  # 461 / 408 / 461, 1
+    (_cfg(64, 64, 4, 2), 256),   # 540 / 502 / 540, 1
+    (_cfg(64, 32, 4, 2), 256),   # 531 / 467 / 531, 1
+    (_cfg(128, 32, 8, 2), 256),  # 519 / 454 / 519, 1
 ]
 SPACES = {"fwd": _FWD_SPACE, "dkdv": _DKDV_SPACE, "dq": _DQ_SPACE}
 
@@ -169,11 +179,6 @@ def _pruner(space):
         # 192 / 128 takes the larger one's).
         cls = 64 if d <= 64 else (128 if d <= 128 else 256)
         keep = [c for c, dclass in space if dclass == cls]
-        if args.get("VARLEN") and cls == 256:
-            # the varlen kernels' extra sequence bounds: the forward's 128x64 w8 s2 spills in its
-            # main loop at D=256 (9 spill instructions per iteration, offline sm_90a), 128x32
-            # does not; fwd and dq keep their first D=256 config only
-            keep = keep[:1]
         q = args.get("Q")
         if getattr(q, "dtype", None) is not None and q.dtype.itemsize == 4:
             keep = list(_FP32_CONFIGS[cls])

@@ -13,6 +13,11 @@ so the work is ``O(T * (W + T/G))``. Rows that see no key get output 0 and
 lse ``-inf`` (the ``-inf - -inf`` case is guarded). Query blocks run last-first
 (the heaviest blocks of full causal attention start first). ``PACK_GQA`` (decode)
 packs the query heads of one kv head into the rows of a program instead.
+
+``TMA`` (2-byte inputs with aligned strides on Hopper, :func:`common.tma_loads_ok`): key
+and value tiles come through device-side tensor descriptors and each loop is software
+pipelined, so the softmax of a tile runs while the tensor cores compute the next tile's
+scores (:func:`_fwd_tiles`); otherwise masked pointer loads and a plain loop.
 """
 from __future__ import annotations
 
@@ -26,11 +31,12 @@ from dasg_kernels.attention.common import (
     LOG2E,
     _load_tile,
     _local_key_range,
-    _qk_tile,
     _block_and_head,
+    _kv_tile,
     _seq_bounds,
     _store_tile,
     _summary_key_range,
+    _visible,
 )
 from dasg_kernels.attention.configs import INTERPRET, launch_meta, tuned, untuned, win_key
 from dasg_kernels.attention.pool import group_means_fwd
@@ -38,31 +44,68 @@ from dasg_kernels.attention.pool import group_means_fwd
 
 @triton.jit
 def _fwd_tiles(
-    b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-    lo, hi, left, right, G, n_keys, qk_scale,
+    b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
+    lo, full_lo, full_hi, hi, left, right, G, n_keys, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    MASK: tl.constexpr, IS_SUMMARY: tl.constexpr,
-    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, IS_SUMMARY: tl.constexpr,
+    SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, TMA: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
-    """Fold the key tiles ``[lo, hi)`` (local keys or summaries) into the online softmax."""
+    """Fold the key tiles ``[lo, hi)`` (local keys or summaries) into the online softmax.
+
+    One loop for masked and unmasked tiles: the tiles in ``[full_lo, full_hi)`` are seen
+    by every row and skip the mask (a branch per tile). Separate masked and unmasked
+    loops over the same keys make ptxas serialise every wgmma of the kernel (C7515: a
+    loop's zero-trip path defines accumulator registers between a wgmma and its wait).
+
+    With ``TMA`` the loop is software-pipelined: the scores of tile ``j + 1`` are issued
+    (an asynchronous wgmma) before the softmax of tile ``j``, which runs while the tensor
+    cores compute them. Each call computes one spare ``Q K^T``: the tile after the last
+    (rows past ``n_keys`` read 0; its scores are never used).
+
+    The row max is taken on the unscaled scores (``qk_scale > 0``; the launchers check
+    it), so the scale costs one FMA per score, inside the exponent.
+    """
     o_n = tl.arange(0, BLOCK_N)
+    if not IS_SUMMARY:
+        # the local mask as one unsigned compare per score: row i sees key j iff
+        # 0 <= j - lo_i <= width_i, with lo_i = i - left and its last key min(i + right, n_keys - 1)
+        lo_i = pos_m - left
+        width = tl.minimum(pos_m + right, n_keys - 1) - lo_i
+        m_none = width < 0  # a row that sees no local key: lo_i = -1 matches no j >= 0
+        lo_i = tl.where(m_none, -1, lo_i)
+        width = tl.where(m_none, 0, width).to(tl.uint32)
+    if PIPELINE:
+        b_k = _kv_tile(p_k, k_desc, lo, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
+        b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
     for start_n in range(lo, hi, BLOCK_N):
-        b_k, b_v, b_s = _qk_tile(b_q, pos_m, p_k, p_v, start_n, o_n, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                                 left, right, G, n_keys, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV,
-                                 MASK, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_m_new = tl.maximum(b_m, tl.max(b_s, 1))
-        if MASK:
-            # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
-            b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        if PIPELINE:
+            b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
+            b_k = _kv_tile(p_k, k_desc, start_n + BLOCK_N, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D,
+                           TMA)
+            b_s_next = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         else:
-            b_m_use = b_m_new
+            b_k = _kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
+            b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
+            b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
+        if (start_n < full_lo) | (start_n >= full_hi):
+            if IS_SUMMARY:
+                m_vis = _visible(pos_m[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
+                                 IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+            else:
+                m_vis = ((start_n + o_n)[None, :] - lo_i[:, None]).to(tl.uint32) <= width[:, None]
+            b_s = tl.where(m_vis, b_s, float("-inf"))
+        b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
+        # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
+        b_m_use = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)
+        b_p = tl.exp2(b_s * qk_scale - b_m_use[:, None])
         b_alpha = tl.exp2(b_m - b_m_use)
-        b_p = tl.exp2(b_s - b_m_use[:, None])
         b_l = b_l * b_alpha + tl.sum(b_p, 1)
         b_acc = b_acc * b_alpha[:, None]
         b_acc = tl.dot(b_p.to(b_v.dtype), b_v, b_acc, input_precision=DOT_PREC)
         b_m = b_m_new
+        if PIPELINE:
+            b_s = b_s_next
     return b_acc, b_l, b_m
 
 
@@ -83,7 +126,7 @@ def _swa_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
-    PACK_GQA: tl.constexpr, VARLEN: tl.constexpr,
+    PACK_GQA: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
     i_blk, i_bh, n_blk = _block_and_head(VARLEN)
@@ -147,39 +190,46 @@ def _swa_fwd_kernel(
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
     lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T_K, BLOCK_N)
-    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                                 lo, full_lo, left, right, G, T_K, qk_scale,
-                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                                 full_lo, full_hi, left, right, G, T_K, qk_scale,
-                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, stride_kt, stride_vt, o_k2d, o_v2d, o_d, o_dv,
-                                 full_hi, hi, left, right, G, T_K, qk_scale,
-                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, False, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+    k_desc, v_desc = p_k, p_v
+    if TMA:  # bounded by this sequence's keys: the tile after the last reads 0
+        k_desc = tl.make_tensor_descriptor(p_k, shape=[T_K, HEAD_DIM], strides=[stride_kt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_D])
+        v_desc = tl.make_tensor_descriptor(p_v, shape=[T_K, HEAD_DV], strides=[stride_vt, 1],
+                                           block_shape=[BLOCK_N, BLOCK_DV])
+    b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt,
+                                 o_k2d, o_v2d, o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, T_K, qk_scale,
+                                 HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, SUM_BEFORE, SUM_AFTER, DOT_PREC,
+                                 TMA, TMA)
 
     if SUM_BEFORE or SUM_AFTER:
         p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
         p_vs = VS + i_b * stride_vsb + i_hk * stride_vsh
         o_ks2d = o_n[:, None] * stride_kst + o_d[None, :]
         o_vs2d = o_n[:, None] * stride_vst + o_dv[None, :]
+        ks_desc, vs_desc = p_ks, p_vs
+        if TMA:
+            ks_desc = tl.make_tensor_descriptor(p_ks, shape=[NG, HEAD_DIM], strides=[stride_kst, 1],
+                                                block_shape=[BLOCK_N, BLOCK_D])
+            vs_desc = tl.make_tensor_descriptor(p_vs, shape=[NG, HEAD_DV], strides=[stride_vst, 1],
+                                                block_shape=[BLOCK_N, BLOCK_DV])
         s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N,
                                                   SUM_BEFORE, SUM_AFTER)
-        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
-                                     o_ks2d, o_vs2d, o_d, o_dv,
-                                     0, s_full, left, right, G, NG, qk_scale,
-                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
-                                     o_ks2d, o_vs2d, o_d, o_dv,
-                                     s_full, s_bhi, left, right, G, NG, qk_scale,
-                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
-        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, stride_kst, stride_vst,
-                                     o_ks2d, o_vs2d, o_d, o_dv,
-                                     s_alo, NG, left, right, G, NG, qk_scale,
-                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, True, SUM_BEFORE, SUM_AFTER, DOT_PREC)
+        # "before" summaries: [0, s_full) seen by every row, [s_full, s_bhi) masked
+        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
+                                     stride_vst, o_ks2d, o_vs2d, o_d, o_dv, 0, 0, s_full, s_bhi, left, right, G, NG,
+                                     qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE,
+                                     SUM_AFTER, DOT_PREC, TMA, TMA)
+        if SUM_AFTER:  # "after" summaries (non-causal): [s_alo, NG), masked
+            b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
+                                         stride_vst, o_ks2d, o_vs2d, o_d, o_dv, s_alo, s_alo, s_alo, NG, left, right,
+                                         G, NG, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True,
+                                         SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA, TMA)
 
     m_empty = b_l == 0.0
-    b_out = b_acc / tl.where(m_empty, 1.0, b_l)[:, None]
-    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(tl.where(m_empty, 1.0, b_l))) * K_LN2)
+    b_l = tl.where(m_empty, 1.0, b_l)
+    # one reciprocal per row, not an IEEE division per element (~3x the instructions)
+    b_out = b_acc * (1.0 / b_l)[:, None]
+    b_lse = tl.where(m_empty, float("-inf"), (b_m + tl.log2(b_l)) * K_LN2)
     if PACK_GQA:
         o_o = t_q.to(tl.int64) * stride_ot + h_q * stride_oh
         m_o = (rows < n_rows)[:, None] & (o_dv < HEAD_DV)[None, :]
@@ -252,6 +302,8 @@ def swa_fwd(
         With ``varlen``: ``out [total_q, Hq, D]``, ``lse [Hq, total_q]``, summaries
         ``[B, ceil(max_k/G), Hkv, D]`` (group ``g`` of sequence ``b``).
     """
+    if not scale > 0:  # the kernel takes the row max of the unscaled scores
+        raise ValueError(f"swa_attention: scale must be > 0, got {scale}")
     hq, d = q.shape[-2], q.shape[-1]
     hkv, dv = k.shape[-2], v.shape[-1]
     if varlen is None:
@@ -297,20 +349,22 @@ def swa_fwd(
     kernel, meta = _swa_fwd_kernel, launch_meta("fwd")
     if config is not None and not INTERPRET:
         kernel, meta = untuned(_swa_fwd_kernel), dict(config)
-    kernel[grid](
-        q, k, v, ks_, vs_, out4, lse3, cu_q, cu_k,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        ks_.stride(0), ks_.stride(1), ks_.stride(2),
-        vs_.stride(0), vs_.stride(1), vs_.stride(2),
-        out4.stride(0), out4.stride(1), out4.stride(2),
-        lse3.stride(0), lse3.stride(1),
-        tq, tk, q.shape[1], k.shape[1], q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
-        win_key(l_eff, r_eff, tk),
-        HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
-        SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
-        VARLEN=varlen is not None,
-        **meta,
-    )
+    use_tma = common.tma_loads_ok(k, v, ks_, vs_)
+    with common.tma_scratch(q.device, use_tma):
+        kernel[grid](
+            q, k, v, ks_, vs_, out4, lse3, cu_q, cu_k,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            ks_.stride(0), ks_.stride(1), ks_.stride(2),
+            vs_.stride(0), vs_.stride(1), vs_.stride(2),
+            out4.stride(0), out4.stride(1), out4.stride(2),
+            lse3.stride(0), lse3.stride(1),
+            tq, tk, q.shape[1], k.shape[1], q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
+            win_key(l_eff, r_eff, tk),
+            HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
+            SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
+            VARLEN=varlen is not None, TMA=use_tma,
+            **meta,
+        )
     return out, lse, ks, vs
