@@ -35,6 +35,8 @@ from dasg_kernels.attention.common import (
     _local_query_range,
     _kv_tile,
     _block_and_head,
+    _in_window,
+    _local_window,
     _seq_bounds,
     _store_tile,
     _summary_key_range,
@@ -105,8 +107,13 @@ def _dkdv_tiles(
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
         b_arg = b_st * qk_scale - b_lse2[None, :]
         if (start_m < full_lo) | (start_m >= full_hi):
-            m_vis = _visible(rows[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
-            m_vis = m_vis & (rows < n_q)[None, :]
+            if IS_SUMMARY:
+                m_vis = _visible(rows[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE,
+                                 SUM_AFTER)
+                m_vis = m_vis & (rows < n_q)[None, :]
+            else:
+                lo_i, width = _local_window(rows, left, right, n_keys, rows < n_q)
+                m_vis = _in_window(cols[:, None], lo_i[None, :], width[None, :])
             b_arg = tl.where(m_vis, b_arg, float("-inf"))
         b_pt = tl.exp2(b_arg)
         if DKDV_PASS != 2:
@@ -319,6 +326,8 @@ def _dq_tiles(
     ``[full_lo, full_hi)`` are seen by every row and skip the mask (one loop: see
     :func:`dasg_kernels.attention.fwd._fwd_tiles`)."""
     o_n = tl.arange(0, BLOCK_N)
+    if not IS_SUMMARY:
+        lo_i, width = _local_window(rows, left, right, n_keys, rows >= 0)
     for start_n in range(lo, hi, BLOCK_N):
         b_k = _kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
         b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
@@ -326,8 +335,11 @@ def _dq_tiles(
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_arg = b_s * qk_scale - b_lse2[:, None]
         if (start_n < full_lo) | (start_n >= full_hi):
-            m_vis = _visible(rows[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
-                             IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+            if IS_SUMMARY:
+                m_vis = _visible(rows[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
+                                 IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+            else:
+                m_vis = _in_window((start_n + o_n)[None, :], lo_i[:, None], width[:, None])
             b_arg = tl.where(m_vis, b_arg, float("-inf"))
         b_p = tl.exp2(b_arg)
         b_ds = b_p * (b_dp - b_delta[:, None])

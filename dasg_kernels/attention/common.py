@@ -256,6 +256,24 @@ def _local_visible(i, j, left, right, n_keys):
 
 
 @triton.jit
+def _local_window(i, left, right, n_keys, m_valid):
+    """``(lo, width)`` of query positions ``i``: ``i`` sees local key ``j`` iff
+    ``0 <= j - lo <= width`` (one unsigned compare per score, :func:`_in_window`), the same
+    relation as :func:`_local_visible`. Rows that see no key, or where the mask ``m_valid``
+    (like ``i``) is false, get ``lo = -1, width = 0``, which no ``j >= 0`` matches."""
+    lo = i - left
+    width = tl.minimum(i + right, n_keys - 1) - lo
+    m_none = (width < 0) | (m_valid == 0)
+    return tl.where(m_none, -1, lo), tl.where(m_none, 0, width).to(tl.uint32)
+
+
+@triton.jit
+def _in_window(j, lo, width):
+    """Key ``j`` lies in the window ``(lo, width)`` of :func:`_local_window` (broadcasting)."""
+    return (j - lo).to(tl.uint32) <= width
+
+
+@triton.jit
 def _summary_visible(i, g, left, right, G, NG, SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
     """Query position ``i`` sees the summary of group ``g`` (broadcasting).
 

@@ -112,11 +112,12 @@ _DKDV_SPACE = [  # also the summary dk/dv launch; GQA heads looped (configs.head
     (_cfg(32, 64, 4, 2), 64),    # 468 / 357 / 637, 3
     (_cfg(64, 128, 8, 2), 64),   # 438 / 382 / 438, 1
     (_cfg(32, 128, 8, 2), 64),   # 422 / 346 / 422, 1
-    (_cfg(32, 64, 4, 2), 128),   # 537 / 440 / 637, 2 (summary launch: 264, the old first 32x128 w8: 186)
+    (_cfg(32, 64, 4, 2), 128),   # 537 / 441 / 638, 2 (summary launch: 264, the old first 32x128 w8: 186)
     (_cfg(32, 64, 4, 3), 128),   # 536 / 439 / 637, 2
     (_cfg(16, 64, 4, 2), 128),   # 514 / 383 / 638, 2
-    (_cfg(64, 128, 8, 2), 128),  # 512 / 464 / 512, 1
     (_cfg(32, 128, 8, 2), 128),  # 498 / 425 / 498, 1
+    # (64x128 w8 s2: 512, but its summary launch spills 2 instructions per iteration; 64x64 w4 s2:
+    # 549, but its summary launch spills too)
     # D > 128 runs two passes (dkdv_passes: dv, then dk; fused, every D=256 config spilled in
     # its main loop). Pass 1 ; pass 2:
     (_cfg(32, 64, 4, 2), 256),   # 556 / 468 / 637, 2 ; 567 / 461 / 567 U, 1
@@ -128,7 +129,7 @@ _DQ_SPACE = [
     (_cfg(64, 32, 4, 2), 64),    # 415 / 335 / 621, 5
     (_cfg(64, 128, 4, 2), 64),   # 409 / 361 / 563, 2
     (_cfg(128, 64, 8, 2), 64),   # 387 / 356 / 387, 1
-    (_cfg(64, 64, 4, 2), 128),   # 502 / 449 / 609, 2
+    (_cfg(64, 64, 4, 2), 128),   # 503 / 451 / 609, 2
     (_cfg(64, 32, 4, 2), 128),   # 495 / 417 / 622, 3
     (_cfg(64, 32, 4, 3), 128),   # 492 / 417 / 614, 2
     (_cfg(64, 64, 4, 3), 128),   # 479 / 448 / 479, 1

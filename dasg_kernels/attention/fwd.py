@@ -32,7 +32,9 @@ from dasg_kernels.attention.common import (
     _load_tile,
     _local_key_range,
     _block_and_head,
+    _in_window,
     _kv_tile,
+    _local_window,
     _seq_bounds,
     _store_tile,
     _summary_key_range,
@@ -67,14 +69,8 @@ def _fwd_tiles(
     it), so the scale costs one FMA per score, inside the exponent.
     """
     o_n = tl.arange(0, BLOCK_N)
-    if not IS_SUMMARY:
-        # the local mask as one unsigned compare per score: row i sees key j iff
-        # 0 <= j - lo_i <= width_i, with lo_i = i - left and its last key min(i + right, n_keys - 1)
-        lo_i = pos_m - left
-        width = tl.minimum(pos_m + right, n_keys - 1) - lo_i
-        m_none = width < 0  # a row that sees no local key: lo_i = -1 matches no j >= 0
-        lo_i = tl.where(m_none, -1, lo_i)
-        width = tl.where(m_none, 0, width).to(tl.uint32)
+    if not IS_SUMMARY:  # the local mask as one unsigned compare per score
+        lo_i, width = _local_window(pos_m, left, right, n_keys, pos_m >= 0)
     if PIPELINE:
         b_k = _kv_tile(p_k, k_desc, lo, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
@@ -93,7 +89,7 @@ def _fwd_tiles(
                 m_vis = _visible(pos_m[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
                                  IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
             else:
-                m_vis = ((start_n + o_n)[None, :] - lo_i[:, None]).to(tl.uint32) <= width[:, None]
+                m_vis = _in_window((start_n + o_n)[None, :], lo_i[:, None], width[:, None])
             b_s = tl.where(m_vis, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
         # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
