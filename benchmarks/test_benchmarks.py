@@ -74,7 +74,7 @@ def _attn_backend():
 
 
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
-@pytest.mark.parametrize("method", ["ours", "flex", "sdpa_dense_mask", "sdpa_flash"])
+@pytest.mark.parametrize("method", ["ours", "flex", "fla", "sdpa_dense_mask", "sdpa_flash"])
 @pytest.mark.parametrize("case", BA.cases(QUICK, DEVICE), ids=lambda c: c.id.replace(" ", ","))
 def test_attention(benchmark, case, method, mode):
     backend = _attn_backend() if method == "ours" else "triton"
@@ -88,7 +88,7 @@ def test_attention(benchmark, case, method, mode):
     else:
         BA.check_baseline(ctx, case, m)
     _require(ctx, method)
-    d_o = do if method == "ours" else do.transpose(1, 2).contiguous()
+    d_o = do if m.bthd else do.transpose(1, 2).contiguous()
     flops = common.attention_flops(case.pairs(), case.batch, case.heads, case.d, mode)
     _bench(benchmark, _attn_mode_fn(m, d_o, mode), f"attention {case.id} {mode}", m.inputs, flops=flops,
            method=method, **case.params())
