@@ -212,10 +212,11 @@ def test_distance_buckets_and_window_split():
     dist = np.array([1, 2, 3, 8, 9, 40, 100])
     correct = np.array([1, 1, 0, 1, 0, 1, 0], bool)
     nll = np.arange(7, dtype=float)
-    s = summarize_targets(dist, correct, nll, seq_len=128, window=8)
+    s = summarize_targets(dist, correct, nll, seq_len=128, window=8, num_layers=2)
     assert s["accuracy"] == pytest.approx(4 / 7)
     assert s["accuracy_in_window"] == pytest.approx(3 / 4) and s["n_in_window"] == 4
     assert s["accuracy_beyond_window"] == pytest.approx(1 / 3) and s["n_beyond_window"] == 3
+    assert s["accuracy_beyond_reach"] == pytest.approx(1 / 2) and s["n_beyond_reach"] == 2  # > 2 * 8
     assert sum(b["n"] for b in s["by_distance"]) == 7
     assert any(b["hi"] == 8 for b in s["by_distance"])
 

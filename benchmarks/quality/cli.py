@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     one.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                      help="another task option (e.g. max_depth=3 for listops, num_tokens=8 for copy); repeatable")
     one.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the task's)")
+    one.add_argument("--rope-theta", type=float, default=None, help="RoPE base (default: the task's)")
     one.add_argument("--seed", type=int, default=0)
     one.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     grid = p.add_argument_group("grids (without --task)")
@@ -119,7 +120,7 @@ def single_spec(args: argparse.Namespace) -> RunSpec:
     for field, arg in (("seq_len", "seq_len"), ("window", "window"), ("group_size", "group_size"),
                        ("steps", "steps"), ("batch_size", "batch_size"), ("hidden_size", "hidden_size"),
                        ("num_layers", "layers"), ("num_heads", "heads"), ("ffn_size", "ffn_size"),
-                       ("eval_size", "eval_size"), ("lr", "lr")):
+                       ("eval_size", "eval_size"), ("lr", "lr"), ("rope_theta", "rope_theta")):
         if getattr(args, arg) is not None:
             changes[field] = getattr(args, arg)
     return replace(base, **changes)

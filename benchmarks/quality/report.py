@@ -7,8 +7,9 @@ and the plots a user reads at a glance:
 
 - ``<stem>-distance.png``: accuracy vs distance to the answer, one line per attention
   variant, one panel per task (the window ``W`` marked);
-- ``<stem>-group.png``: MQAR beyond-window accuracy vs the group size ``G`` at fixed ``W``
-  (dense attention and the window alone as reference lines);
+- ``<stem>-group.png``: MQAR accuracy beyond the stacked windows' reach (``distance >
+  num_layers * W``) vs the group size ``G`` at fixed ``W`` (dense attention and the window
+  alone as reference lines);
 - ``<stem>-bpb.png``: bits per byte vs position in the context (byte-level LM);
 - ``<stem>-steptime.png``: accuracy vs training step time, every MQAR variant.
 """
@@ -24,8 +25,8 @@ from benchmarks.quality.variants import ATTENTIONS, EXPERTS
 
 SCHEMA = "dasg-quality/1"
 METRICS: tuple[str, ...] = (
-    "accuracy", "accuracy_in_window", "accuracy_beyond_window", "final_loss", "eval_loss", "bits_per_byte",
-    "step_ms", "tokens_per_s", "peak_mem_bytes", "mean_experts_per_token", "deep_fraction", "ffn_active_params_mean",
+    "accuracy", "accuracy_in_window", "accuracy_beyond_window", "accuracy_beyond_reach", "final_loss", "eval_loss",
+    "bits_per_byte", "step_ms", "tokens_per_s", "peak_mem_bytes", "mean_experts_per_token", "deep_fraction", "ffn_active_params_mean",
 )
 TASK_ORDER = ("mqar", "listops", "copy", "passkey", "lm")
 
@@ -66,6 +67,7 @@ def aggregate(runs: list[dict]) -> list[dict[str, Any]]:
             "group": key, "label": label(first), "task": first["task"], "attention": first["attention"],
             "experts": first["experts"], "seq_len": first["seq_len"], "window": first["window"],
             "group_size": first["group_size"], "steps": first["steps"], "seeds": sorted(r["seed"] for r in rs),
+            "num_layers": first.get("model", {}).get("num_layers", 1),
             "chance": first.get("chance"), "task_info": first.get("task_info"),
         }
         for m in METRICS:
@@ -119,14 +121,17 @@ def markdown(results: dict) -> str:
              f"commit {str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
              f"{env['date']}. {len(results['runs'])} runs"
              f"{'' if results['complete'] else ' (INCOMPLETE: the grid was stopped; rerun to resume)'}, "
-             f"{results.get('elapsed_s', 0) / 60:.1f} min.", ""]
+             f"about {results.get('elapsed_s', 0) / 60:.0f} min of training (the runs' wall time over the runs at a time).",
+             ""]
     if env.get("device_kind") != "cuda":
         lines += ["CPU run (the PyTorch backend of the same ops): step times and memory are wall-clock / "
                   "resident-set figures of a small model on a CPU, useful to compare the variants with each "
                   "other, not as GPU speed.", ""]
     lines += ["Accuracy is on held-out sequences (the same for every variant and seed), mean ± standard deviation "
-              "over seeds; *in window* = answers at distance <= W (visible through the window), *beyond* = the "
-              "rest (only dense attention or the group summaries can reach them). Chance is given per task.", ""]
+              "over seeds; *in window* = answers at distance <= W (visible through one window), *beyond window* = "
+              "the rest, *beyond L·W* = answers further back than the L stacked windows reach (L layers), where the "
+              "sliding window alone is at chance and only dense attention or the group summaries can help. "
+              "Chance is given per task.", ""]
     by_task: dict[str, list[dict]] = {}
     for e in agg:
         by_task.setdefault(_task_title(e), []).append(e)
@@ -136,8 +141,8 @@ def markdown(results: dict) -> str:
         if not lm:
             lines += [f"Chance: {es[0]['chance']:.3f}.", ""]
         head = ("| variant | seeds | " + ("bits/byte | bpb in window | next-byte acc | acc beyond window"
-                                         if lm else "accuracy | in window | beyond window | eval loss")
-                + " | ms/step | tokens/s | peak MiB | experts/token | active FFN params |")
+                                         if lm else "accuracy | in window | beyond window | beyond L·W | eval loss")
+                + " | ms/step | tokens/s | peak MiB | routed experts/token | active FFN params/token |")
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for e in es:
             if lm:
@@ -145,7 +150,8 @@ def markdown(results: dict) -> str:
                          _fmt(e.get("accuracy_beyond_window"))]
             else:
                 cells = [_fmt(e.get("accuracy")), _fmt(e.get("accuracy_in_window")),
-                         _fmt(e.get("accuracy_beyond_window")), _fmt(e.get("eval_loss"))]
+                         _fmt(e.get("accuracy_beyond_window")), _fmt(e.get("accuracy_beyond_reach")),
+                         _fmt(e.get("eval_loss"))]
             mem = e.get("peak_mem_bytes")
             cells += [_fmt(e.get("step_ms"), 0), _fmt(e.get("tokens_per_s"), 0),
                       _fmt(mem, 0, 2 ** 20) if mem else "-",
@@ -217,8 +223,10 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
         fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
         for ax, task in zip(axes[0], tasks):
             es = [e for e in agg if e["task"] == task and e["experts"] == "dense"]
-            gs = [e["group_size"] for e in es if e["attention"] == "dasg"]
-            g0 = max(set(gs), key=gs.count) if gs else None
+            # the dasg line at the G of the baselines' runs (the task's default), else the most seeded G
+            base_g = [e["group_size"] for e in es if e["attention"] in ("dense", "swa")]
+            gs = [e["group_size"] for e in es if e["attention"] == "dasg" for _ in e["seeds"]]
+            g0 = base_g[0] if base_g and base_g[0] in gs else (max(set(gs), key=gs.count) if gs else None)
             for e in es:
                 if e["attention"] in ("dasg", "sumonly") and e["group_size"] != g0:
                     continue
@@ -233,9 +241,17 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
                     sd = [b["accuracy"]["std"] for b in bs]
                     ax.fill_between(x, [a - s for a, s in zip(y, sd)], [a + s for a, s in zip(y, sd)], alpha=0.15)
                 ax.plot(x, y, marker="o", ms=3, label=e["label"])
+            if task != "lm":
+                ax.set_ylim(-0.02, 1.02)
+                if es and es[0].get("chance"):
+                    ax.axhline(es[0]["chance"], color="grey", ls="-.", lw=0.8, label="chance")
             if es:
-                ax.axvline(es[0]["window"], color="grey", ls=":", lw=1)
-                ax.text(es[0]["window"], ax.get_ylim()[1], " W", va="top", color="grey", fontsize=8)
+                w, lw = es[0]["window"], es[0]["window"] * es[0]["num_layers"]
+                ax.axvline(w, color="grey", ls=":", lw=1)
+                ax.text(w, ax.get_ylim()[1], " W", va="top", color="grey", fontsize=8)
+                if lw != w:
+                    ax.axvline(lw, color="grey", ls="--", lw=0.8)
+                    ax.text(lw, ax.get_ylim()[1], " L·W", va="top", color="grey", fontsize=8)
             ax.set_xscale("log", base=2)
             ax.set_title(task, fontsize=10)
             ax.set_xlabel("distance to the answer (tokens)" if task != "lm" else "position in the context")
@@ -252,20 +268,21 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
     if len({e["group_size"] for e in sweep}) > 1:
         fig, ax = plt.subplots(figsize=(5, 3.6))
         for att, style in (("dasg", "o-"), ("sumonly", "s--")):
-            pts = sorted((e["group_size"], e["accuracy_beyond_window"]) for e in mq
-                         if e["attention"] == att and e.get("accuracy_beyond_window"))
+            pts = sorted((e["group_size"], e["accuracy_beyond_reach"]) for e in mq
+                         if e["attention"] == att and e.get("accuracy_beyond_reach"))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1]["mean"] for p in pts], yerr=[p[1]["std"] for p in pts],
-                            fmt=style, capsize=3, label=f"{att} (beyond W)")
+                            fmt=style, capsize=3, label=att)
         for att, color in (("dense", "k"), ("swa", "r")):
             for e in mq:
-                if e["attention"] == att and e.get("accuracy_beyond_window"):
-                    ax.axhline(e["accuracy_beyond_window"]["mean"], color=color, ls=":", label=f"{att} (beyond W)")
+                if e["attention"] == att and e.get("accuracy_beyond_reach"):
+                    ax.axhline(e["accuracy_beyond_reach"]["mean"], color=color, ls=":", label=att)
         if mq and mq[0].get("chance"):
             ax.axhline(mq[0]["chance"], color="grey", ls="-.", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("group size G")
-        ax.set_ylabel("MQAR accuracy beyond the window")
+        reach = sweep[0]["num_layers"] * sweep[0]["window"]
+        ax.set_ylabel(f"MQAR accuracy, distance > L·W = {reach}")
         ax.set_title(f"MQAR, T={sweep[0]['seq_len']}, W={sweep[0]['window']} ({dev})", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -98,15 +98,21 @@ class MQAR(Task):
     keys of a sequence distinct) and for each pair a query: the key again at
     ``q = p + 1 + d`` followed by its value at ``q + 1`` (teacher forcing). The target of
     position ``q`` is the value; ``distance = d = q - (p + 1)``, the distance from the query
-    to the value token, drawn log-uniformly from ``[1, seq_len - 3]``. Everything else is
+    to the value token, drawn log-uniformly from ``[min_distance, max_distance]`` (default
+    ``[1, seq_len - 3]``). Everything else is
     random filler. A key occurs exactly twice, so the query is unambiguous.
     """
 
     name = "mqar"
 
     def __init__(self, seq_len: int, num_pairs: int = 8, num_keys: int = 64, num_values: int = 64,
-                 num_fill: int = 16):
+                 num_fill: int = 16, min_distance: int = 1, max_distance: int | None = None):
         super().__init__(seq_len)
+        max_distance = seq_len - 3 if max_distance is None else max_distance
+        if not 1 <= min_distance <= max_distance <= seq_len - 3:
+            raise ValueError(f"MQAR: need 1 <= min_distance ({min_distance}) <= max_distance ({max_distance}) "
+                             f"<= seq_len - 3 ({seq_len - 3})")
+        self.min_distance, self.max_distance = min_distance, max_distance
         if not 1 <= num_pairs <= num_keys:
             raise ValueError(f"MQAR: num_pairs must be in [1, num_keys={num_keys}], got {num_pairs}")
         if 4 * num_pairs > seq_len // 2:
@@ -119,7 +125,7 @@ class MQAR(Task):
 
     def describe(self) -> dict:
         return {**super().describe(), "num_pairs": self.num_pairs, "num_keys": self.num_keys,
-                "num_values": self.num_values}
+                "num_values": self.num_values, "min_distance": self.min_distance, "max_distance": self.max_distance}
 
     def sample(self, batch: int, rng: np.random.Generator, split: str = "train") -> Batch:
         t = self.seq_len
@@ -131,7 +137,7 @@ class MQAR(Task):
             vals = rng.integers(0, self.num_values, self.num_pairs) + self.val0
             for key, val in zip(keys, vals):
                 for _ in range(1000):
-                    d = log_uniform_int(rng, 1, t - 3)
+                    d = log_uniform_int(rng, self.min_distance, self.max_distance)
                     p = int(rng.integers(0, t - 3 - d + 1))
                     q = p + 1 + d
                     if free[p] and free[p + 1] and free[q] and free[q + 1]:

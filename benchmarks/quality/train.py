@@ -9,7 +9,8 @@ Training: AdamW (``betas=(0.9, 0.98)``, weight decay 0.01 on matrices), linear w
 the first 10% of the steps then cosine decay to 10% of ``lr``, gradient clipping at 1.0,
 loss = cross-entropy on the scored positions + the model's weighted auxiliary MoE losses.
 
-Measured: accuracy overall, in the window (``distance <= W``) and beyond it, accuracy and
+Measured: accuracy overall, in the window (``distance <= W``), beyond it, and beyond the
+reach of the stacked windows (``distance > num_layers * W``), accuracy and
 loss by distance bucket (octaves ``(2^(j-1), 2^j]`` with ``W`` as an edge), the training
 loss curve, tokens per second and the median step time, peak memory (CUDA: the allocator's
 peak; CPU: the peak resident set above the one before training, Linux ``VmHWM`` reset through
@@ -62,6 +63,7 @@ class RunSpec:
     num_layers: int = 2
     num_heads: int = 4
     ffn_size: int = 192
+    rope_theta: float = 10000.0
     steps: int = 400
     batch_size: int = 16
     lr: float = 3e-3
@@ -74,14 +76,15 @@ class RunSpec:
         """A stable name of the run (its settings, not the device)."""
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.task_options.items()) if v is not None)
         return (f"{self.task}[{opts}]/T{self.seq_len}/W{self.window}/G{self.group_size}/{self.attention}/"
-                f"{self.experts}/d{self.hidden_size}L{self.num_layers}H{self.num_heads}F{self.ffn_size}/"
+                f"{self.experts}/d{self.hidden_size}L{self.num_layers}H{self.num_heads}F{self.ffn_size}"
+                f"{'' if self.rope_theta == 10000.0 else f'R{self.rope_theta:g}'}/"
                 f"s{self.steps}b{self.batch_size}lr{self.lr}/e{self.eval_size}/seed{self.seed}")
 
     def model_spec(self, vocab_size: int) -> ModelSpec:
         return ModelSpec(vocab_size=vocab_size, seq_len=self.seq_len, attention=self.attention,
                          experts=self.experts, window=self.window, group_size=self.group_size,
                          hidden_size=self.hidden_size, num_layers=self.num_layers, num_heads=self.num_heads,
-                         ffn_size=self.ffn_size, backend=self.backend)
+                         ffn_size=self.ffn_size, rope_theta=self.rope_theta, backend=self.backend)
 
     def make_task(self) -> Task:
         return make_task(self.task, self.seq_len, **self.task_options)
@@ -152,13 +155,16 @@ def distance_edges(seq_len: int, window: int) -> list[int]:
 
 
 def summarize_targets(distance: np.ndarray, correct: np.ndarray, nll: np.ndarray, *, seq_len: int,
-                      window: int) -> dict[str, Any]:
-    """Accuracy and loss overall, in / beyond the window and by distance bucket."""
+                      window: int, num_layers: int = 1) -> dict[str, Any]:
+    """Accuracy and loss overall, in / beyond the window, beyond the stack's reach
+    (``distance > num_layers * window``: no chain of windows gets there, only dense
+    attention or the summaries) and by distance bucket."""
 
     def acc(m):
         return float(correct[m].mean()) if m.any() else None
 
     inside = distance <= window
+    far = distance > num_layers * window
     edges = distance_edges(seq_len, window)
     buckets = []
     for lo, hi in zip([-1] + edges[1:-1], edges[1:]):
@@ -167,7 +173,8 @@ def summarize_targets(distance: np.ndarray, correct: np.ndarray, nll: np.ndarray
             buckets.append({"lo": max(lo + 1, 0), "hi": hi, "n": int(m.sum()), "accuracy": acc(m),
                             "loss": float(nll[m].mean())})
     return {"accuracy": acc(np.ones_like(correct, bool)), "accuracy_in_window": acc(inside),
-            "accuracy_beyond_window": acc(~inside), "n_in_window": int(inside.sum()),
+            "accuracy_beyond_window": acc(~inside), "accuracy_beyond_reach": acc(far),
+            "n_in_window": int(inside.sum()), "n_beyond_reach": int(far.sum()),
             "n_beyond_window": int((~inside).sum()), "eval_loss": float(nll.mean()),
             "eval_loss_in_window": float(nll[inside].mean()) if inside.any() else None,
             "eval_loss_beyond_window": float(nll[~inside].mean()) if (~inside).any() else None,
@@ -198,7 +205,7 @@ def evaluate(model, task: Task, spec: RunSpec, mspec: ModelSpec, device: torch.d
             stats.append([{k: float(v) for k, v in o.stats.items() if v.dim() == 0} for o in out.moe])
     model.train()
     res = summarize_targets(np.concatenate(dist), np.concatenate(corr), np.concatenate(nll),
-                            seq_len=spec.seq_len, window=spec.window)
+                            seq_len=spec.seq_len, window=spec.window, num_layers=spec.num_layers)
     layers = [{k: statistics.fmean(b[i][k] for b in stats) for k in stats[0][i]} for i in range(len(stats[0]))] \
         if stats else []
     res.update(active_experts(mspec, layers))

@@ -73,6 +73,7 @@ class ModelSpec:
     top_p: float = 0.7
     n_group: int = 4
     topk_group: int = 2
+    rope_theta: float = 10000.0
     backend: str = "torch"
 
     def validate(self) -> None:
@@ -142,6 +143,7 @@ class ModelSpec:
         return DASGConfig(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, num_layers=self.num_layers,
             num_heads=self.num_heads, num_kv_heads=self.num_heads, max_position_embeddings=self.seq_len,
+            rope_theta=self.rope_theta,
             attention_window=window, group_size=self.group_size,
             use_summaries=self.attention in ("dasg", "sumonly"),
             shallow_shared_size=s["shallow_shared"], deep_shared_size=s["deep_shared"], shallow_num_experts=4,
