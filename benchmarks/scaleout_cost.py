@@ -47,8 +47,10 @@ level) (`bitwise=True`); `topk_group=2` puts ADR's groups on EP ranks and a toke
 at most 2 ranks.
 
 CP workload: {cp}; "T=128k" keeps the sequence (strong scaling, T_local = 128k / n), "T_local=16k" grows
-it with the GPUs (weak scaling). Bytes are those of the current `swa_attention_cp` exchanges (halo
-all-to-all and its gradient, summary all-gather and the backward all-reduce), for the last rank.
+it with the GPUs (weak scaling); "zigzag" shards each rank as one early and one late chunk (balanced
+work: the busiest rank's compute is shown). Bytes are those of `swa_attention_cp`'s one all-to-all per
+direction (halo rows and group-mean contributions to the ranks that read them, and their gradients back),
+for the rank that sends or receives the most.
 
 {cost.scaleout_markdown(rows)}
 

@@ -1,43 +1,56 @@
 """Context parallelism for GMHA on ``torch.distributed`` (no communication layer of our own).
 
 :func:`swa_attention_cp` runs :func:`dasg_kernels.swa_attention` on a sequence that is
-sharded over the ranks of a process group: rank ``r`` of ``W`` holds the contiguous
-positions ``[r * T_local, (r + 1) * T_local)`` of every sequence of the batch (rank
-order = sequence order, equal shards). Per call and rank it receives
+sharded over the ranks of a process group. The sequence is cut into equal *chunks*:
 
-- the **halo**: the last ``left`` keys/values before its shard, from the preceding
-  rank(s) (several ranks when ``left > T_local``; the whole prefix when ``left = -1``),
-  with one ``all_to_all_single`` that moves only the rows some rank needs;
-- the **summaries** (``summaries=True``): one ``all_gather`` of every shard's partial group
-  means (``ceil((T_local - 1) / G) + 1`` rows per rank and kv head), combined with global
-  group indices, so a group that straddles a shard boundary gets its mean from the partial
-  sums of both shards;
+- ``layout="contiguous"`` (default): ``W`` chunks, rank ``r`` of ``W`` holds chunk ``r``,
+  the positions ``[r * T_local, (r + 1) * T_local)``;
+- ``layout="zigzag"``: ``2W`` chunks of ``T_local / 2``, rank ``r`` holds chunks ``r`` and
+  ``2W - 1 - r`` (in that order along its shard), so every rank has one early and one late
+  chunk: the work per rank is balanced (later queries see more group summaries, and with
+  ``window=-1`` more keys).
 
-then attends its queries to ``[halo + local]`` keys and the summaries at its global
-position offset. Both collectives form one autograd node (:class:`_Exchange`) whose
-backward returns the gradients of the halo and of the summaries to the ranks that own
-those keys/values, running the same reverse collectives in the same order on every rank.
-Output and gradients equal ``swa_attention`` on the whole sequence (the tests check it
-with gloo on CPU).
+Each chunk needs the **halo** (the last ``left`` keys/values before it, from the chunks
+before it) and, with ``summaries=True``, the means of the groups wholly before some of its
+queries' windows. Every chunk computes, per group slot it touches, its *contribution* to
+that group's mean (its partial sum divided by the group's size), and the chunks that read
+a group add the contributions of the chunks it spans (a group straddling a chunk boundary
+gets its mean from both). One ``all_to_all_single`` per call moves exactly the halo rows
+and the contributions a later chunk reads, to the rank that reads them (under causal
+attention, only later chunks read a chunk's rows); its backward is the transposed
+all-to-all, which returns each row's gradient to its owner, summed there (a sparse
+reduce-scatter: every gradient row travels once).
 
-Also :func:`shift_labels_cp`: next-token targets of a sequence-sharded batch (the target of
-a shard's last position is the next shard's first label).
+The attention of a chunk then runs in one call: its queries are the last ``T_chunk`` of the
+keys ``[halo; chunk]`` (a query offset, no padded query rows), and the gathered means are
+the summary keys/values at global group indices (the queries' global positions decide
+which they see). Saved for the backward: ``q``, the keys/values with their halo, the means,
+``out`` and ``lse``: ``O(T_local + halo + n_groups)`` per rank, never a
+``[T_local, n_groups]`` tensor. Output and gradients equal ``swa_attention`` on the whole
+sequence (the tests check it with gloo on CPU).
+
+Also :func:`shift_labels_cp` (next-token targets of a sharded batch),
+:func:`cp_shard` (a rank's shard of a whole-sequence tensor) and :func:`cp_positions` (the
+global positions of a rank's shard, for RoPE).
 """
 from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from dasg_kernels import reference
-from dasg_kernels.attention import ops
 from dasg_kernels.attention.interface import _pick_backend, _validate
-from dasg_kernels.attention.interface import swa_attention as _swa_attention
 from dasg_kernels.backend import interpreted_bf16
 
-
-__all__ = ["cp_comm_stats", "resolve_group", "shift_labels_cp", "swa_attention_cp"]
+__all__ = ["CP_LAYOUTS", "cp_comm_stats", "cp_positions", "cp_shard", "resolve_group", "shift_labels_cp",
+           "swa_attention_cp"]
 
 _OP = "swa_attention_cp"
+
+#: Shard orders :func:`swa_attention_cp` accepts (see the module docstring).
+CP_LAYOUTS = ("contiguous", "zigzag")
 
 
 # --------------------------------------------------------------------------- byte counter
@@ -46,18 +59,20 @@ _SENT: dict[str, int] = {}
 
 
 def _count(phase: str, nbytes: int) -> None:
-    _SENT[phase] = _SENT.get(phase, 0) + int(nbytes)
+    if nbytes:
+        _SENT[phase] = _SENT.get(phase, 0) + int(nbytes)
 
 
 def cp_comm_stats(reset: bool = False) -> dict[str, int]:
     """Bytes this process sent to *other* ranks in :func:`swa_attention_cp`'s collectives
     since the last reset, by phase, plus ``"total"``; ``reset`` zeroes the counters.
 
-    Phases: ``"halo"`` / ``"halo_bwd"`` (the ``all_to_all_single`` rows and their gradients),
-    ``"summaries"`` (the ``all_gather``: this rank's partial means once per other rank),
-    ``"summaries_bwd"`` (the ``all_reduce`` that stands in for a reduce-scatter: ``2 (W-1)/W``
-    of its buffer, as a ring all-reduce sends) and ``"validate"`` (the argument check).
-    Counted on the host from the split sizes at each call (no device sync); calls traced by
+    Phases: ``"halo"`` / ``"halo_bwd"`` (halo rows of the all-to-all and their gradients),
+    ``"summaries"`` / ``"summaries_bwd"`` (the group-mean contributions this rank sends to
+    the ranks that read them, and the gradients of those it received, sent back to their
+    owners) and ``"validate"`` (the signature all-reduce, counted as a ring all-reduce
+    sends: ``2 (W-1)/W`` of its buffer). A phase with no bytes is absent. Counted on the
+    host from the split sizes at each call (no device sync); calls traced by
     ``torch.compile`` are counted when traced, not when replayed.
     """
     out = dict(_SENT)
@@ -96,302 +111,364 @@ def resolve_group(group: object, op: str = _OP, name: str = "group") -> dist.Pro
     return group
 
 
+def _check_layout(op: str, layout: object) -> bool:
+    """``True`` for ``"zigzag"``, ``False`` for ``"contiguous"``; ``ValueError`` otherwise."""
+    if layout not in CP_LAYOUTS:
+        raise ValueError(f"{op}: layout must be one of {CP_LAYOUTS}, got {layout!r}")
+    return layout == "zigzag"
+
+
+# --------------------------------------------------------------------------- validation
+
+
 def _check_same_on_all_ranks(op: str, group: dist.ProcessGroup, device: torch.device, **values: int) -> None:
-    """All-gather a few ints and raise ``ValueError`` naming the first one that differs."""
+    """One all-reduce (MAX of ``[values, -values]``) of a few ints, before the exchange whose
+    sizes follow from them; every rank sees the same result.
+
+    On CPU tensors (gloo) it is waited for and read here, a host operation with no device
+    to synchronise: a ``ValueError`` names the first value that differs and its range
+    across ranks (gloo would abort the process on the exchange's size mismatch). On CUDA
+    the comparison stays on the device: ``torch._assert_async`` (no host sync) stops the
+    process at the next synchronisation with this rank's values in the message.
+    """
     world = dist.get_world_size(group)
     if world == 1:
         return
     names = list(values)
-    mine = torch.tensor([int(values[n]) for n in names], dtype=torch.int64, device=device)
-    bufs = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(bufs, mine, group=group)
-    _count("validate", (world - 1) * mine.numel() * mine.element_size())
-    allv = torch.stack(bufs).cpu()
-    for j, n in enumerate(names):
-        col = allv[:, j].tolist()
-        if len(set(col)) > 1:
-            raise ValueError(f"{op}: {n} must be the same on every rank of the group (equal, contiguous "
-                             f"shards), got {col} by rank")
+    mine = [int(values[n]) for n in names]
+    sig = torch.tensor(mine, dtype=torch.int64)
+    buf = torch.cat([sig, -sig]).to(device, non_blocking=True)
+    _count("validate", 2 * (world - 1) * buf.numel() * buf.element_size() // world)
+    n = len(names)
+    if device.type == "cuda":
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)  # stream-ordered
+        torch._assert_async((buf[:n] == -buf[n:]).all(),
+                            f"{op}: the ranks of the group passed different shapes or arguments; this rank: "
+                            + ", ".join(f"{k} = {m}" for k, m in zip(names, mine)))
+        return
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    hi, lo = buf[:n].tolist(), (-buf[n:]).tolist()
+    for name, m, a, b in zip(names, mine, hi, lo):
+        if a != b:
+            raise ValueError(f"{op}: {name} must be the same on every rank of the group (equal shards, the same "
+                             f"arguments), got values from {b} to {a} across ranks ({m} on this rank)")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the chunks of a sharded sequence sit and what each reads from the others.
+
+    ``world`` ranks, ``t_local`` positions per rank, the causal window's ``left`` (``-1``:
+    unbounded), ``group_size`` (``None`` or summaries off: no summaries), ``zigzag``.
+    """
+
+    world: int
+    t_local: int
+    left: int
+    group_size: int | None
+    zigzag: bool
+
+    @property
+    def n_chunks(self) -> int:
+        return 2 * self.world if self.zigzag else self.world
+
+    @property
+    def tc(self) -> int:
+        """Positions per chunk."""
+        return self.t_local // 2 if self.zigzag else self.t_local
+
+    @property
+    def total(self) -> int:
+        return self.n_chunks * self.tc
+
+    def chunks(self, rank: int) -> tuple[int, ...]:
+        """The chunks of ``rank``'s shard, in shard order."""
+        return (rank, 2 * self.world - 1 - rank) if self.zigzag else (rank,)
+
+    def owner(self, c: int) -> tuple[int, int]:
+        """``(rank, row offset in its shard)`` of chunk ``c``."""
+        if not self.zigzag:
+            return c, 0
+        return (c, 0) if c < self.world else (2 * self.world - 1 - c, self.tc)
+
+    def start(self, c: int) -> int:
+        return c * self.tc
+
+    def halo(self, c: int) -> int:
+        """Keys before chunk ``c`` that its first query's window reaches."""
+        s = self.start(c)
+        return s if self.left < 0 else min(self.left, s)
+
+    def n_groups(self, c: int) -> int:
+        """Groups wholly before the window of some query of chunk ``c`` (its summaries)."""
+        if self.group_size is None or self.left < 0:
+            return 0
+        return max(0, (self.start(c) + self.tc - 1 - self.left) // self.group_size)
+
+    def slots(self, c: int) -> tuple[int, int]:
+        """``(first group, number of groups)`` that chunk ``c`` has positions in."""
+        g, s = self.group_size, self.start(c)
+        return s // g, (s + self.tc - 1) // g - s // g + 1
+
+    def halo_rows(self, src: int, dst: int) -> int:
+        """Rows of chunk ``src`` in chunk ``dst``'s halo (a suffix of ``src``)."""
+        if src >= dst:
+            return 0
+        s, d = self.start(src), self.start(dst)
+        return max(0, min(d, s + self.tc) - max(d - self.halo(dst), s))
+
+    def summary_rows(self, src: int, dst: int) -> int:
+        """Group contributions of chunk ``src`` that chunk ``dst`` reads (its first slots):
+        only ``src <= dst`` (a group seen by ``dst`` ends before ``dst``'s last query)."""
+        n = self.n_groups(dst)
+        if src > dst or n == 0:
+            return 0
+        g0, slots = self.slots(src)
+        return max(0, min(n - g0, slots))
+
+    def pieces(self, src_rank: int, dst_rank: int) -> list[tuple[str, int, int, int]]:
+        """``(kind, src chunk, dst chunk, rows)`` that ``src_rank`` sends ``dst_rank`` (or,
+        for ``src_rank == dst_rank``, uses itself), in the order both sides agree on."""
+        out = []
+        for d in self.chunks(dst_rank):
+            for s in self.chunks(src_rank):
+                for kind, n in (("halo", self.halo_rows(s, d)), ("summary", self.summary_rows(s, d))):
+                    if n:
+                        out.append((kind, s, d, n))
+        return out
+
+    def exchanges(self) -> bool:
+        """Whether any chunk reads rows of another rank (the same answer on every rank)."""
+        if self.world == 1:
+            return False
+        return self.left != 0 or self.n_groups(self.n_chunks - 1) > 0
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(geo: _Geometry, rank: int):
+    """``(send pieces per rank, recv pieces per rank, local pieces, contribution rows per
+    own chunk)`` of ``rank``."""
+    send = [geo.pieces(rank, p) if p != rank else [] for p in range(geo.world)]
+    recv = [geo.pieces(p, rank) if p != rank else [] for p in range(geo.world)]
+    local = geo.pieces(rank, rank)
+    # the most contributions any chunk reads from c: summary_rows grows with the reader
+    contrib = {c: geo.summary_rows(c, geo.n_chunks - 1) for c in geo.chunks(rank)}
+    return send, recv, local, contrib
+
+
+def cp_exchange_rows(world: int, t_local: int, window: int, group_size: int | None = None, *,
+                     layout: str = "contiguous") -> list[dict[str, int]]:
+    """Rows each rank sends to / receives from other ranks in one :func:`swa_attention_cp`
+    forward (the backward sends the same rows back): a list over ranks of
+    ``{"halo_send", "halo_recv", "summary_send", "summary_recv", "n_groups"}`` (one row =
+    one position's ``k | v`` of every kv head; ``n_groups``: the most summaries one of the
+    rank's chunks reads). ``window`` is the causal window's ``left``, ``group_size=None``:
+    no summaries."""
+    zig = _check_layout("cp_exchange_rows", layout)
+    geo = _Geometry(world, t_local, window, group_size, zig)
+    rows = []
+    for r in range(world):
+        send, recv, _, _ = _plan(geo, r)
+        row = {"halo_send": 0, "halo_recv": 0, "summary_send": 0, "summary_recv": 0,
+               "n_groups": max(geo.n_groups(c) for c in geo.chunks(r))}
+        for pieces, side in ((send, "send"), (recv, "recv")):
+            for kind, _, _, n in (x for p in pieces for x in p):
+                row[f"{kind}_{side}"] += n
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- communication
 
 
-def _halo_len(rank: int, t_local: int, left: int) -> int:
-    """Number of keys before shard ``rank`` that its first query's window reaches."""
-    start = rank * t_local
-    return start if left < 0 else min(left, start)
+class _AllToAll(torch.autograd.Function):
+    """One ``all_to_all_single`` of rows ``[n, B, F]`` and its transpose in the backward.
 
-
-def _halo_splits(rank: int, world: int, t_local: int, left: int) -> tuple[list[int], list[int]]:
-    """``(send, recv)``: rows this shard sends to / receives from each rank for the halos
-    (what rank ``p > rank`` needs is a suffix of this shard)."""
-    start = rank * t_local
-    send, recv = [], []
-    for p in range(world):
-        if p > rank:
-            sp = p * t_local
-            send.append(max(0, min(sp, start + t_local) - max(sp - _halo_len(p, t_local, left), start)))
-        else:
-            send.append(0)
-        if p < rank:
-            recv.append(max(0, min(start, (p + 1) * t_local) - max(start - _halo_len(rank, t_local, left), p * t_local)))
-        else:
-            recv.append(0)
-    return send, recv
-
-
-def _remote(splits: list[int], rank: int) -> int:
-    """Rows of ``splits`` that go to (or come from) ranks other than ``rank``."""
-    return sum(n for p, n in enumerate(splits) if p != rank)
-
-
-class _Exchange(torch.autograd.Function):
-    """The halo ``all_to_all_single`` and the summary ``all_gather`` of one call as one
-    autograd node.
-
-    Its backward runs both reverse collectives, always in the same order, on every rank: the
-    node's first output holds the local keys (always used), so it runs even on a rank whose
-    queries see no summary (its gathered parts then get zero gradients). With two separate
-    autograd collectives, such a rank skipped the gather's backward while the others waited
-    in it (a hang with 4 ranks, seen in CI), and ranks could also reach the two backwards in
-    different orders.
-
-    ``rows [T_local, B, F]`` (one row per position: every kv head's ``k | v``) ->
-    ``[halo + T_local, B, F]``; ``pmeans [B, n_slot, F]`` -> one such tensor per rank.
+    ``anchor`` (the local keys) is returned as it is, so that this node's backward runs on
+    every rank that uses its own keys, i.e. on every rank, also one that received nothing
+    (others still send it gradients): with a node whose only output went unused there, that
+    rank would skip the reverse collective while the others wait in it.
     """
 
     @staticmethod
-    def forward(ctx, group, send: list[int], recv: list[int], halo: bool, gather: bool,
-                rows: torch.Tensor, pmeans: torch.Tensor):
-        ctx.group, ctx.send, ctx.recv, ctx.halo, ctx.gather = group, send, recv, halo, gather
-        ctx.rank, ctx.t_local = dist.get_rank(group), rows.shape[0]
-        ctx.row_bytes = rows[:1].numel() * rows.element_size()
-        if halo:
-            inp = torch.cat([rows[rows.shape[0] - n:] for n in send], 0) if sum(send) else rows[:0]
-            got = rows.new_empty((sum(recv),) + tuple(rows.shape[1:]))
-            dist.all_to_all_single(got, inp.contiguous(), recv, send, group=group)
-            _count("halo", _remote(send, ctx.rank) * ctx.row_bytes)
-            ext = torch.cat([got, rows], 0)
-        else:
-            ext = rows.clone()
-        if not gather:
-            return (ext,)
-        parts = [torch.empty_like(pmeans) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, pmeans.contiguous(), group=group)
-        _count("summaries", (len(parts) - 1) * pmeans.numel() * pmeans.element_size())
-        return (ext, *parts)
+    def forward(ctx, group, send_splits, recv_splits, counts, anchor, send_buf):
+        ctx.group, ctx.send_splits, ctx.recv_splits, ctx.counts = group, send_splits, recv_splits, counts
+        recv = send_buf.new_empty((sum(recv_splits),) + tuple(send_buf.shape[1:]))
+        dist.all_to_all_single(recv, send_buf.contiguous(), recv_splits, send_splits, group=group)
+        row = send_buf[:1].numel() * send_buf.element_size() if send_buf.shape[0] else 0
+        row = row or recv[:1].numel() * recv.element_size()
+        ctx.row = row
+        _count("halo", counts[0] * row)
+        _count("summaries", counts[1] * row)
+        return anchor, recv
 
     @staticmethod
-    def backward(ctx, g_ext: torch.Tensor, *g_parts: torch.Tensor):
-        h = g_ext.shape[0] - ctx.t_local
-        g_rows = g_ext[h:].clone()
-        if ctx.halo:  # each halo row's gradient goes back to the rank that sent it
-            g_sent = g_ext.new_empty((sum(ctx.send),) + tuple(g_ext.shape[1:]))
-            dist.all_to_all_single(g_sent, g_ext[:h].contiguous(), ctx.send, ctx.recv, group=ctx.group)
-            _count("halo_bwd", _remote(ctx.recv, ctx.rank) * g_ext[:1].numel() * g_ext.element_size())
-            off = 0
-            for n in ctx.send:
-                if n:
-                    g_rows[ctx.t_local - n:] += g_sent[off:off + n]
-                off += n
-        g_pmeans = None
-        if ctx.gather:  # reduce_scatter as all_reduce + slice (gloo has no reduce_scatter)
-            g = torch.stack([gp.contiguous() for gp in g_parts])
-            dist.all_reduce(g, group=ctx.group)
-            w = g.shape[0]
-            _count("summaries_bwd", 2 * (w - 1) * g.numel() * g.element_size() // w)
-            g_pmeans = g[ctx.rank]
-        return None, None, None, None, None, g_rows, g_pmeans
+    def backward(ctx, g_anchor, g_recv):
+        g_send = g_recv.new_empty((sum(ctx.send_splits),) + tuple(g_recv.shape[1:]))
+        dist.all_to_all_single(g_send, g_recv.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        _count("halo_bwd", ctx.counts[2] * ctx.row)
+        _count("summaries_bwd", ctx.counts[3] * ctx.row)
+        return None, None, None, None, g_anchor, g_send
 
 
-def _rows(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``k [B, T, Hkv, D]``, ``v [B, T, Hkv, Dv]`` -> ``[B, T, Hkv * (D + Dv)]``."""
-    b, t = k.shape[:2]
-    return torch.cat([k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
+class _IndexAdd(torch.autograd.Function):
+    """``zeros([n, ...]).index_add(0, index, src.float())`` (fp32) that keeps only ``index`` for
+    the backward (``torch.index_add`` also keeps ``src``: ``O(T_local)`` for nothing)."""
+
+    @staticmethod
+    def forward(ctx, n: int, index: torch.Tensor, src: torch.Tensor):
+        ctx.save_for_backward(index)
+        ctx.dtype = src.dtype
+        return src.new_zeros((n,) + tuple(src.shape[1:]), dtype=torch.float32).index_add_(0, index, src.float())
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        return None, None, grad.index_select(0, index).to(ctx.dtype)
+
+
+def _rows_t(k: torch.Tensor, v: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Positions ``[a, b)`` of ``k [B, T, Hkv, D]``, ``v [B, T, Hkv, Dv]`` as rows
+    ``[b - a, B, Hkv * (D + Dv)]``."""
+    bs = k.shape[0]
+    return torch.cat([k[:, a:b].reshape(bs, b - a, -1), v[:, a:b].reshape(bs, b - a, -1)], dim=-1).transpose(0, 1)
 
 
 def _split_rows(x: torch.Tensor, hkv: int, d: int, dv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`_rows` for ``x [B, T, Hkv * (D + Dv)]``."""
-    b, t = x.shape[:2]
-    return x[..., : hkv * d].reshape(b, t, hkv, d), x[..., hkv * d:].reshape(b, t, hkv, dv)
+    """Inverse of :func:`_rows_t`: rows ``[n, B, F]`` -> ``k [B, n, Hkv, D]``, ``v [B, n, Hkv, Dv]``
+    (views)."""
+    n, b = x.shape[:2]
+    return (x[..., : hkv * d].reshape(n, b, hkv, d).transpose(0, 1),
+            x[..., hkv * d:].reshape(n, b, hkv, dv).transpose(0, 1))
 
 
-def _group_slots(t_local: int, group_size: int) -> int:
-    """Most groups a span of ``t_local`` positions touches (the all-gather's rows per rank)."""
-    return (t_local + group_size - 2) // group_size + 1
+def _contributions(k: torch.Tensor, v: torch.Tensor, geo: _Geometry, c: int, off: int, m: int) -> torch.Tensor:
+    """Chunk ``c``'s contributions to its first ``m`` group slots, ``[m, B, F]`` in the
+    input dtype: its positions' ``k | v`` summed per group (fp32) over ``G``. (Only groups
+    wholly before some query's window are read, so every group read is complete: the
+    sequence's last group, which may be shorter, never is.)"""
+    g, tc = geo.group_size, geo.tc
+    start = geo.start(c)
+    g0 = start // g
+    n = min(tc, (g0 + m) * g - start)  # the positions that fall in these slots
+    rows = _rows_t(k, v, off, off + n)
+    slot = (torch.arange(start, start + n, device=k.device) // g - g0).to(torch.int32)
+    return (_IndexAdd.apply(m, slot, rows) * (1.0 / g)).to(k.dtype)
 
 
-def _slot_counts(r: int, t_local: int, group_size: int) -> torch.Tensor:
-    """Positions of shard ``r`` in each of its group slots (slot ``j`` = global group ``r*T_local // G + j``)."""
-    pos = torch.arange(r * t_local, (r + 1) * t_local)
-    slot = pos // group_size - (r * t_local) // group_size
-    return torch.bincount(slot, minlength=_group_slots(t_local, group_size)).to(torch.float32)
-
-
-def _partial_means(rows: torch.Tensor, group_size: int, rank: int) -> torch.Tensor:
-    """This shard's partial mean per group slot, ``[B, n_slot, F]`` in the input dtype
-    (summed in fp32) from ``rows [B, T_local, F]``."""
-    b, tl, f = rows.shape
-    g = group_size
-    start = rank * tl
-    slot = (torch.arange(start, start + tl, device=rows.device) // g) - start // g
-    sums = rows.new_zeros((b, _group_slots(tl, g), f), dtype=torch.float32).index_add(1, slot, rows.float())
-    cnt = _slot_counts(rank, tl, g).to(rows.device)
-    return (sums / cnt.clamp(min=1)[None, :, None]).to(rows.dtype)
-
-
-def _combine_means(parts: tuple[torch.Tensor, ...], t_local: int, group_size: int, n_groups: int) -> torch.Tensor:
-    """Means ``[B, n_groups, F]`` of the first ``n_groups`` global groups from every shard's
-    partial means: the count-weighted sum over the shards a group touches (fp32), so
-    straddling groups come out right."""
-    g, world = group_size, len(parts)
-    b, n_slot, f = parts[0].shape
-    n_total = reference.num_groups(world * t_local, g)
-    acc = parts[0].new_zeros((b, n_total + n_slot, f), dtype=torch.float32)  # slack: slots past the end
-    group_count = torch.clamp(world * t_local - torch.arange(n_total) * g, max=g).to(torch.float32)
-    for r, part in enumerate(parts):
-        g0 = (r * t_local) // g
-        idx = torch.arange(g0, g0 + n_slot)
-        w = _slot_counts(r, t_local, g) / group_count[idx.clamp(max=n_total - 1)]
-        acc = acc.index_add(1, idx.to(part.device), part.float() * w.to(part.device)[None, :, None])
-    return acc[:, :n_groups].to(parts[0].dtype)
-
-
-def _exchange(k: torch.Tensor, v: torch.Tensor, *, left: int, group_size: int | None, n_groups: int | None,
-              group: dist.ProcessGroup, rank: int, world: int):
-    """``(k_ext, v_ext, ks, vs)``: the local keys/values behind their halo (``[B, h + T_local,
-    Hkv, D | Dv]``) and, when ``n_groups`` is not ``None``, the means of the first
-    ``n_groups`` global groups (``[B, n_groups, Hkv, D | Dv]``), from one :class:`_Exchange`."""
+def _exchange(k: torch.Tensor, v: torch.Tensor, geo: _Geometry, rank: int, group: dist.ProcessGroup):
+    """Per own chunk ``(k_ext, v_ext, ks, vs)``: the chunk's keys/values behind its halo
+    (``[B, halo + T_chunk, Hkv, D | Dv]``) and its summaries (the means of the first
+    ``n_groups`` global groups, ``[B, n_groups, Hkv, D | Dv]``, or ``None``), from one
+    :class:`_AllToAll`."""
     b, tl, hkv, d = k.shape
     dv = v.shape[-1]
-    halo = left != 0 and world > 1
-    gather = n_groups is not None
-    if not halo and not gather:
-        return k, v, None, None
-    rows = _rows(k, v)  # [B, T_local, F]
-    pm = _partial_means(rows, group_size, rank) if gather else rows.new_empty((0,))
-    send, recv = _halo_splits(rank, world, tl, left)
-    ext, *parts = _Exchange.apply(group, send, recv, halo, gather, rows.transpose(0, 1), pm)
-    k_ext, v_ext = _split_rows(ext.transpose(0, 1), hkv, d, dv)
-    if not gather:
-        return k_ext, v_ext, None, None
-    ks, vs = _split_rows(_combine_means(tuple(parts), tl, group_size, n_groups), hkv, d, dv)
-    return k_ext, v_ext, ks, vs
+    send, recv, local, contrib_rows = _plan(geo, rank)
+    contrib = {c: _contributions(k, v, geo, c, geo.owner(c)[1], m) for c, m in contrib_rows.items() if m}
+
+    def piece(kind: str, src: int, n: int) -> torch.Tensor:
+        if kind == "summary":
+            return contrib[src][:n]
+        end = geo.owner(src)[1] + geo.tc
+        return _rows_t(k, v, end - n, end)
+
+    if geo.exchanges():
+        send_list = [piece(kind, s, n) for p in send for kind, s, _, n in p]
+        send_buf = torch.cat(send_list) if send_list else k.new_empty((0, b, hkv * (d + dv)))
+        # rows sent (halo, summaries) forward, and received: their gradients go back
+        counts = tuple(sum(n for p in pieces for kind, _, _, n in p if kind == want)
+                       for pieces in (send, recv) for want in ("halo", "summary"))
+        k, got = _AllToAll.apply(group, [sum(x[3] for x in p) for p in send], [sum(x[3] for x in p) for p in recv],
+                                 counts, k, send_buf)
+    else:
+        got = None
+    parts: dict[tuple[str, int, int], torch.Tensor] = {}
+    off = 0
+    for p in recv:
+        for kind, s, dst, n in p:
+            parts[(kind, s, dst)] = got[off:off + n]
+            off += n
+    for kind, s, dst, n in local:
+        parts[(kind, s, dst)] = piece(kind, s, n)
+
+    out = []
+    for c in geo.chunks(rank):
+        o = geo.owner(c)[1]
+        kc, vc = k[:, o:o + geo.tc], v[:, o:o + geo.tc]
+        halo = [parts[("halo", s, c)] for s in range(c) if ("halo", s, c) in parts]
+        if halo:
+            hk, hv = _split_rows(torch.cat(halo) if len(halo) > 1 else halo[0], hkv, d, dv)
+            kc, vc = torch.cat([hk, kc], dim=1), torch.cat([hv, vc], dim=1)
+        ks = vs = None
+        n = geo.n_groups(c)
+        if n:
+            srcs = [(s, parts[("summary", s, c)]) for s in range(c + 1) if ("summary", s, c) in parts]
+            idx = torch.cat([torch.arange(geo.slots(s)[0], geo.slots(s)[0] + x.shape[0], device=k.device,
+                                          dtype=torch.int32) for s, x in srcs])
+            rows = torch.cat([x for _, x in srcs]) if len(srcs) > 1 else srcs[0][1]
+            means = _IndexAdd.apply(n, idx, rows).to(k.dtype)
+            ks, vs = _split_rows(means, hkv, d, dv)
+        out.append((kc, vc, ks, vs))
+    return out
 
 
-# --------------------------------------------------------------------------- shard attention
+# --------------------------------------------------------------------------- chunk attention
 
 
-def _summary_mask(tq: int, n_groups: int, q_start: int, left: int, group_size: int, device) -> torch.Tensor:
-    """Bool ``[tq, n_groups]``: query row ``a`` (global position ``q_start + a``) sees group ``g``."""
-    i = torch.arange(tq, device=device)[:, None] + q_start
-    g = torch.arange(n_groups, device=device)[None, :]
-    return (g + 1) * group_size - 1 < i - left
+def _chunk_attention_torch(q, k_ext, v_ext, ks, vs, *, h, pos0, left, group_size, scale):
+    """One chunk through the blockwise PyTorch core: ``q [B, Tc, Hq, D]`` are the last ``Tc``
+    rows of the keys ``k_ext``; summaries ``ks, vs`` at global groups (key 0 at global
+    position ``pos0``)."""
+    from dasg_kernels.attention.blockwise import swa_attention_blockwise
+
+    summ = ks is not None
+    out, _ = swa_attention_blockwise(q, k_ext, v_ext, window=(left, 0), causal=True, group_size=group_size,
+                                     summaries=summ, softmax_scale=scale, q_offset=h,
+                                     summary_kv=(ks, vs) if summ else None, position_offset=pos0)
+    return out
 
 
-def _shard_attention_torch(q, k_ext, v_ext, ks, vs, *, h, left, group_size, q_start, scale):
-    """Reference math (fp32) for one shard: ``q [B,Tl,Hq,D]`` at ``[halo + local]`` keys and
-    the summary keys ``ks`` (or ``None``); differentiable by autograd."""
-    b, tl, hq, d = q.shape
-    tk, hkv = k_ext.shape[1], k_ext.shape[2]
-    mask = reference.local_mask(tl, tk, (left, 0), True, q_offset=h, device=q.device)
-    keys, vals = k_ext, v_ext
-    if ks is not None:
-        keys, vals = torch.cat([k_ext, ks], dim=1), torch.cat([v_ext, vs], dim=1)
-        mask = torch.cat([mask, _summary_mask(tl, ks.shape[1], q_start, left, group_size, q.device)], dim=1)
-    rep = hq // hkv
-    qh = q.float().transpose(1, 2)
-    kh = keys.float().transpose(1, 2).repeat_interleave(rep, dim=1)
-    vh = vals.float().transpose(1, 2).repeat_interleave(rep, dim=1)
-    s = (qh @ kh.transpose(-1, -2)) * scale
-    s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - torch.where(lse == float("-inf"), 0.0, lse)[..., None])  # empty row: p = 0, not nan
-    return (p @ vh).transpose(1, 2).to(q.dtype)
-
-
-class _ShardAttentionTriton(torch.autograd.Function):
-    """Local window through the Triton kernels, summaries in PyTorch, one softmax.
-
-    The forward merges the kernel's ``(out, lse)`` over ``[halo + local]`` keys (queries
-    left-padded with ``h`` zero rows, so query row ``a`` sits at key row ``h + a``) with
-    the summary attention by their log-sum-exps. The backward uses the ring-attention
-    identity: the kernel's backward run with the *merged* ``out`` and ``lse`` gives the
-    exact gradients of the merged softmax w.r.t. the local ``q, k, v``; the summary part's
-    gradients are computed here from the same ``lse``.
-    """
+class _ChunkAttentionTriton(torch.autograd.Function):
+    """One chunk through the Triton kernels: queries at key offset ``h``, external summaries
+    at global groups (key 0 at global position ``pos0``); the backward returns the
+    summaries' gradients (sent back to the chunks that contributed to them)."""
 
     @staticmethod
-    def forward(ctx, q, k_ext, v_ext, ks, vs, h, left, group_size, q_start, scale):
-        b, tl, hq, d = q.shape
-        hkv = k_ext.shape[2]
-        q_pad = torch.cat([q.new_zeros((b, h, hq, d)), q], dim=1) if h else q.contiguous()
-        out1, lse1, _, _ = ops.swa_attention_fwd(q_pad, k_ext.contiguous(), v_ext.contiguous(),
-                                                 left, 0, True, None, False, scale)
-        o1, l1 = out1[:, h:].float(), lse1[:, :, h:]  # [B,Tl,Hq,Dv], [B,Hq,Tl]
-        rep = hq // hkv
-        qh = q.float().transpose(1, 2)  # [B,Hq,Tl,D]
-        ksh = ks.float().transpose(1, 2).repeat_interleave(rep, dim=1)  # [B,Hq,ng,D]
-        vsh = vs.float().transpose(1, 2).repeat_interleave(rep, dim=1)
-        mask = _summary_mask(tl, ks.shape[1], q_start, left, group_size, q.device)
-        s2 = (qh @ ksh.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf"))
-        l2 = torch.logsumexp(s2, dim=-1)
-        lse = torch.logaddexp(l1, l2)
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
-        w1 = torch.exp(l1 - lse_safe).nan_to_num(0.0)  # [B,Hq,Tl]
-        p2 = torch.exp(s2 - lse_safe[..., None])  # masked entries: exp(-inf) = 0
-        out = o1 * w1.transpose(1, 2)[..., None] + (p2 @ vsh).transpose(1, 2)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q_pad, k_ext, v_ext, ks, vs, out, lse1, lse, p2)
-        ctx.args = (h, left, group_size, q_start, scale)
+    def forward(ctx, q, k_ext, v_ext, ks, vs, h, pos0, left, group_size, scale):
+        from dasg_kernels.attention.fwd import swa_fwd
+
+        summ = ks is not None
+        out, lse, _, _ = swa_fwd(q, k_ext, v_ext, left=left, right=0, causal=True, group_size=group_size,
+                                 summaries=summ, scale=scale, q_offset=h,
+                                 summary_kv=(ks, vs) if summ else None, pos_offset=pos0)
+        ctx.save_for_backward(q, k_ext, v_ext, ks, vs, out, lse)
+        ctx.args = (h, pos0, left, group_size, scale)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q_pad, k_ext, v_ext, ks, vs, out, lse1, lse, p2 = ctx.saved_tensors
-        h, left, group_size, q_start, scale = ctx.args
-        b, hq, d = out.shape[0], q_pad.shape[2], q_pad.shape[3]
-        hkv = k_ext.shape[2]
-        rep = hq // hkv
-        dout = dout.contiguous()
-        if h:
-            dout_pad = torch.cat([dout.new_zeros((b, h) + tuple(dout.shape[2:])), dout], dim=1)
-            out_pad = torch.cat([out.new_zeros((b, h) + tuple(out.shape[2:])), out], dim=1)
-            lse_pad = torch.cat([lse1[:, :, :h], lse], dim=2).contiguous()  # padded rows: dout = 0
-        else:
-            dout_pad, out_pad, lse_pad = dout, out, lse.contiguous()
-        empty = q_pad.new_empty((0,))
-        dq_pad, dk_ext, dv_ext = ops.swa_attention_bwd(dout_pad, q_pad, k_ext.contiguous(), v_ext.contiguous(),
-                                                       out_pad, lse_pad, empty, empty,
-                                                       left, 0, True, None, False, scale)
-        # summary part: dS = P * (dP - delta), delta = rowsum(dout * out)
-        do = dout.float().transpose(1, 2)  # [B,Hq,Tl,Dv]
-        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)  # [B,Hq,Tl]
-        ksh = ks.float().transpose(1, 2).repeat_interleave(rep, dim=1)
-        vsh = vs.float().transpose(1, 2).repeat_interleave(rep, dim=1)
-        dp = do @ vsh.transpose(-1, -2)  # [B,Hq,Tl,ng]
-        ds = p2 * (dp - delta[..., None])
-        qh = q_pad[:, h:].float().transpose(1, 2)
-        dq = dq_pad[:, h:].float() + (scale * (ds @ ksh)).transpose(1, 2)
-        dks = (scale * ds.transpose(-1, -2) @ qh).view(b, hkv, rep, -1, d).sum(2).transpose(1, 2)
-        dvs = (p2.transpose(-1, -2) @ do).view(b, hkv, rep, -1, do.shape[-1]).sum(2).transpose(1, 2)
-        return (dq.to(q_pad.dtype), dk_ext, dv_ext, dks.to(ks.dtype), dvs.to(vs.dtype),
-                None, None, None, None, None)
+        from dasg_kernels.attention.bwd import swa_bwd
+
+        q, k_ext, v_ext, ks, vs, out, lse = ctx.saved_tensors
+        h, pos0, left, group_size, scale = ctx.args
+        summ = ks is not None
+        dq, dk, dv, dks, dvs = swa_bwd(dout, q, k_ext, v_ext, out, lse, ks, vs, left=left, right=0, causal=True,
+                                       group_size=group_size, summaries=summ, scale=scale, q_offset=h,
+                                       pos_offset=pos0, summary_grads=True)
+        return dq, dk, dv, dks, dvs, None, None, None, None, None
 
 
-def _shard_attention_triton(q, k_ext, v_ext, ks, vs, *, h, left, group_size, q_start, scale, backend):
+def _chunk_attention_triton(q, k_ext, v_ext, ks, vs, *, h, pos0, left, group_size, scale):
     if interpreted_bf16(q):  # the interpreter's bf16 dots are wrong: run fp32, round
         args = [t.float() if t is not None else None for t in (q, k_ext, v_ext, ks, vs)]
-        return _shard_attention_triton(*args, h=h, left=left, group_size=group_size, q_start=q_start,
-                                       scale=scale, backend=backend).to(q.dtype)
-    if ks is None or ks.shape[1] == 0:
-        b, _, hq, d = q.shape
-        q_pad = torch.cat([q.new_zeros((b, h, hq, d)), q], dim=1) if h else q
-        out = _swa_attention(q_pad, k_ext, v_ext, window=(left, 0), causal=True, softmax_scale=scale,
-                             backend=backend)
-        return out[:, h:]
-    return _ShardAttentionTriton.apply(q, k_ext, v_ext, ks, vs, h, left, group_size, q_start, scale)
+        return _chunk_attention_triton(*args, h=h, pos0=pos0, left=left, group_size=group_size,
+                                       scale=scale).to(q.dtype)
+    return _ChunkAttentionTriton.apply(q, k_ext, v_ext, ks, vs, h, pos0, left, group_size, scale)
 
 
 # --------------------------------------------------------------------------- public op
@@ -409,38 +486,55 @@ def swa_attention_cp(
     summaries: bool = False,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    layout: str = "contiguous",
+    seq_len: int | None = None,
     validate: bool = True,
 ) -> torch.Tensor:
     """:func:`dasg_kernels.swa_attention` over a sequence sharded across the ranks of ``group``.
 
     Args:
-        q: ``[B, T_local, Hq, D]``; k, v: ``[B, T_local, Hkv, D]``: this rank's shard, the
-            global positions ``[rank * T_local, (rank + 1) * T_local)`` (``rank`` in
-            ``group``; every rank holds an equal shard, rank order = sequence order).
+        q: ``[B, T_local, Hq, D]``; k: ``[B, T_local, Hkv, D]``, v: ``[B, T_local, Hkv, Dv]``:
+            this rank's shard (every rank holds an equal shard): with
+            ``layout="contiguous"`` the global positions ``[rank * T_local, (rank + 1) *
+            T_local)``; with ``layout="zigzag"`` the two chunks ``rank`` and ``2W - 1 - rank``
+            of ``T_local / 2`` positions (:func:`cp_shard` cuts a whole sequence either way).
         group: a ``torch.distributed`` ``ProcessGroup`` or a 1-D ``DeviceMesh``; every rank of
             it must call this op (it runs collectives).
         window, group_size, summaries, softmax_scale: as in :func:`~dasg_kernels.swa_attention`,
-            in global positions (groups ``[g*G, (g+1)*G)`` counted from the sequence start,
-            not the shard start; ``T_local`` need not be a multiple of ``G`` or of the window).
+            in global positions (groups ``[g*G, (g+1)*G)`` counted from the sequence start;
+            ``T_local`` need not be a multiple of ``G`` or of the window). An unbounded
+            window (``window[0] = -1``) needs ``layout="zigzag"``: with contiguous shards
+            the last rank would attend to the whole sequence, ``W`` times the first rank's
+            work, and receive every other rank's keys.
         causal: must be ``True`` (or the window's right side 0 without summaries): only
             causal attention is supported, a non-causal call is a ``ValueError``.
-        backend: ``"auto" | "triton" | "torch"``. ``torch`` computes the shard with the
-            reference math; ``triton`` runs the local window through the Triton kernels
-            (queries left-padded by the halo length) and merges the summary attention by
-            log-sum-exp (``auto`` picks as :func:`dasg_kernels.resolve_backend` does).
-        validate: check with one small all-gather (a host sync) that every rank passed the
-            same shapes and arguments; pass ``False`` once a training loop is known good.
+        backend: ``"auto" | "triton" | "torch"``. ``triton`` runs each chunk through the
+            Triton kernels (queries offset into ``[halo; chunk]`` keys, the gathered means
+            as their summary keys); ``torch`` through the blockwise PyTorch core
+            (:mod:`dasg_kernels.attention.blockwise`, the same arguments); ``auto`` picks
+            as :func:`dasg_kernels.resolve_backend` does.
+        layout: ``"contiguous"`` or ``"zigzag"`` (balanced work per rank; ``T_local`` even).
+        seq_len: the whole sequence's length, if the caller knows it: checked against
+            ``W * T_local`` on this rank before any collective (a clear ``ValueError`` even
+            with ``validate=False``).
+        validate: check that every rank passed the same shapes and arguments, with one
+            all-reduce of 22 ints before the exchange: on CPU tensors (gloo) read on the host
+            (no device to synchronise; a ``ValueError`` names the argument), on CUDA compared
+            on the device (``torch._assert_async``: no host sync; a mismatch stops the process
+            at its next synchronisation, with this rank's values in the message). ``False``
+            skips it; pass ``seq_len`` for a local check of the shard length.
 
     Returns:
-        ``out [B, T_local, Hq, D]``, this shard of ``swa_attention`` on the whole sequence;
+        ``out [B, T_local, Hq, Dv]``, this shard of ``swa_attention`` on the whole sequence;
         differentiable w.r.t. ``q, k, v`` (the gradients of keys/values other ranks used, as
-        halo or through the summaries, come back through the collectives' backward).
+        halo or through the summaries, come back through the exchange's backward).
 
-    Communication per call and rank (forward; the backward sends the same back): the halo,
-    ``min(left, rank * T_local)`` rows of ``Hkv * (D + Dv)`` elements (one
-    ``all_to_all_single``), and with summaries the partial group means of every shard,
-    ``W * (ceil((T_local - 1) / G) + 1)`` rows of ``Hkv * (D + Dv)`` (one ``all_gather``),
-    in the input dtype.
+    Communication per call (forward; the backward sends the same rows back): one
+    ``all_to_all_single`` of rows of ``Hkv * (D + Dv)`` elements in the input dtype: each
+    chunk's halo (``min(left, start)`` keys before it) from the chunks before it, and to
+    each chunk the contributions of the earlier chunks to the groups it sees (at most
+    ``ceil((T_chunk - 1) / G) + 1`` rows per earlier chunk). :func:`cp_exchange_rows` gives
+    the rows per rank.
     """
     left, right, scale = _validate(_OP, q, k, v, window=window, causal=causal, group_size=group_size,
                                    summaries=summaries, softmax_scale=softmax_scale, decode=False)
@@ -449,54 +543,107 @@ def swa_attention_cp(
                          f"window={tuple(window)} and summaries={summaries}")
     if not isinstance(validate, bool):
         raise TypeError(f"{_OP}: validate must be a bool, got {type(validate).__name__}")
+    zig = _check_layout(_OP, layout)
     group = resolve_group(group)
     be = _pick_backend("swa_attention", backend, q, k, v)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     b, tl, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
+    if tl == 0:
+        raise ValueError(f"{_OP}: q must hold at least one position (T_local >= 1), got shape {tuple(q.shape)}")
+    if zig and tl % 2:
+        raise ValueError(f"{_OP}: layout='zigzag' needs an even shard length T_local (two chunks of T_local/2), "
+                         f"got q.shape[1] = {tl}")
+    if left < 0 and not zig and world > 1:
+        raise ValueError(f"{_OP}: window[0] = -1 (unbounded) needs layout='zigzag': with contiguous shards the "
+                         f"last of the {world} ranks attends to the whole sequence ({world}x the first rank's "
+                         f"work) and receives every other rank's keys; shard with cp_shard(x, group=..., "
+                         f"layout='zigzag') or bound the window")
+    if seq_len is not None:
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int):
+            raise TypeError(f"{_OP}: seq_len must be an int or None, got {type(seq_len).__name__}")
+        if seq_len != world * tl:
+            raise ValueError(f"{_OP}: q.shape[1] (shard length T_local) = {tl} on rank {rank}, but seq_len = "
+                             f"{seq_len} over {world} ranks needs T_local = seq_len / {world} "
+                             f"{'= ' + str(seq_len // world) if seq_len % world == 0 else '(not an integer)'}")
     if validate:
         _check_same_on_all_ranks(
             _OP, group, q.device, **{
                 "q.shape[0] (batch)": b, "q.shape[1] (shard length T_local)": tl, "q.shape[2] (Hq)": hq,
                 "k.shape[2] (Hkv)": hkv, "q.shape[3] (D)": d, "v.shape[3] (Dv)": dv, "window[0] (left)": left,
-                "group_size": group_size or 0, "summaries": int(summaries),
+                "group_size": group_size or 0, "summaries": int(summaries), "layout": int(zig),
+                "softmax_scale (float bits)": int(torch.tensor(scale, dtype=torch.float64).view(torch.int64)),
             })
-    if tl == 0:
-        raise ValueError(f"{_OP}: q must hold at least one position (T_local >= 1), got shape {tuple(q.shape)}")
 
-    h = _halo_len(rank, tl, left)
-    n_groups = None
-    if summaries and left >= 0:
-        # groups wholly before the window of some query of this shard / of the last shard
-        n_mine = max(0, (rank * tl + tl - 1 - left) // group_size)
-        n_any = max(0, (world * tl - 1 - left) // group_size)
-        if n_any > 0:  # the same decision on every rank: all of them join the all-gather
-            n_groups = n_mine
-    k_ext, v_ext, ks, vs = _exchange(k, v, left=left, group_size=group_size, n_groups=n_groups, group=group,
-                                     rank=rank, world=world)
-    kw = dict(h=h, left=left, group_size=group_size, q_start=rank * tl, scale=scale)
-    if be == "torch":
-        return _shard_attention_torch(q, k_ext, v_ext, ks, vs, **kw)
-    return _shard_attention_triton(q, k_ext, v_ext, ks, vs, backend=be, **kw)
+    geo = _Geometry(world, tl, left, group_size if summaries else None, zig)
+    chunks = _exchange(k, v, geo, rank, group)
+    attend = _chunk_attention_torch if be == "torch" else _chunk_attention_triton
+    outs = []
+    for c, (k_ext, v_ext, ks, vs) in zip(geo.chunks(rank), chunks):
+        o = geo.owner(c)[1]
+        h = geo.halo(c)
+        outs.append(attend(q[:, o:o + geo.tc], k_ext, v_ext, ks, vs, h=h, pos0=geo.start(c) - h, left=left,
+                           group_size=group_size, scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-def shift_labels_cp(labels: torch.Tensor, *, group: object, ignore_index: int = -100) -> torch.Tensor:
+# --------------------------------------------------------------------------- shards, positions, labels
+
+
+def cp_positions(rank: int, world: int, t_local: int, *, layout: str = "contiguous",
+                 device: torch.device | str | None = None) -> torch.Tensor:
+    """Global positions ``[T_local]`` (int64) of rank ``rank``'s shard of ``world`` (for RoPE)."""
+    zig = _check_layout("cp_positions", layout)
+    geo = _Geometry(world, t_local, 0, None, zig)
+    return torch.cat([torch.arange(geo.start(c), geo.start(c) + geo.tc, device=device) for c in geo.chunks(rank)])
+
+
+def cp_shard(x: torch.Tensor, *, group: object, layout: str = "contiguous", dim: int = 1) -> torch.Tensor:
+    """This rank's shard of the whole-sequence tensor ``x`` (sequence along ``dim``, whose
+    length must be a multiple of the group size, and of twice it for ``"zigzag"``)."""
+    group = resolve_group(group, op="cp_shard")
+    zig = _check_layout("cp_shard", layout)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    t = x.shape[dim]
+    n = 2 * world if zig else world
+    if t % n:
+        raise ValueError(f"cp_shard: x.shape[{dim}] = {t} must be a multiple of {n} "
+                         f"({'2 x ' if zig else ''}the {world} ranks) for layout={layout!r}")
+    geo = _Geometry(world, t // world, 0, None, zig)
+    parts = [x.narrow(dim, geo.start(c), geo.tc) for c in geo.chunks(rank)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
+def shift_labels_cp(labels: torch.Tensor, *, group: object, ignore_index: int = -100,
+                    layout: str = "contiguous") -> torch.Tensor:
     """Next-token targets of a sequence-sharded batch: ``targets[:, t] = labels[:, t + 1]`` in
     global positions.
 
-    ``labels [B, T_local]`` is this rank's shard (sliced like ``input_ids``); the target of the
-    last position comes from the next rank's first label (one all-gather of ``B`` ints), and
-    is ``ignore_index`` on the last rank. Not differentiable (labels are integers).
+    ``labels [B, T_local]`` is this rank's shard (sliced like ``input_ids``, in ``layout``);
+    the target of a chunk's last position is the next chunk's first label (one all-gather
+    of the chunks' first labels, ``B`` ints per chunk), and is ``ignore_index`` for the
+    sequence's last position. Not differentiable (labels are integers).
     """
     group = resolve_group(group, op="shift_labels_cp")
+    zig = _check_layout("shift_labels_cp", layout)
     if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
         raise ValueError(f"shift_labels_cp: labels must be a [B, T_local] tensor, got "
                          f"{getattr(labels, 'shape', type(labels).__name__)}")
-    if labels.shape[1] == 0:
-        raise ValueError("shift_labels_cp: labels must hold at least one position")
+    if labels.shape[1] == 0 or (zig and labels.shape[1] % 2):
+        raise ValueError(f"shift_labels_cp: labels must hold at least one position (an even number with "
+                         f"layout='zigzag'), got {labels.shape[1]}")
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    first = labels[:, :1].contiguous()
-    bufs = [torch.empty_like(first) for _ in range(world)]
-    dist.all_gather(bufs, first, group=group)
-    nxt = bufs[rank + 1] if rank + 1 < world else torch.full_like(first, ignore_index)
-    return torch.cat([labels[:, 1:], nxt], dim=1)
+    geo = _Geometry(world, labels.shape[1], 0, None, zig)
+    firsts = labels[:, :: geo.tc].contiguous()  # [B, chunks per rank]
+    bufs = [torch.empty_like(firsts) for _ in range(world)]
+    dist.all_gather(bufs, firsts, group=group)
+    out = []
+    for j, c in enumerate(geo.chunks(rank)):
+        o = geo.owner(c)[1]
+        if c + 1 < geo.n_chunks:
+            r, o2 = geo.owner(c + 1)
+            nxt = bufs[r][:, o2 // geo.tc: o2 // geo.tc + 1]
+        else:
+            nxt = torch.full_like(firsts[:, :1], ignore_index)
+        out += [labels[:, o + 1:o + geo.tc], nxt]
+    return torch.cat(out, dim=1)

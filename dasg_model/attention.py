@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dasg_kernels import swa_attention, swa_attention_varlen, swa_attention_with_kvcache
-from dasg_kernels.distributed import swa_attention_cp
+from dasg_kernels.distributed import cp_positions, swa_attention_cp
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
 from dasg_model.packing import PackedDocuments
@@ -51,8 +51,8 @@ class GroupedMultiHeadAttention(nn.Module):
     Input ``x [B, T, hidden]``, output ``[B, T, hidden]``.
 
     Context parallel (set by :func:`dasg_model.parallel.apply_context_parallel`): with
-    ``cp_group`` set, ``x`` is this rank's sequence shard, RoPE uses the global positions
-    ``rank * T + arange(T)`` and attention runs through
+    ``cp_group`` set, ``x`` is this rank's sequence shard (in ``cp_layout``), RoPE uses its
+    global positions and attention runs through
     :func:`dasg_kernels.distributed.swa_attention_cp` (``cp_validate`` is its ``validate``).
 
     Packed documents (``documents``, see :mod:`dasg_model.packing`): the ``B * T`` tokens go
@@ -62,6 +62,7 @@ class GroupedMultiHeadAttention(nn.Module):
 
     cp_group: object | None = None
     cp_validate: bool = True
+    cp_layout: str = "contiguous"
 
     def __init__(self, config: DASGConfig):
         super().__init__()
@@ -91,8 +92,9 @@ class GroupedMultiHeadAttention(nn.Module):
         checked by the op, with its one host read in eager mode, at layer 0 only)."""
         b, t, _ = x.shape
         if rope is None:
-            start = dist.get_rank(self.cp_group) * t if self.cp_group is not None else 0
-            rope = self.rotary(torch.arange(start, start + t, device=x.device))
+            cp = self.cp_group
+            rank, world = (dist.get_rank(cp), dist.get_world_size(cp)) if cp is not None else (0, 1)
+            rope = self.rotary(cp_positions(rank, world, t, layout=self.cp_layout, device=x.device))
         cos, sin = rope
         q = apply_rope(self.q_proj(x).view(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim), cos, sin)
@@ -116,7 +118,8 @@ class GroupedMultiHeadAttention(nn.Module):
             o = swa_attention_with_kvcache(q, layer.pop("k_cache"), layer.pop("v_cache"), cache.seqlens, k, v,
                                            **layer, **kw)
         elif self.cp_group is not None:
-            o = swa_attention_cp(q, k, v, group=self.cp_group, validate=self.cp_validate, **kw)
+            o = swa_attention_cp(q, k, v, group=self.cp_group, validate=self.cp_validate, layout=self.cp_layout,
+                                 **kw)
         else:
             o = swa_attention(q, k, v, **kw)
         return self.o_proj(o.reshape(b, t, self.num_heads * self.head_dim))

@@ -25,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from dasg_kernels.distributed import shift_labels_cp
+from dasg_kernels.distributed import cp_positions, shift_labels_cp
 from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
@@ -133,11 +133,13 @@ class DASGModel(DASGPreTrainedModel):
       a time; the returned MoE outputs are those of the last chunk.
 
     With ``cp_group`` set (:func:`dasg_model.parallel.apply_context_parallel`) ``input_ids``
-    is this rank's sequence shard and the positions start at ``rank * T`` (``position_ids``
-    and packed documents are refused there).
+    is this rank's sequence shard (in ``cp_layout``) and the positions are its global ones
+    (``dasg_kernels.distributed.cp_positions``; ``position_ids`` and packed documents are
+    refused there).
     """
 
     cp_group: object | None = None
+    cp_layout: str = "contiguous"
 
     def __init__(self, config: DASGConfig):
         super().__init__(config)
@@ -290,9 +292,10 @@ class DASGModel(DASGPreTrainedModel):
                                        max_length_k=max_length_k)
         if cache is not None:
             return self._forward_cached(x, attention_mask, position_ids, cache)
-        start, total = 0, t
+        rank, world = 0, 1
         if self.cp_group is not None:
-            start, total = dist.get_rank(self.cp_group) * t, dist.get_world_size(self.cp_group) * t
+            rank, world = dist.get_rank(self.cp_group), dist.get_world_size(self.cp_group)
+        total = world * t
         if total > self.config.max_position_embeddings:
             raise ValueError(f"DASGModel: sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -309,7 +312,8 @@ class DASGModel(DASGPreTrainedModel):
             shift = run_start(mask)
             x = roll_rows(x, shift)
             position_ids = None if position_ids is None else roll_rows(position_ids, shift)
-        pos = torch.arange(start, start + t, device=x.device) if position_ids is None else position_ids
+        pos = cp_positions(rank, world, t, layout=self.cp_layout, device=x.device) if position_ids is None \
+            else position_ids
         x, outs = self._layers(x, self.rotary(pos))
         x = self.norm(x)
         if shift is not None:
@@ -544,7 +548,7 @@ class DASGForCausalLM(DASGPreTrainedModel, GenerationMixin):
         elif group is None:  # position t predicts labels[:, t + 1]; the last position nothing
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)
         else:
-            targets = shift_labels_cp(labels, group=group)
+            targets = shift_labels_cp(labels, group=group, layout=self.model.cp_layout)
         if targets.shape != logits.shape[:-1]:
             raise ValueError(f"DASGForCausalLM: {'shift_labels' if shift_labels is not None else 'labels'} must "
                              f"match the logits' [B, T] = {tuple(logits.shape[:-1])}, got {tuple(targets.shape)}")

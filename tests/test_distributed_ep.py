@@ -539,8 +539,9 @@ def test_cost_model_cp_and_tables():
     w = CPWorkload(seq=64, window=20, group_size=8, heads_q=4, heads_kv=2, head_dim=16)
     c = cp_layer_cost(w, 4)
     row = 2 * 2 * 16 * 2  # one position's k | v, 2 kv heads, bf16
-    # rank 1 sends 16 halo rows to rank 2 and 4 to rank 3; 3 group slots of partial means per rank
-    assert c["bytes_fwd"] == 20 * row + 3 * 3 * row and c["bytes_bwd"] == 20 * row + 6 * 3 * row
+    # rank 0 sends 16 halo rows to rank 1 and 4 to rank 2, and 1 + 2 + 2 group contributions to
+    # ranks 1-3 (groups 0-1 of 8; ranks 1-3 read 1, 3, 5 groups); rank 3 receives as many
+    assert c["bytes_fwd"] == c["bytes_bwd"] == 25 * row and c["summary_bytes"] == 2 * 5 * row
     assert c["compute_s"] > 0 and c["comm_s"] == cp_layer_cost(w, 4, topology="nvlink")["comm_s"]
     assert cp_layer_cost(w, 4, topology="ib")["comm_s"] > c["comm_s"]
     rates = kernel_rates()

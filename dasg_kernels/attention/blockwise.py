@@ -58,16 +58,19 @@ def default_block_size(tq: int, tk: int, left: int, right: int, n_summaries: int
     return max(1, min(blk, tq))
 
 
-def _block_keys(i0: int, i1: int, tk: int, left: int, right: int, causal: bool, group_size: int, ng: int):
-    """For query positions ``[i0, i1)``: the local key range ``[lo, hi)`` and the summary
-    column ranges ``[(a, b), ...]`` that some row of the block sees."""
+def _block_keys(i0: int, i1: int, tk: int, left: int, right: int, causal: bool, group_size: int, ng: int,
+                pos0: int = 0):
+    """For query rows at key positions ``[i0, i1)``: the local key range ``[lo, hi)`` and the
+    summary column ranges ``[(a, b), ...]`` that some row of the block sees (``pos0``: the
+    position of key 0 in the groups' coordinates)."""
     lo = 0 if left < 0 else min(max(i0 - left, 0), tk)
     hi = tk if right < 0 else min(max(i1 + right, 0), tk)
     hi = max(hi, lo)
     ranges: list[tuple[int, int]] = []
     if ng:
-        nb = 0 if left < 0 else min(max((i1 - 1 - left) // group_size, 0), ng)  # g < nb: before
-        na = ng if (causal or right < 0) else min(max((i0 + right) // group_size + 1, 0), ng)  # g >= na: after
+        g0, g1 = i0 + pos0, i1 + pos0
+        nb = 0 if left < 0 else min(max((g1 - 1 - left) // group_size, 0), ng)  # g < nb: before
+        na = ng if (causal or right < 0) else min(max((g0 + right) // group_size + 1, 0), ng)  # g >= na: after
         if nb >= na:
             ranges = [(0, ng)]
         else:
@@ -75,9 +78,9 @@ def _block_keys(i0: int, i1: int, tk: int, left: int, right: int, causal: bool, 
     return lo, hi, ranges
 
 
-def _block_mask(i0, i1, lo, hi, ranges, left, right, causal, group_size, device) -> torch.Tensor:
+def _block_mask(i0, i1, lo, hi, ranges, left, right, causal, group_size, device, pos0: int = 0) -> torch.Tensor:
     """Bool ``[i1 - i0, (hi - lo) + summaries]``: the reference's local / summary masks
-    restricted to this block's rows and columns."""
+    restricted to this block's rows and columns (summaries at positions shifted by ``pos0``)."""
     i = torch.arange(i0, i1, device=device)[:, None]
     j = torch.arange(lo, hi, device=device)[None, :]
     local = torch.ones(i1 - i0, hi - lo, dtype=torch.bool, device=device)
@@ -86,6 +89,7 @@ def _block_mask(i0, i1, lo, hi, ranges, left, right, causal, group_size, device)
     if right >= 0:
         local &= j <= i + right
     parts = [local]
+    i = i + pos0
     for a, b in ranges:
         g = torch.arange(a, b, device=device)[None, :]
         vis = torch.zeros(i1 - i0, b - a, dtype=torch.bool, device=device)
@@ -100,13 +104,14 @@ def _block_mask(i0, i1, lo, hi, ranges, left, right, causal, group_size, device)
 class _Problem:
     """Shapes, bounds and head-major fp32 views shared by the forward and the backward."""
 
-    def __init__(self, q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block):
+    def __init__(self, q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block, pos0=0):
         self.b, self.tq, self.hq, self.d = q.shape
         self.tk, self.hkv = k.shape[1], k.shape[2]
         self.dv = v.shape[3]
         self.rep = self.hq // self.hkv
         self.scale, self.left, self.right, self.causal = scale, left, right, causal
         self.group_size = group_size
+        self.pos0 = pos0
         self.ng = 0 if ks is None else ks.shape[1]
         self.q_offset = self.tk - self.tq if q_offset is None else q_offset
         self.block = block or default_block_size(self.tq, self.tk, left, right, self.ng, self.b * self.hq)
@@ -121,7 +126,7 @@ class _Problem:
             r1 = min(r0 + self.block, self.tq)
             i0, i1 = self.q_offset + r0, self.q_offset + r1
             lo, hi, ranges = _block_keys(i0, i1, self.tk, self.left, self.right, self.causal,
-                                         self.group_size or 1, self.ng)
+                                         self.group_size or 1, self.ng, self.pos0)
             yield r0, r1, lo, hi, ranges, i0, i1
 
     def rows(self, x: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -148,7 +153,7 @@ class _Problem:
         blk = i1 - i0
         s = torch.matmul(qb, kb.transpose(-1, -2)).mul_(self.scale)
         mask = _block_mask(i0, i1, lo, hi, ranges, self.left, self.right, self.causal,
-                           self.group_size or 1, qb.device)
+                           self.group_size or 1, qb.device, self.pos0)
         s5 = s.view(self.b, self.hkv, self.rep, blk, s.shape[-1]).masked_fill_(~mask, _NEG_INF)
         # Rows that see no key (max or lse = -inf) subtract 0, so their p is exp(-inf) = 0,
         # never exp(-inf - -inf) = nan; NaN scores stay NaN.
@@ -210,11 +215,11 @@ def _backward(pb: _Problem, q, lse, dout):
 
 class _BlockwiseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block):
-        pb = _Problem(q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block)
+    def forward(ctx, q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block, pos0):
+        pb = _Problem(q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block, pos0)
         out, lse = _forward(pb, q)
         ctx.save_for_backward(q, k, v, ks, vs, lse)
-        ctx.args = (scale, left, right, causal, group_size, q_offset, block)
+        ctx.args = (scale, left, right, causal, group_size, q_offset, block, pos0)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -229,7 +234,7 @@ class _BlockwiseAttention(torch.autograd.Function):
         dks = None if dksh is None else dksh.transpose(1, 2).to(ks.dtype)
         dvs = None if dvsh is None else dvsh.transpose(1, 2).to(vs.dtype)
         return (dq.to(q.dtype), dkh.transpose(1, 2).to(k.dtype), dvh.transpose(1, 2).to(v.dtype), dks, dvs,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def swa_attention_blockwise(
@@ -244,6 +249,8 @@ def swa_attention_blockwise(
     softmax_scale: float | None = None,
     q_offset: int | None = None,
     block_size: int | None = None,
+    summary_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    position_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Grouped sliding-window attention with summaries, one query block at a time.
 
@@ -255,6 +262,14 @@ def swa_attention_blockwise(
     means too). ``block_size``: query rows per block (default :func:`default_block_size`).
     Computes in fp32 whatever the input dtype. Inputs are not validated here (the public
     ops do that).
+
+    External summaries (a shard of a longer sequence, e.g. context parallelism):
+    ``summary_kv=(ks [B, n, Hkv, D], vs [B, n, Hkv, Dv])`` are used as the summary keys/values
+    instead of the group means of ``k, v`` (``summaries=True`` needed), and key ``j`` sits
+    at position ``position_offset + j`` of the groups' coordinates: summary ``g`` stands for
+    the positions ``[g*G, (g+1)*G)`` there, and the query at key position ``i`` sees it when
+    ``(g+1)*G - 1 < position_offset + i - left``. The local window depends only on
+    ``i - j``. ``out`` is then also differentiable w.r.t. ``ks, vs``.
     """
     left, right = int(window[0]), int(window[1])
     if causal:
@@ -265,12 +280,19 @@ def swa_attention_blockwise(
     if summaries:
         if group_size is None:
             raise ValueError("swa_attention_blockwise: summaries=True needs group_size")
-        if k.shape[1] and num_groups(k.shape[1], group_size):
+        if summary_kv is not None:
+            ks, vs = summary_kv
+            if ks.shape[1] == 0:
+                ks = vs = None
+        elif k.shape[1] and num_groups(k.shape[1], group_size):
             ks, vs = group_means_ref(k, group_size), group_means_ref(v, group_size)
+    elif summary_kv is not None:
+        raise ValueError("swa_attention_blockwise: summary_kv needs summaries=True")
     if block_size is not None and block_size < 1:
         raise ValueError(f"swa_attention_blockwise: block_size must be >= 1, got {block_size}")
     # the same tensor twice (self-attention of one tensor, k is v) would be a duplicate
     # input of the autograd.Function, which torch.compile rejects: pass views instead
     k = k.view_as(k) if k is q else k
     v = v.view_as(v) if v is q or v is k else v
-    return _BlockwiseAttention.apply(q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block_size)
+    return _BlockwiseAttention.apply(q, k, v, ks, vs, scale, left, right, causal, group_size, q_offset, block_size,
+                                     int(position_offset))

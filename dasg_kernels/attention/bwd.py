@@ -88,7 +88,7 @@ def _load_row_stats(p_lse, p_delta, rows, n_q, CHECK_ROWS: tl.constexpr):
 @triton.jit
 def _dkdv_tiles(
     b_dk, b_dv, b_k, b_v, cols, p_q, p_do, q_desc, do_desc, p_lse, p_delta, stride_qt, stride_dot, o_q2d, o_do2d,
-    o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, n_keys, n_q, qk_scale,
+    o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, n_keys, n_q, row_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, DKDV_PASS: tl.constexpr,
@@ -97,7 +97,8 @@ def _dkdv_tiles(
     """Accumulate dk, dv of the key block over the query tiles ``[lo, hi)`` (transposed scores);
     the tiles in ``[full_lo, full_hi)`` see the whole block and skip the mask (one loop:
     see :func:`dasg_kernels.attention.fwd._fwd_tiles`). ``DKDV_PASS`` 1 accumulates dv only,
-    2 dk only (the other stays as passed in)."""
+    2 dk only (the other stays as passed in). Query row ``r`` sits at position ``row_pos + r``
+    (of the keys, or of the summaries' groups)."""
     o_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + o_m
@@ -108,11 +109,11 @@ def _dkdv_tiles(
         b_arg = b_st * qk_scale - b_lse2[None, :]
         if (start_m < full_lo) | (start_m >= full_hi):
             if IS_SUMMARY:
-                m_vis = _visible(rows[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE,
-                                 SUM_AFTER)
+                m_vis = _visible((rows + row_pos)[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY,
+                                 SUM_BEFORE, SUM_AFTER)
                 m_vis = m_vis & (rows < n_q)[None, :]
             else:
-                lo_i, width = _local_window(rows, left, right, n_keys, rows < n_q)
+                lo_i, width = _local_window(rows + row_pos, left, right, n_keys, rows < n_q)
                 m_vis = _in_window(cols[:, None], lo_i[None, :], width[None, :])
             b_arg = tl.where(m_vis, b_arg, float("-inf"))
         b_pt = tl.exp2(b_arg)
@@ -129,7 +130,7 @@ def _dkdv_tiles(
 def _dkdv_head(
     b_dk, b_dv, b_k, b_v, cols, i_h, i_b, Q, DO, LSE, DELTA,
     stride_qb, stride_qh, stride_dob, stride_doh, stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d,
-    o_dv, a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+    o_dv, a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, row_pos, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, IS_SUMMARY: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, DKDV_PASS: tl.constexpr,
@@ -152,12 +153,12 @@ def _dkdv_head(
     if IS_SUMMARY and SUM_AFTER:
         b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, q_desc, do_desc, p_lse, p_delta,
                                  stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                                 a_lo, a_lo, a_lo, a_hi, left, right, G, N_KEYS, T, qk_scale,
+                                 a_lo, a_lo, a_lo, a_hi, left, right, G, N_KEYS, T, row_pos, qk_scale,
                                  HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, True, SUM_BEFORE, SUM_AFTER, DOT_PREC,
                                  DKDV_PASS, TMA)
     b_dk, b_dv = _dkdv_tiles(b_dk, b_dv, b_k, b_v, cols, p_q, p_do, q_desc, do_desc, p_lse, p_delta,
                              stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                             lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                             lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, row_pos, qk_scale,
                              HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER, DOT_PREC,
                              DKDV_PASS, TMA)
     return b_dk, b_dv
@@ -165,7 +166,7 @@ def _dkdv_head(
 
 @tuned("dkdv")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T TOTAL N_KEYS H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
+    "stride_lb stride_lh T TOTAL N_KEYS Q_OFFSET POS0 H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS, CU,
     stride_qb, stride_qt, stride_qh,
@@ -177,7 +178,7 @@ def _swa_bwd_dkdv_kernel(
     stride_dss, stride_dsb, stride_dst, stride_dsh,
     stride_dvss, stride_dvsb, stride_dvst, stride_dvsh,
     stride_lb, stride_lh,
-    T, TOTAL, N_KEYS, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT,
+    T, TOTAL, N_KEYS, Q_OFFSET, POS0, H_KV, KV_GROUP: tl.constexpr, HEADS_UNROLLED: tl.constexpr, left, right, G, qk_scale, sm_scale, ROWS_PER_SPLIT,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -232,8 +233,10 @@ def _swa_bwd_dkdv_kernel(
         i_s = tl.program_id(2)
         r0 = i_s * ROWS_PER_SPLIT
         r1 = tl.minimum(r0 + ROWS_PER_SPLIT, T)
-        a_hi, b_lo, b_full, b_tail = _summary_query_range(start_n, last_n, left, right, G, T, BLOCK_M,
-                                                          SUM_BEFORE, SUM_AFTER)
+        # query row r sits at group position row_pos + r: the ranges in rows shift the window
+        row_pos = Q_OFFSET + POS0
+        a_hi, b_lo, b_full, b_tail = _summary_query_range(start_n, last_n, left - row_pos, right + row_pos, G, T,
+                                                          BLOCK_M, SUM_BEFORE, SUM_AFTER)
         # clipped to the split: the "after" queries [r0, a_hi) (masked), then the "before"
         # ones laid out like the local ranges below: masked [lo, full_lo), unmasked
         # [full_lo, full_hi) (they see the whole block), masked [full_hi, hi)
@@ -246,7 +249,8 @@ def _swa_bwd_dkdv_kernel(
         DK += i_s.to(tl.int64) * stride_dss
         DV += i_s.to(tl.int64) * stride_dvss
     else:
-        lo, full_lo, full_hi, hi = _local_query_range(start_n, last_n, left, right, T, BLOCK_M)
+        row_pos = Q_OFFSET  # query row r sits at key position Q_OFFSET + r
+        lo, full_lo, full_hi, hi = _local_query_range(start_n - row_pos, last_n - row_pos, left, right, T, BLOCK_M)
 
     # The q heads of the group: HEADS_UNROLLED of them unrolled (constexpr) per step of a
     # runtime loop. Unrolling a group of 2 spills less; larger groups compile for minutes
@@ -259,7 +263,7 @@ def _swa_bwd_dkdv_kernel(
             b_dk, b_dv = _dkdv_head(b_dk, b_dv, b_k, b_v, cols, i_hk * KV_GROUP + j, i_b,
                                     Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_dob, stride_doh,
                                     stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                                    a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                                    a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, row_pos, qk_scale,
                                     HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
                                         DOT_PREC, DKDV_PASS, TMA)
     else:
@@ -268,7 +272,7 @@ def _swa_bwd_dkdv_kernel(
                 b_dk, b_dv = _dkdv_head(b_dk, b_dv, b_k, b_v, cols, i_hk * KV_GROUP + j0 + j, i_b,
                                         Q, DO, LSE, DELTA, stride_qb, stride_qh, stride_dob, stride_doh,
                                         stride_lb, stride_lh, stride_qt, stride_dot, o_q2d, o_do2d, o_d, o_dv,
-                                        a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, qk_scale,
+                                        a_lo, a_hi, lo, full_lo, full_hi, hi, left, right, G, N_KEYS, T, row_pos, qk_scale,
                                         HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_M, IS_SUMMARY, SUM_BEFORE, SUM_AFTER,
                                         DOT_PREC, DKDV_PASS, TMA)
 
@@ -349,7 +353,7 @@ def _dq_tiles(
 
 @tuned("dq")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T TOTAL H_Q KV_GROUP left right G NG WIN_KEY"))
+    "stride_lb stride_lh T T_K TOTAL Q_OFFSET POS0 H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_bwd_dq_kernel(
     Q, K, V, KS, VS, DO, LSE, DELTA, DQ, CU,
     stride_qb, stride_qt, stride_qh,
@@ -360,7 +364,7 @@ def _swa_bwd_dq_kernel(
     stride_dob, stride_dot, stride_doh,
     stride_dqb, stride_dqt, stride_dqh,
     stride_lb, stride_lh,
-    T, TOTAL, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
+    T, T_K, TOTAL, Q_OFFSET, POS0, H_Q, KV_GROUP, left, right, G, NG, qk_scale, sm_scale,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -380,6 +384,7 @@ def _swa_bwd_dq_kernel(
         s0, T = _seq_bounds(CU, i_b, TOTAL, T)
         if start_m >= T:
             return
+        T_K = T
         NG = (T + G - 1) // G
         Q += s0 * stride_qt
         K += s0 * stride_kt
@@ -405,17 +410,17 @@ def _swa_bwd_dq_kernel(
     o_n = tl.arange(0, BLOCK_N)
     o_k2d = o_n[:, None] * stride_kt + o_d[None, :]
     o_v2d = o_n[:, None] * stride_vt + o_dv[None, :]
-    first = start_m
-    last = tl.minimum(start_m + BLOCK_M, T) - 1
-    lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T, BLOCK_N)
+    first = start_m + Q_OFFSET  # key positions of the block's rows
+    last = tl.minimum(start_m + BLOCK_M, T) - 1 + Q_OFFSET
+    lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T_K, BLOCK_N)
     k_desc, v_desc = p_k, p_v
-    if TMA:  # this sequence's keys; rows past T read 0
-        k_desc = tl.make_tensor_descriptor(p_k, shape=[T, HEAD_DIM], strides=[stride_kt, 1],
+    if TMA:  # this sequence's keys; rows past T_K read 0
+        k_desc = tl.make_tensor_descriptor(p_k, shape=[T_K, HEAD_DIM], strides=[stride_kt, 1],
                                            block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(p_v, shape=[T, HEAD_DV], strides=[stride_vt, 1],
+        v_desc = tl.make_tensor_descriptor(p_v, shape=[T_K, HEAD_DV], strides=[stride_vt, 1],
                                            block_shape=[BLOCK_N, BLOCK_DV])
-    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt,
-                     o_k2d, o_v2d, o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, T, qk_scale,
+    b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows + Q_OFFSET, p_k, p_v, k_desc, v_desc, stride_kt,
+                     stride_vt, o_k2d, o_v2d, o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, T_K, qk_scale,
                      HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA)
     if SUM_BEFORE or SUM_AFTER:
         p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
@@ -428,13 +433,15 @@ def _swa_bwd_dq_kernel(
                                                 block_shape=[BLOCK_N, BLOCK_D])
             vs_desc = tl.make_tensor_descriptor(p_vs, shape=[NG, HEAD_DV], strides=[stride_vst, 1],
                                                 block_shape=[BLOCK_N, BLOCK_DV])
-        s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N, SUM_BEFORE, SUM_AFTER)
+        # summary g stands for the positions [g*G, (g+1)*G) counted from POS0 before key 0
+        s_full, s_bhi, s_alo = _summary_key_range(first + POS0, last + POS0, left, right, G, NG, BLOCK_N,
+                                                  SUM_BEFORE, SUM_AFTER)
         # "before" summaries: [0, s_full) seen by every row, [s_full, s_bhi) masked
-        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, ks_desc, vs_desc, stride_kst, stride_vst,
+        b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows + Q_OFFSET + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst, stride_vst,
                          o_ks2d, o_vs2d, o_d, o_dv, 0, 0, s_full, s_bhi, left, right, G, NG, qk_scale,
                          HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA)
         if SUM_AFTER:  # "after" summaries (non-causal): [s_alo, NG), masked
-            b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
+            b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows + Q_OFFSET + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
                              stride_vst, o_ks2d, o_vs2d, o_d, o_dv, s_alo, s_alo, s_alo, NG, left, right, G, NG,
                              qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE, SUM_AFTER,
                              DOT_PREC, TMA)
@@ -471,12 +478,21 @@ def swa_bwd(
     summaries: bool,
     scale: float,
     varlen: common.Varlen | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward of :func:`dasg_kernels.attention.fwd.swa_fwd` (``Tq == Tk``).
+    q_offset: int = 0,
+    pos_offset: int = 0,
+    summary_grads: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """Launch the backward of :func:`dasg_kernels.attention.fwd.swa_fwd`.
 
-    Returns ``dq [B,T,Hq,D]``, ``dk, dv [B,T,Hkv,D]`` in the input dtypes. With ``varlen``
+    Returns ``dq [B,Tq,Hq,D]``, ``dk, dv [B,Tk,Hkv,D]`` in the input dtypes. With ``varlen``
     (``cu_q == cu_k``): ``q, do, out [total, Hq, D]``, ``lse [Hq, total]``, ``k, v [total, Hkv, D]``,
     ``ks, vs [B, ceil(max/G), Hkv, D]``, and the gradients have the shapes of ``q, k, v``.
+
+    Dense only: ``q_offset`` (query row 0 at key position ``q_offset``, ``Tq + q_offset <= Tk``)
+    and ``pos_offset`` as in the forward. ``summary_grads=True``: ``ks, vs`` are external
+    summaries (the forward's ``summary_kv``), whose gradients ``dks, dvs`` (fp32 sums, in
+    their dtype; ``None`` when no summary is visible) are returned after ``dq, dk, dv``
+    instead of being pooled back into ``dk, dv``.
     """
     hq, d = q.shape[-2], q.shape[-1]
     hkv, dv_ = k.shape[-2], v.shape[-1]
@@ -485,28 +501,35 @@ def swa_bwd(
     dq = common.new_empty(q.shape, q.dtype, q.device)
     dk = common.new_empty(k.shape, k.dtype, k.device)
     dv = common.new_empty(v.shape, v.dtype, v.device)
+    def result(dks=None, dvs=None):
+        return (dq, dk, dv, dks, dvs) if summary_grads else (dq, dk, dv)
+
     if q.numel() == 0 or k.numel() == 0 or (varlen is not None and varlen.batch == 0):
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        dq.zero_(), dk.zero_(), dv.zero_()
+        if summary_grads and use_sum:
+            return result(torch.zeros_like(ks), torch.zeros_like(vs))
+        return result()
     if do.stride(-1) != 1 or not common.row_stride_ok(do if varlen is None else do.unsqueeze(0)):
         # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
         # kernels need a unit last-dim stride (and int32 tile offsets), so only then is dO copied.
         do = do.contiguous()
     lse = lse.contiguous()  # [B, Hq, T] fp32, produced by the forward (already contiguous)
     if varlen is None:
-        b, t = q.shape[0], q.shape[1]
+        b, t, tk = q.shape[0], q.shape[1], k.shape[1]
         delta = common.new_empty((b, hq, t), torch.float32, q.device)
         pre_out, pre_do, pre_delta, n_pre = out, do, delta, t
         lse3, delta3, cu = lse, delta, q  # cu: unused
     else:
         _check_self_attention(varlen)
         b, t = varlen.batch, max(varlen.max_q, varlen.max_k)
+        tk, q_offset, pos_offset = t, 0, 0
         delta = common.new_empty((hq, q.shape[0]), torch.float32, q.device)
         # delta = rowsum(dO * O) is per row: the packed rows are one batch of total rows
         pre_out, pre_do, pre_delta, n_pre = out.unsqueeze(0), do.unsqueeze(0), delta.unsqueeze(0), q.shape[0]
         lse3, delta3 = (x.unsqueeze(0).expand(b, -1, -1) for x in (lse, delta))
         q, k, v, do, dq, dk, dv = (common.batched_view(x, varlen) for x in (q, k, v, do, dq, dk, dv))
         cu = varlen.cu_q
-    l_eff, r_eff = effective_window(left, right, t)
+    l_eff, r_eff = effective_window(left, right, tk, pos_offset + q_offset + t - 1)  # as the forward
     n_rows = min(q.shape[1], k.shape[1])  # varlen: the packed length the kernels clamp to
     if varlen is None:
         common.check_grid("swa_attention backward", b * hq, "batch * q heads")
@@ -563,10 +586,12 @@ def swa_bwd(
                 *dks.stride()[:4],
                 *dvs.stride()[:4],
                 lse3.stride(0), lse3.stride(1),
-                t, n_rows, n_keys, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff, r_eff, g,
+                t, n_rows, n_keys, q_offset, pos_offset, hkv, hq // hkv, configs.heads_unrolled(hq // hkv), l_eff,
+                r_eff, g,
                 scale * LOG2E, scale,
                 rows, wk,
-                IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary, DKDV_PASS=dkdv_pass,
+                IS_SUMMARY=is_summary, ADD_POOL_GRAD=use_sum and not is_summary and not summary_grads,
+                DKDV_PASS=dkdv_pass,
                 TMA=tma_dkdv, **flags,
                 **launch_meta("dkdv"),
             )
@@ -577,7 +602,7 @@ def swa_bwd(
         # key block's epilogue reads one row per group instead of S of them (offline sm_90a,
         # T=64k G=256: 32 splits made the epilogue load half as many bytes as the main loop)
         dks, dvs = dks.sum(0, keepdim=True), dvs.sum(0, keepdim=True)
-    dkdv_launch(k, v, dk, dv, t, False)
+    dkdv_launch(k, v, dk, dv, tk, False)
 
     ks_ = ks if use_sum else k
     vs_ = vs if use_sum else v
@@ -597,9 +622,11 @@ def swa_bwd(
             do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             lse3.stride(0), lse3.stride(1),
-            t, n_rows, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
+            t, tk, n_rows, q_offset, pos_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E, scale, wk,
             TMA=tma_dq, **flags, **launch_meta("dq"),
         )
     if varlen is not None:
         dq, dk, dv = dq[0], dk[0], dv[0]
-    return dq, dk, dv
+    if summary_grads and use_sum:
+        return result(dks[0].to(ks.dtype), dvs[0].to(vs.dtype))
+    return result()

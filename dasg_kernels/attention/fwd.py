@@ -107,7 +107,7 @@ def _fwd_tiles(
 
 @tuned("fwd")
 @triton.jit(do_not_specialize=common.no_specialize(
-    "stride_lb stride_lh T_Q T_K TOTAL_Q TOTAL_K Q_OFFSET H_Q KV_GROUP left right G NG WIN_KEY"))
+    "stride_lb stride_lh T_Q T_K TOTAL_Q TOTAL_K Q_OFFSET POS0 H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_fwd_kernel(
     Q, K, V, KS, VS, O, LSE, CU_Q, CU_K,
     stride_qb, stride_qt, stride_qh,
@@ -117,7 +117,7 @@ def _swa_fwd_kernel(
     stride_vsb, stride_vst, stride_vsh,
     stride_ob, stride_ot, stride_oh,
     stride_lb, stride_lh,
-    T_Q, T_K, TOTAL_Q, TOTAL_K, Q_OFFSET, H_Q, KV_GROUP, left, right, G, NG, qk_scale,
+    T_Q, T_K, TOTAL_Q, TOTAL_K, Q_OFFSET, POS0, H_Q, KV_GROUP, left, right, G, NG, qk_scale,
     WIN_KEY,  # autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -208,15 +208,17 @@ def _swa_fwd_kernel(
                                                 block_shape=[BLOCK_N, BLOCK_D])
             vs_desc = tl.make_tensor_descriptor(p_vs, shape=[NG, HEAD_DV], strides=[stride_vst, 1],
                                                 block_shape=[BLOCK_N, BLOCK_DV])
-        s_full, s_bhi, s_alo = _summary_key_range(first, last, left, right, G, NG, BLOCK_N,
+        # summary g stands for the positions [g*G, (g+1)*G) counted from POS0 before key 0
+        # (a shard of a longer sequence: context parallelism; 0 otherwise)
+        s_full, s_bhi, s_alo = _summary_key_range(first + POS0, last + POS0, left, right, G, NG, BLOCK_N,
                                                   SUM_BEFORE, SUM_AFTER)
         # "before" summaries: [0, s_full) seen by every row, [s_full, s_bhi) masked
-        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
+        b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
                                      stride_vst, o_ks2d, o_vs2d, o_d, o_dv, 0, 0, s_full, s_bhi, left, right, G, NG,
                                      qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE,
                                      SUM_AFTER, DOT_PREC, TMA, TMA)
         if SUM_AFTER:  # "after" summaries (non-causal): [s_alo, NG), masked
-            b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
+            b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
                                          stride_vst, o_ks2d, o_vs2d, o_d, o_dv, s_alo, s_alo, s_alo, NG, left, right,
                                          G, NG, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True,
                                          SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA, TMA)
@@ -274,6 +276,7 @@ def swa_fwd(
     scale: float,
     q_offset: int | None = None,
     summary_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pos_offset: int = 0,
     pack_gqa: bool = False,
     config: dict | None = None,
     varlen: common.Varlen | None = None,
@@ -285,6 +288,10 @@ def swa_fwd(
             last stride 1; ``Dv`` may differ from ``D``, as in MLA).
         q_offset: position of query row 0 (default ``Tk - Tq``).
         summary_kv: precomputed group means ``(ks, vs)`` (e.g. a decode cache); pooled here if ``None``.
+        pos_offset: the summaries' position of key 0 (dense only): summary ``g`` stands for the
+            positions ``[g*G, (g+1)*G)`` and the query at key position ``i`` sees it when
+            ``(g+1)*G - 1 < pos_offset + i - left`` (a shard of a longer sequence whose means
+            come in ``summary_kv``); the local window depends only on ``i - j``.
         pack_gqa: put the ``Hq // Hkv`` query heads of a kv head in the rows of one
             program (decode: few query positions, many heads per kv head).
         config: explicit launch config (``BLOCK_M, BLOCK_N, num_warps, num_stages``) that
@@ -318,7 +325,8 @@ def swa_fwd(
     q_offset = tk - tq if q_offset is None or varlen is not None else q_offset
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
     use_sum = sum_before or sum_after
-    l_eff, r_eff = effective_window(left, right, tk, q_offset + tq - 1)
+    pos_offset = 0 if varlen is not None else pos_offset
+    l_eff, r_eff = effective_window(left, right, tk, pos_offset + q_offset + tq - 1)
     pack_gqa = pack_gqa and hq != hkv
     n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
     if varlen is None:
@@ -356,7 +364,8 @@ def swa_fwd(
             vs_.stride(0), vs_.stride(1), vs_.stride(2),
             out4.stride(0), out4.stride(1), out4.stride(2),
             lse3.stride(0), lse3.stride(1),
-            tq, tk, q.shape[1], k.shape[1], q_offset, hq, hq // hkv, l_eff, r_eff, g, ng, scale * LOG2E,
+            tq, tk, q.shape[1], k.shape[1], q_offset, pos_offset, hq, hq // hkv, l_eff, r_eff, g, ng,
+            scale * LOG2E,
             win_key(l_eff, r_eff, tk),
             HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
             SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,

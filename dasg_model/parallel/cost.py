@@ -42,6 +42,7 @@ __all__ = [
     "Link",
     "NVLINK_H100",
     "cp_layer_cost",
+    "cp_rank_work",
     "ep_bytes_per_row",
     "ep_layer_cost",
     "kernel_rates",
@@ -245,7 +246,8 @@ class CPWorkload:
     """One GMHA layer's attention over a sequence of ``seq`` positions sharded over the CP
     ranks: causal sliding window ``window`` (keys ``[i - window, i]``), summaries of groups
     of ``group_size``, ``heads_q`` / ``heads_kv``, ``head_dim`` (= value head dim),
-    ``batch`` sequences, ``dtype_bytes`` per element."""
+    ``batch`` sequences, ``dtype_bytes`` per element, shard ``layout`` (``"contiguous"`` or
+    ``"zigzag"``, as in :func:`dasg_kernels.distributed.swa_attention_cp`)."""
 
     seq: int
     window: int
@@ -255,50 +257,82 @@ class CPWorkload:
     head_dim: int
     batch: int = 1
     dtype_bytes: int = 2
+    layout: str = "contiguous"
+
+
+def cp_rank_work(w: CPWorkload, cp: int, *, block_m: int = 128, block_n: int = 64) -> list[dict[str, int]]:
+    """Attention work of each CP rank (a list over ranks), from the geometry of
+    :func:`dasg_kernels.distributed.swa_attention_cp`: ``"pairs"``, the visible (query, key)
+    pairs (local window + summaries; useful FLOPs are ``4 * head_dim * heads_q * batch`` per
+    pair forward), ``"tiles"``, the ``block_m x block_n`` tiles the forward kernel visits
+    for one (batch, head) (per query block: the key tiles of its window in the chunk's
+    ``[halo; chunk]`` keys, then the summary tiles up to its last query's groups), and
+    ``"rows"``, the query rows launched (``T_local``: no padded rows)."""
+    import torch
+
+    from dasg_kernels.distributed import _check_layout, _Geometry
+
+    if w.seq % cp or (w.layout == "zigzag" and w.seq % (2 * cp)):
+        raise ValueError(f"cp_rank_work: seq={w.seq} must be divisible by cp={cp} (2 * cp for zigzag)")
+    geo = _Geometry(cp, w.seq // cp, w.window, w.group_size, _check_layout("cp_rank_work", w.layout))
+    left, g = w.window, w.group_size
+    out = []
+    for r in range(cp):
+        pairs = tiles = 0
+        for c in geo.chunks(r):
+            s, h, ng = geo.start(c), geo.halo(c), geo.n_groups(c)
+            i = torch.arange(s, s + geo.tc, dtype=torch.int64)
+            local = i + 1 if left < 0 else torch.clamp(i, max=left) + 1
+            summ = torch.clamp((i - left) // g, min=0) if ng else torch.zeros_like(i)
+            pairs += int((local + summ).sum())
+            first = torch.arange(0, geo.tc, block_m, dtype=torch.int64)  # query blocks, key-index positions - h
+            last = torch.clamp(first + block_m, max=geo.tc) - 1
+            lo = torch.zeros_like(first) if left < 0 else torch.clamp(first + h - left, min=0) // block_n * block_n
+            tiles += int(((last + h + 1 - lo + block_n - 1) // block_n).sum())
+            if ng:
+                b_hi = torch.clamp(torch.clamp(s + last - left, min=0) // g, max=ng)
+                tiles += int(((b_hi + block_n - 1) // block_n).sum())
+        out.append({"pairs": pairs, "tiles": tiles, "rows": geo.t_local})
+    return out
 
 
 def cp_layer_cost(w: CPWorkload, cp: int, *, rates: dict[str, float] | None = None,
                   topology: str = "hybrid") -> dict[str, float]:
-    """Predicted CP cost of one layer at ``cp`` ranks, for the slowest (last) rank.
+    """Predicted CP cost of one layer at ``cp`` ranks, for the busiest rank.
 
-    Bytes follow :func:`dasg_kernels.distributed.swa_attention_cp`'s exchanges (its halo
-    splits and summary slots, read from that module): the halo ``all_to_all_single`` and its
-    gradient (the most any rank sends or receives), the partial means' ``all_gather`` and the
-    backward's ``all_reduce`` (as ``cp_comm_stats`` counts them). Returns ``bytes_fwd``,
-    ``bytes_bwd``, ``halo_bytes`` and ``summary_bytes`` (forward + backward), ``comm_s``,
-    ``compute_s`` (forward + backward attention of the last rank's queries) and
-    ``comm/compute``. Some rank's halo crosses a node boundary once ``cp > 8``, so
-    ``"hybrid"`` puts the halo on InfiniBand there.
+    Bytes follow :func:`dasg_kernels.distributed.swa_attention_cp`'s one all-to-all per
+    direction (:func:`dasg_kernels.distributed.cp_exchange_rows`: the halo rows and the
+    group-mean contributions each rank sends to the ranks that read them; the backward
+    sends the same rows back): ``bytes_fwd`` / ``bytes_bwd`` are the most any rank sends or
+    receives, ``halo_bytes`` and ``summary_bytes`` their parts (forward + backward). Also
+    ``comm_s``, ``compute_s`` (forward + backward attention of the rank with the most
+    visible pairs, :func:`cp_rank_work`), ``comm/compute`` and ``balance`` (the most over
+    the fewest visible pairs of a rank). Some rank's halo crosses a node boundary once
+    ``cp > 8``, so ``"hybrid"`` puts the halo on InfiniBand there.
     """
-    import torch
-
-    from dasg_kernels.distributed import _group_slots, _halo_splits
+    from dasg_kernels.distributed import cp_exchange_rows
 
     if w.seq % cp:
         raise ValueError(f"cp_layer_cost: seq={w.seq} must be divisible by cp={cp}")
     rates = rates or kernel_rates(head_dim=w.head_dim)
     tl = w.seq // cp
     row = w.batch * w.heads_kv * 2 * w.head_dim * w.dtype_bytes  # one position's k | v
-    halo = 0
-    for r in range(cp):
-        send, recv = _halo_splits(r, cp, tl, w.window)
-        halo = max(halo, sum(send) * row, sum(recv) * row)
-    pm = _group_slots(tl, w.group_size) * row  # one rank's partial means
-    gather, reduce = (cp - 1) * pm, 2 * (cp - 1) * pm  # all_gather; ring all_reduce of [cp, slots]
+    ex = cp_exchange_rows(cp, tl, w.window, w.group_size, layout=w.layout)
+    halo = max(max(e["halo_send"], e["halo_recv"]) for e in ex) * row
+    summ = max(max(e["summary_send"], e["summary_recv"]) for e in ex) * row
+    both = max(max(e["halo_send"] + e["summary_send"], e["halo_recv"] + e["summary_recv"]) for e in ex) * row
     if topology == "hybrid" and cp > GPUS_PER_NODE:
-        halo_s = 2 * _comm_time(halo, 1, 2, "ib")
+        comm = 2 * max(_comm_time(halo, 1, 2, "ib"), _comm_time(summ, 1, cp, topology))
     else:
-        halo_s = 2 * _comm_time(halo, 1, cp, topology)
-    comm = halo_s + _comm_time(gather, 1, cp, topology) + _comm_time(reduce, 1, cp, topology)
-    # visible keys of the last rank's queries: the causal window and the groups wholly before it
-    i = torch.arange((cp - 1) * tl, cp * tl, dtype=torch.float64)
-    vis = (torch.clamp(i, max=w.window) + 1 + torch.clamp(torch.floor((i - w.window) / w.group_size), min=0)).sum()
-    fwd = 4.0 * w.head_dim * w.heads_q * float(vis) * w.batch
+        comm = 2 * _comm_time(both, 1, cp, topology)
+    work = cp_rank_work(w, cp)
+    pairs = [x["pairs"] for x in work]
+    fwd = 4.0 * w.head_dim * w.heads_q * max(pairs) * w.batch
     compute = (fwd / rates["attn_fwd"] + rates["attn_dq/fwd"] * fwd / rates["attn_dq"]
                + rates["attn_dkdv/fwd"] * fwd / rates["attn_dkdv"]) / 1e12
-    return {"bytes_fwd": float(halo + gather), "bytes_bwd": float(halo + reduce), "halo_bytes": 2.0 * halo,
-            "summary_bytes": float(gather + reduce), "comm_s": comm, "compute_s": compute,
-            "comm/compute": comm / compute if compute else math.inf}
+    return {"bytes_fwd": float(both), "bytes_bwd": float(both), "halo_bytes": 2.0 * halo,
+            "summary_bytes": 2.0 * summ, "comm_s": comm, "compute_s": compute,
+            "comm/compute": comm / compute if compute else math.inf, "balance": max(pairs) / min(pairs)}
 
 
 # --------------------------------------------------------------------------- tables
@@ -318,8 +352,9 @@ def scaleout_rows(ep_work: EPWorkload, cp_work: CPWorkload | None = None, gpus=(
     :func:`ep_layer_cost`, :func:`cp_layer_cost`). EP rows: the per-rank exchange, the
     per-slot one (``bitwise=True``) and, when ``ep_work.topk_group`` is unset, the per-rank
     exchange with ``topk_group=2`` (ADR's groups on EP ranks, a token's experts of a level on
-    at most 2 ranks). CP rows: ``cp_work`` at its sequence (strong scaling) and,
-    with ``cp_weak_local``, at ``seq = cp_weak_local * GPUs`` (weak scaling)."""
+    at most 2 ranks). CP rows: ``cp_work`` at its sequence (strong scaling; also in the
+    zigzag layout when ``cp_work``'s is contiguous) and, with ``cp_weak_local``, at
+    ``seq = cp_weak_local * GPUs`` (weak scaling)."""
     rates = kernel_rates()
     out = []
     variants = [("EP per-rank", ep_work, False), ("EP per-slot (bitwise)", ep_work, True)]
@@ -337,6 +372,8 @@ def scaleout_rows(ep_work: EPWorkload, cp_work: CPWorkload | None = None, gpus=(
     if cp_work is not None:
         cp_rates = kernel_rates(head_dim=cp_work.head_dim)
         cases = [(f"CP, T={_positions(cp_work.seq)}", lambda g: cp_work)]
+        if cp_work.layout == "contiguous":
+            cases.append((f"CP zigzag, T={_positions(cp_work.seq)}", lambda g: replace(cp_work, layout="zigzag")))
         if cp_weak_local:
             cases.append((f"CP, T_local={_positions(cp_weak_local)}", lambda g: replace(cp_work, seq=cp_weak_local * g)))
         for g in gpus:
