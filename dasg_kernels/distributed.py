@@ -44,8 +44,8 @@ import torch.distributed as dist
 from dasg_kernels.attention.interface import _pick_backend, _validate
 from dasg_kernels.backend import interpreted_bf16
 
-__all__ = ["CP_LAYOUTS", "cp_comm_stats", "cp_positions", "cp_shard", "resolve_group", "shift_labels_cp",
-           "swa_attention_cp"]
+__all__ = ["CP_LAYOUTS", "cp_comm_stats", "cp_exchange_rows", "cp_positions", "cp_shard", "resolve_group",
+           "shift_labels_cp", "swa_attention_cp"]
 
 _OP = "swa_attention_cp"
 
