@@ -211,17 +211,17 @@ def _environment(device: torch.device, args: argparse.Namespace, jobs: int, thre
 def _grid(args: argparse.Namespace) -> int:
     kind = "quick" if args.quick else "gpu" if args.gpu else "cpu"
     device = torch.device(args.device or ("cuda" if args.gpu else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("python -m benchmarks.quality: --gpu / --device cuda needs a CUDA device", file=sys.stderr)
-        return 2
     backend = args.backend or ("torch" if device.type == "cpu" else "auto")
     specs = grids.grid(kind, device=str(device), backend=backend, seeds=args.seeds)
-    stem = args.name or f"quality-{_device_slug(device)}" + ("-quick" if args.quick else "")
     if args.list:
         for s in specs:
             print(s.key())
         print(f"{len(specs)} runs", file=sys.stderr)
         return 0
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("python -m benchmarks.quality: --gpu / --device cuda needs a CUDA device", file=sys.stderr)
+        return 2
+    stem = args.name or f"quality-{_device_slug(device)}" + ("-quick" if args.quick else "")
     jobs = args.jobs if args.jobs is not None else (2 if device.type == "cpu" else 1)
     if device.type == "cuda":
         jobs = 0  # one process: CUDA does not survive a fork
@@ -246,7 +246,7 @@ def _grid(args: argparse.Namespace) -> int:
     runs = [runs_by_key[s.key()] for s in specs if s.key() in runs_by_key]
     complete = len(runs) == len(specs)
     results = {"schema": SCHEMA, "grid": kind, "complete": complete, "env": env,
-               "command": "python -m benchmarks.quality " + " ".join(args.argv),
+               "command": "python -m benchmarks.quality " + " ".join(a for a in args.argv if a != "--report-only"),
                "elapsed_s": sum(r.get("wall_s", r.get("train_s", 0)) for r in runs) / max(jobs, 1),
                "runs": runs + errors}
     paths = write_report(results, args.out, stem, with_plots=not args.no_plots)

@@ -26,7 +26,7 @@ from benchmarks.quality.variants import ATTENTIONS, EXPERTS
 SCHEMA = "dasg-quality/1"
 METRICS: tuple[str, ...] = (
     "accuracy", "accuracy_in_window", "accuracy_beyond_window", "accuracy_beyond_reach", "final_loss", "eval_loss",
-    "bits_per_byte", "step_ms", "tokens_per_s", "peak_mem_bytes", "mean_experts_per_token", "deep_fraction", "ffn_active_params_mean",
+    "bits_per_byte", "step_ms", "cpu_step_ms", "tokens_per_s", "peak_mem_bytes", "mean_experts_per_token", "deep_fraction", "ffn_active_params_mean",
 )
 TASK_ORDER = ("mqar", "listops", "copy", "passkey", "lm")
 
@@ -42,6 +42,12 @@ def _stats(values: list[float]) -> dict[str, float] | None:
         return None
     return {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
             "min": min(vals), "max": max(vals), "n": len(vals)}
+
+
+def _metric(result: dict, name: str) -> Any:
+    if name == "cpu_step_ms" and name not in result and result.get("train_cpu_s") is not None:
+        return 1000 * result["train_cpu_s"] / result["steps"]
+    return result.get(name)
 
 
 def label(result: dict) -> str:
@@ -71,7 +77,7 @@ def aggregate(runs: list[dict]) -> list[dict[str, Any]]:
             "chance": first.get("chance"), "task_info": first.get("task_info"),
         }
         for m in METRICS:
-            st = _stats([r.get(m) for r in rs])
+            st = _stats([_metric(r, m) for r in rs])
             if st is not None:
                 entry[m] = st
         buckets: dict[tuple[int, int], dict[str, list[float]]] = {}
@@ -124,9 +130,13 @@ def markdown(results: dict) -> str:
              f"about {results.get('elapsed_s', 0) / 60:.0f} min of training (the runs' wall time over the runs at a time).",
              ""]
     if env.get("device_kind") != "cuda":
-        lines += ["CPU run (the PyTorch backend of the same ops): step times and memory are wall-clock / "
-                  "resident-set figures of a small model on a CPU, useful to compare the variants with each "
-                  "other, not as GPU speed.", ""]
+        loads = [r["load_avg"] for r in results["runs"] if r.get("load_avg") is not None]
+        load = (f" The 1-minute load average at the end of the runs was {min(loads):.1f}-{max(loads):.1f} on "
+                f"{os.cpu_count()} cores." if loads else "")
+        lines += ["CPU run (the PyTorch backend of the same ops): *ms/step* is the median wall-clock step, "
+                  "*CPU ms/step* the process time per step (one thread; it moves less than the wall clock when "
+                  "the machine is shared), memory the resident-set peak above the one before training: figures "
+                  "of a small model on a CPU, to compare the variants with each other, not GPU speed." + load, ""]
     lines += ["Accuracy is on held-out sequences (the same for every variant and seed), mean ± standard deviation "
               "over seeds; *in window* = answers at distance <= W (visible through one window), *beyond window* = "
               "the rest, *beyond L·W* = answers further back than the L stacked windows reach (L layers), where the "
@@ -142,7 +152,7 @@ def markdown(results: dict) -> str:
             lines += [f"Chance: {es[0]['chance']:.3f}.", ""]
         head = ("| variant | seeds | " + ("bits/byte | bpb in window | next-byte acc | acc beyond window"
                                          if lm else "accuracy | in window | beyond window | beyond L·W | eval loss")
-                + " | ms/step | tokens/s | peak MiB | routed experts/token | active FFN params/token |")
+                + " | ms/step | CPU ms/step | tokens/s | peak MiB | routed experts/token | active FFN params/token |")
         lines += [head, "|" + "---|" * (head.count("|") - 1)]
         for e in es:
             if lm:
@@ -153,7 +163,7 @@ def markdown(results: dict) -> str:
                          _fmt(e.get("accuracy_beyond_window")), _fmt(e.get("accuracy_beyond_reach")),
                          _fmt(e.get("eval_loss"))]
             mem = e.get("peak_mem_bytes")
-            cells += [_fmt(e.get("step_ms"), 0), _fmt(e.get("tokens_per_s"), 0),
+            cells += [_fmt(e.get("step_ms"), 0), _fmt(e.get("cpu_step_ms"), 0), _fmt(e.get("tokens_per_s"), 0),
                       _fmt(mem, 0, 2 ** 20) if mem else "-",
                       _fmt(e.get("mean_experts_per_token"), 2) if e["experts"] != "dense" else "-",
                       _fmt(e.get("ffn_active_params_mean"), 0)]
@@ -257,7 +267,7 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
             ax.set_xlabel("distance to the answer (tokens)" if task != "lm" else "position in the context")
             ax.set_ylabel("accuracy" if task != "lm" else "bits per byte")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower left" if task != "lm" else "upper right")
         fig.suptitle(f"Accuracy vs distance ({dev})", fontsize=10)
         fig.tight_layout()
         paths.append(_save(fig, plt, out_dir, f"{stem}-distance.png"))
@@ -310,13 +320,17 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
     # accuracy vs step time, every MQAR variant
     pts = [e for e in agg if e["task"] == "mqar" and e.get("step_ms") and e.get("accuracy")]
     if pts:
+        # the CPU's process time per step (steadier than the wall clock on a shared machine); GPU: wall
+        key = "cpu_step_ms" if results["env"].get("device_kind") != "cuda" and all(
+            e.get("cpu_step_ms") for e in pts) else "step_ms"
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for e in pts:
-            ax.errorbar(e["step_ms"]["mean"], e["accuracy"]["mean"], xerr=e["step_ms"]["std"],
+            ax.errorbar(e[key]["mean"], e["accuracy"]["mean"], xerr=e[key]["std"],
                         yerr=e["accuracy"]["std"], fmt="o", capsize=2)
-            ax.annotate(e["label"], (e["step_ms"]["mean"], e["accuracy"]["mean"]), fontsize=7,
+            ax.annotate(e["label"], (e[key]["mean"], e["accuracy"]["mean"]), fontsize=7,
                         xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel("training step time (ms)")
+        ax.set_xlabel("CPU time per training step (ms, one thread)" if key == "cpu_step_ms"
+                      else "training step time (ms)")
         ax.set_ylabel("MQAR accuracy (all distances)")
         ax.set_title(f"Accuracy vs cost, MQAR T={pts[0]['seq_len']} ({dev})", fontsize=9)
         ax.grid(alpha=0.3)

@@ -12,7 +12,8 @@ loss = cross-entropy on the scored positions + the model's weighted auxiliary Mo
 Measured: accuracy overall, in the window (``distance <= W``), beyond it, and beyond the
 reach of the stacked windows (``distance > num_layers * W``), accuracy and
 loss by distance bucket (octaves ``(2^(j-1), 2^j]`` with ``W`` as an edge), the training
-loss curve, tokens per second and the median step time, peak memory (CUDA: the allocator's
+loss curve, tokens per second, the median step time and the CPU time per step (process
+time: on a shared machine it moves less than the wall clock), peak memory (CUDA: the allocator's
 peak; CPU: the peak resident set above the one before training, Linux ``VmHWM`` reset through
 ``/proc/self/clear_refs``), and for the routed variants the mean experts and active FFN
 parameters per token.
@@ -309,7 +310,8 @@ def run(spec: RunSpec, *, log: Callable[[str], None] | None = None, log_every: i
         "final_loss": statistics.fmean(losses[-tail:]),
         "tokens_per_s": spec.steps * spec.batch_size * spec.seq_len / train_s,
         "peak_mem_bytes": peak, "peak_mem_kind": mem.kind,
-        "step_ms": 1000 * statistics.median(timed),
+        "step_ms": 1000 * statistics.median(timed), "cpu_step_ms": 1000 * cpu_s / spec.steps,
+        "load_avg": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         **ev,
         "loss_curve": curve,
         "chance": task.chance,
