@@ -245,7 +245,7 @@ def _grid(args: argparse.Namespace) -> int:
     runs_by_key = {r["key"]: r for r in _read_jsonl(jsonl) if "error" not in r}
     runs = [runs_by_key[s.key()] for s in specs if s.key() in runs_by_key]
     complete = len(runs) == len(specs)
-    results = {"schema": SCHEMA, "grid": kind, "complete": complete, "env": env,
+    results = {"schema": SCHEMA, "grid": kind, "complete": complete, "planned": len(specs), "env": env,
                "command": "python -m benchmarks.quality " + " ".join(a for a in args.argv if a != "--report-only"),
                "elapsed_s": sum(r.get("wall_s", r.get("train_s", 0)) for r in runs) / max(jobs, 1),
                "runs": runs + errors}

@@ -126,7 +126,7 @@ def markdown(results: dict) -> str:
              f"python {env['python']}, {env.get('threads')} thread(s) per run, {env.get('jobs', 1)} run(s) at a time; "
              f"commit {str(env.get('git_commit'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}; "
              f"{env['date']}. {len(results['runs'])} runs"
-             f"{'' if results['complete'] else ' (INCOMPLETE: the grid was stopped; rerun to resume)'}, "
+             f"{'' if results['complete'] else _incomplete(results)}, "
              f"about {results.get('elapsed_s', 0) / 60:.0f} min of training (the runs' wall time over the runs at a time).",
              ""]
     if env.get("device_kind") != "cuda":
@@ -194,6 +194,12 @@ def markdown(results: dict) -> str:
     if errors:
         lines += ["## Runs that failed", ""] + [f"- `{r['key']}`: {r['error']}" for r in errors] + [""]
     return "\n".join(lines)
+
+
+def _incomplete(results: dict) -> str:
+    planned = results.get("planned")
+    of = f" of the grid's {planned}" if planned else ""
+    return f"{of} (INCOMPLETE: the same command trains the rest and rewrites this report)"
 
 
 def _bpb_in(e: dict) -> dict | None:

@@ -93,8 +93,7 @@ class RunSpec:
     def cost(self) -> float:
         """Relative cost (for ETAs): tokens trained, times a factor for the routed layers."""
         moe = {"dense": 1.0, "topk": 2.5, "adr": 2.5, "dsse": 4.0}.get(self.experts, 1.0)
-        attn = {"dense": 1.0}.get(self.attention, 1.0)
-        return self.steps * self.batch_size * self.seq_len * moe * attn
+        return self.steps * self.batch_size * self.seq_len * moe
 
 
 # ----------------------------------------------------------------------------- memory
