@@ -236,8 +236,12 @@ def plots(results: dict, out_dir: str, stem: str) -> list[str]:
     # accuracy vs distance, one panel per task, the default variants (experts dense, the most common G)
     tasks = [t for t in TASK_ORDER if any(e["task"] == t for e in agg)]
     if tasks:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
-        for ax, task in zip(axes[0], tasks):
+        ncols = min(3, len(tasks))
+        nrows = math.ceil(len(tasks) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.5 * nrows), squeeze=False)
+        for ax in axes.flat[len(tasks):]:
+            ax.set_visible(False)
+        for ax, task in zip(axes.flat, tasks):
             es = [e for e in agg if e["task"] == task and e["experts"] == "dense"]
             # the dasg line at the G of the baselines' runs (the task's default), else the most seeded G
             base_g = [e["group_size"] for e in es if e["attention"] in ("dense", "swa")]
