@@ -28,7 +28,8 @@ break); ``dasg_kernels.reference`` stays the readable oracle of the tests and th
 from __future__ import annotations
 
 import os
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 
@@ -80,6 +81,18 @@ def interpreted_bf16(t: torch.Tensor) -> bool:
     """A bf16 tensor under Triton's CPU interpreter, whose bf16 ``tl.dot`` multiplies bit
     patterns (triton-lang/triton#11584): the launchers run the fp32 kernels and round."""
     return t.dtype == torch.bfloat16 and interpreter_enabled()
+
+
+def bf16_via_fp32(fn: Callable[..., Any], *tensors: torch.Tensor | None) -> Any:
+    """The interpreter's bf16 workaround in one place: call ``fn`` on the fp32 copies of
+    ``tensors`` (``None`` passes through) and round its output to bf16; when ``fn``
+    returns a tuple only the first element (the attention output) is rounded, the rest
+    (e.g. the fp32 ``lse``) is returned as is. Autograd follows the casts, so gradients
+    come back in bf16. Use it where :func:`interpreted_bf16` is true."""
+    res = fn(*(None if t is None else t.float() for t in tensors))
+    if isinstance(res, tuple):
+        return (res[0].to(torch.bfloat16), *res[1:])
+    return res.to(torch.bfloat16)
 
 
 def triton_can_run_on(device: torch.device) -> bool:
