@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dasg_kernels import reference, swa_attention, swa_attention_with_lse, swa_decode
-from dasg_kernels.attention import common
+from dasg_kernels.attention import host
 from dasg_kernels.backend import triton_can_run_on
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -45,7 +45,7 @@ HEADS = [(2, 2), (4, 1), (4, 2)]
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(host, "POISON_ALLOCATIONS", True)
 
 
 @pytest.fixture(autouse=True)
@@ -613,12 +613,12 @@ def test_row_stride_beyond_int32_tiles_is_a_clear_error(device, monkeypatch):
     # rejected before any launch, naming the tensor (the real limit, ~8.4M elements
     # between positions, is lowered here so the test needs no huge tensor)
     q, k, v = make_inputs(1, 8, 2, 1, 32, torch.float32, device)
-    monkeypatch.setattr(common, "MAX_ROW_STRIDE", 40)
+    monkeypatch.setattr(host, "MAX_ROW_STRIDE", 40)
     with pytest.raises(ValueError, match=r"k.stride\(1\) = 64 .* call k.contiguous\(\)"):
         swa_attention(q[:, :, :1].contiguous(), torch.cat([k, k], 2)[:, :, :1], v, backend="triton")
     with pytest.raises(ValueError, match=r"q.stride\(1\) = 64"):
         swa_attention(q, k, v, backend="triton")
-    assert common.MAX_ROW_STRIDE * common.MAX_TILE_ROWS < 2**31
+    assert host.MAX_ROW_STRIDE * host.MAX_TILE_ROWS < 2**31
 
 
 def test_grid_limit_is_checked_before_any_launch(device, monkeypatch):
@@ -627,7 +627,7 @@ def test_grid_limit_is_checked_before_any_launch(device, monkeypatch):
     def no_launch(*a, **kw):
         raise AssertionError("a kernel was launched before the grid check")
 
-    monkeypatch.setattr(common, "MAX_GRID_YZ", 3)
+    monkeypatch.setattr(host, "MAX_GRID_YZ", 3)
     monkeypatch.setattr(fwd, "group_means_fwd", no_launch)
     q, k, v = make_inputs(2, 8, 2, 1, 32, torch.float32, device)  # B * Hq = 4 programs
     with pytest.raises(ValueError, match="batch \\* q heads = 4 exceeds the CUDA grid limit 3"):
@@ -737,9 +737,9 @@ def test_do_not_specialize_names_are_kernel_args():
 
 def test_grid_limit_is_a_clear_error():
     with pytest.raises(ValueError, match="exceeds the CUDA grid limit 65535"):
-        common.check_grid("swa_attention", 65536, "batch * q heads")
-    common.check_grid("swa_attention", 65535, "batch * q heads")
+        host.check_grid("swa_attention", 65536, "batch * q heads")
+    host.check_grid("swa_attention", 65535, "batch * q heads")
 
 
 def test_math_constants():
-    assert math.isclose(common.LOG2E * common.LN2, 1.0, rel_tol=1e-15)
+    assert math.isclose(host.LOG2E * host.LN2, 1.0, rel_tol=1e-15)

@@ -5,7 +5,7 @@ Under the interpreter fp16 inputs take the TMA path and fp32 the pointer path, s
 other test modules cover both; here the same fp16 inputs run through both paths (the
 choice forced with a monkeypatch), forward and backward, against the fp32 reference, on
 ragged lengths whose last tiles (and the pipelined loop's spare tile) lie past the keys.
-The launch-time helpers (:func:`common.tma_loads_ok`, :func:`common.tma_scratch`) are
+The launch-time helpers (:func:`host.tma_loads_ok`, :func:`host.tma_scratch`) are
 checked without kernels.
 """
 from __future__ import annotations
@@ -15,27 +15,27 @@ import torch
 from _helpers import require_triton
 
 from dasg_kernels import reference, swa_attention_varlen, swa_attention_with_lse
-from dasg_kernels.attention import common
+from dasg_kernels.attention import host
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(host, "POISON_ALLOCATIONS", True)
 
 
 def _paths(monkeypatch, tma: bool) -> list[bool]:
     """Force the load path; returns the list of the decisions the launchers asked for."""
     asked: list[bool] = []
-    real = common.tma_loads_ok
+    real = host.tma_loads_ok
 
     def decide(*tensors):
         ok = real(*tensors) if tma else False
         asked.append(ok)
         return ok
 
-    monkeypatch.setattr(common, "tma_loads_ok", decide)
+    monkeypatch.setattr(host, "tma_loads_ok", decide)
     return asked
 
 
@@ -124,28 +124,28 @@ def test_varlen_descriptors_stop_at_each_sequence(tma, device, monkeypatch):
 
 def test_tma_loads_ok_rules():
     f16 = torch.empty(2, 40, 4, 64, dtype=torch.float16)
-    assert common.tma_loads_ok(f16, f16[:, :, :2])
-    assert common.tma_loads_ok(torch.empty(2, 40, 4, 64, dtype=torch.bfloat16, device="meta"))
-    assert not common.tma_loads_ok(f16.float())  # fp32: exact FMA dots, pointer loads
-    assert not common.tma_loads_ok(torch.empty(2, 40, 4, 20, dtype=torch.float16))  # 40-byte rows
-    assert not common.tma_loads_ok(torch.empty(2, 40, 4, 65, dtype=torch.float16)[..., 1:])  # misaligned start
-    assert not common.tma_loads_ok(f16[:, :1].expand(2, 40, 4, 64))  # row stride 0 (an expanded grad)
-    assert not common.tma_loads_ok(f16[..., 0])  # not [B, T, H, D]
+    assert host.tma_loads_ok(f16, f16[:, :, :2])
+    assert host.tma_loads_ok(torch.empty(2, 40, 4, 64, dtype=torch.bfloat16, device="meta"))
+    assert not host.tma_loads_ok(f16.float())  # fp32: exact FMA dots, pointer loads
+    assert not host.tma_loads_ok(torch.empty(2, 40, 4, 20, dtype=torch.float16))  # 40-byte rows
+    assert not host.tma_loads_ok(torch.empty(2, 40, 4, 65, dtype=torch.float16)[..., 1:])  # misaligned start
+    assert not host.tma_loads_ok(f16[:, :1].expand(2, 40, 4, 64))  # row stride 0 (an expanded grad)
+    assert not host.tma_loads_ok(f16[..., 0])  # not [B, T, H, D]
     packed = torch.empty(50, 4, 64, dtype=torch.float16)  # varlen: batch stride 0 moves no descriptor
-    assert common.tma_loads_ok(packed.unsqueeze(0).expand(3, *packed.shape))
+    assert host.tma_loads_ok(packed.unsqueeze(0).expand(3, *packed.shape))
 
 
 def test_tma_scratch_installs_an_allocator_only_when_none_is_set():
-    var = common._scratch_allocator_var()
+    var = host._scratch_allocator_var()
     if var is None:
         pytest.skip("this Triton has no scratch allocator to set")
     cuda = torch.device("cuda")  # no GPU needed: nothing is allocated here
     assert type(var.get()).__name__ == "NullAllocator"
-    with common.tma_scratch(cuda):
+    with host.tma_scratch(cuda):
         assert type(var.get()).__name__ != "NullAllocator"
     assert type(var.get()).__name__ == "NullAllocator"
     for dev, enabled in ((torch.device("cpu"), True), (cuda, False)):
-        with common.tma_scratch(dev, enabled):
+        with host.tma_scratch(dev, enabled):
             assert type(var.get()).__name__ == "NullAllocator"
 
     def mine(size, alignment, stream):
@@ -153,7 +153,7 @@ def test_tma_scratch_installs_an_allocator_only_when_none_is_set():
 
     token = var.set(mine)
     try:
-        with common.tma_scratch(cuda):
+        with host.tma_scratch(cuda):
             assert var.get() is mine  # the caller's allocator is kept
     finally:
         var.reset(token)

@@ -17,14 +17,14 @@ from _helpers import require_triton
 from torch.testing import assert_close
 
 from dasg_kernels import reference, swa_attention, swa_attention_varlen
-from dasg_kernels.attention import common
+from dasg_kernels.attention import host
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    monkeypatch.setattr(common, "POISON_ALLOCATIONS", True)
+    monkeypatch.setattr(host, "POISON_ALLOCATIONS", True)
 
 
 def _cu(lengths: list[int], device) -> torch.Tensor:
@@ -311,7 +311,7 @@ def test_varlen_unchecked_bounds_stay_in_bounds(name, device, monkeypatch):
     require_triton(device, "swa_attention_varlen")
     bounds, max_len, n_ok = UNCHECKED_BOUNDS[name]
     inputs, allocated = [], []
-    monkeypatch.setattr(common, "new_empty",
+    monkeypatch.setattr(host, "new_empty",
                         lambda shape, dtype, dev: _guarded(shape, dtype, dev, SENTINEL, allocated).fill_(float("nan")))
     gen = torch.Generator().manual_seed(0)
     q, k, v = (_guarded(s, torch.float32, device, float("nan"), inputs).copy_(torch.randn(s, generator=gen))
@@ -322,7 +322,7 @@ def test_varlen_unchecked_bounds_stay_in_bounds(name, device, monkeypatch):
     (out * torch.randn(out.shape, generator=gen).to(device)).sum().backward()
     for t, what in ((out, "out"), (q.grad, "dq"), (k.grad, "dk"), (v.grad, "dv")):
         assert torch.isfinite(t[:n_ok]).all(), f"{what}: a kernel read past its buffer"
-    assert allocated, "the launchers allocate through common.new_empty"
+    assert allocated, "the launchers allocate through host.new_empty"
     for buf in allocated:
         assert (buf[:GUARD] == SENTINEL).all() and (buf[-GUARD:] == SENTINEL).all(), "a kernel wrote past a buffer"
     for buf in inputs:

@@ -17,7 +17,7 @@
 Probabilities are recomputed from the saved lse (natural log, converted to log2).
 Rows with lse ``-inf`` (no visible key) are guarded so their gradients are 0, not NaN.
 Like the forward, each kernel runs one loop per source of tiles (boundary tiles take a
-masking branch) and, with ``TMA`` (:func:`common.tma_loads_ok`), streams its tiles (dk/dv:
+masking branch) and, with ``TMA`` (:func:`host.tma_loads_ok`), streams its tiles (dk/dv:
 q and dO; dq: keys and values) through device-side tensor descriptors.
 """
 from __future__ import annotations
@@ -26,10 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dasg_kernels.attention import common, configs
+from dasg_kernels.attention import configs, host
 from dasg_kernels.attention.common import (
     K_LOG2E,
-    LOG2E,
     _load_tile,
     _local_key_range,
     _local_query_range,
@@ -44,10 +43,10 @@ from dasg_kernels.attention.common import (
     _visible,
 )
 from dasg_kernels.attention.configs import PREPROCESS_BLOCK_M, launch_meta, tuned, win_key
-from dasg_kernels.attention.fwd import dot_precision, effective_window, summary_flags
+from dasg_kernels.attention.host import LOG2E, dot_precision, effective_window, summary_flags
 
 
-@triton.jit(do_not_specialize=common.no_specialize("stride_db stride_dh T H"))
+@triton.jit(do_not_specialize=host.no_specialize("stride_db stride_dh T H"))
 def _bwd_preprocess_kernel(
     O, DO, DELTA,
     stride_ob, stride_ot, stride_oh,
@@ -165,7 +164,7 @@ def _dkdv_head(
 
 
 @tuned("dkdv")
-@triton.jit(do_not_specialize=common.no_specialize(
+@triton.jit(do_not_specialize=host.no_specialize(
     "stride_lb stride_lh T TOTAL N_KEYS Q_OFFSET POS0 H_KV left right G ROWS_PER_SPLIT WIN_KEY"))
 def _swa_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DKS, DVS, CU,
@@ -352,7 +351,7 @@ def _dq_tiles(
 
 
 @tuned("dq")
-@triton.jit(do_not_specialize=common.no_specialize(
+@triton.jit(do_not_specialize=host.no_specialize(
     "stride_lb stride_lh T T_K TOTAL Q_OFFSET POS0 H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_bwd_dq_kernel(
     Q, K, V, KS, VS, DO, LSE, DELTA, DQ, CU,
@@ -449,7 +448,7 @@ def _swa_bwd_dq_kernel(
     _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
 
 
-def _check_self_attention(varlen: common.Varlen) -> None:
+def _check_self_attention(varlen: host.Varlen) -> None:
     """The varlen backward needs the queries of a sequence to be its keys (training):
     ``cu_seqlens_q == cu_seqlens_k``. The same tensor passes without a look; two tensors
     are compared once (a host sync, in the backward only)."""
@@ -460,7 +459,7 @@ def _check_self_attention(varlen: common.Varlen) -> None:
                          "queries are its keys); got different sequence bounds")
 
 
-@common.on_device_of_first_arg
+@host.on_device_of_first_arg
 def swa_bwd(
     do: torch.Tensor,
     q: torch.Tensor,
@@ -477,7 +476,7 @@ def swa_bwd(
     group_size: int | None,
     summaries: bool,
     scale: float,
-    varlen: common.Varlen | None = None,
+    varlen: host.Varlen | None = None,
     q_offset: int = 0,
     pos_offset: int = 0,
     summary_grads: bool = False,
@@ -498,9 +497,9 @@ def swa_bwd(
     hkv, dv_ = k.shape[-2], v.shape[-1]
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
     use_sum = sum_before or sum_after
-    dq = common.new_empty(q.shape, q.dtype, q.device)
-    dk = common.new_empty(k.shape, k.dtype, k.device)
-    dv = common.new_empty(v.shape, v.dtype, v.device)
+    dq = host.new_empty(q.shape, q.dtype, q.device)
+    dk = host.new_empty(k.shape, k.dtype, k.device)
+    dv = host.new_empty(v.shape, v.dtype, v.device)
     def result(dks=None, dvs=None):
         return (dq, dk, dv, dks, dvs) if summary_grads else (dq, dk, dv)
 
@@ -509,43 +508,43 @@ def swa_bwd(
         if summary_grads and use_sum:
             return result(torch.zeros_like(ks), torch.zeros_like(vs))
         return result()
-    if do.stride(-1) != 1 or not common.row_stride_ok(do if varlen is None else do.unsqueeze(0)):
+    if do.stride(-1) != 1 or not host.row_stride_ok(do if varlen is None else do.unsqueeze(0)):
         # e.g. out.sum().backward() hands in an expanded tensor (all strides 0); the
         # kernels need a unit last-dim stride (and int32 tile offsets), so only then is dO copied.
         do = do.contiguous()
     lse = lse.contiguous()  # [B, Hq, T] fp32, produced by the forward (already contiguous)
     if varlen is None:
         b, t, tk = q.shape[0], q.shape[1], k.shape[1]
-        delta = common.new_empty((b, hq, t), torch.float32, q.device)
+        delta = host.new_empty((b, hq, t), torch.float32, q.device)
         pre_out, pre_do, pre_delta, n_pre = out, do, delta, t
         lse3, delta3, cu = lse, delta, q  # cu: unused
     else:
         _check_self_attention(varlen)
         b, t = varlen.batch, max(varlen.max_q, varlen.max_k)
         tk, q_offset, pos_offset = t, 0, 0
-        delta = common.new_empty((hq, q.shape[0]), torch.float32, q.device)
+        delta = host.new_empty((hq, q.shape[0]), torch.float32, q.device)
         # delta = rowsum(dO * O) is per row: the packed rows are one batch of total rows
         pre_out, pre_do, pre_delta, n_pre = out.unsqueeze(0), do.unsqueeze(0), delta.unsqueeze(0), q.shape[0]
         lse3, delta3 = (x.unsqueeze(0).expand(b, -1, -1) for x in (lse, delta))
-        q, k, v, do, dq, dk, dv = (common.batched_view(x, varlen) for x in (q, k, v, do, dq, dk, dv))
+        q, k, v, do, dq, dk, dv = (host.batched_view(x, varlen) for x in (q, k, v, do, dq, dk, dv))
         cu = varlen.cu_q
     l_eff, r_eff = effective_window(left, right, tk, pos_offset + q_offset + t - 1)  # as the forward
     n_rows = min(q.shape[1], k.shape[1])  # varlen: the packed length the kernels clamp to
     if varlen is None:
-        common.check_grid("swa_attention backward", b * hq, "batch * q heads")
-    common.check_row_stride("swa_attention backward", q=q, k=k, v=v)
-    block_d = common.block_d(d)
+        host.check_grid("swa_attention backward", b * hq, "batch * q heads")
+    host.check_row_stride("swa_attention backward", q=q, k=k, v=v)
+    block_d = host.block_d(d)
     _bwd_preprocess_kernel[(triton.cdiv(n_pre, PREPROCESS_BLOCK_M), pre_out.shape[0] * hq)](
         pre_out, pre_do, pre_delta,
         pre_out.stride(0), pre_out.stride(1), pre_out.stride(2),
         pre_do.stride(0), pre_do.stride(1), pre_do.stride(2),
         pre_delta.stride(0), pre_delta.stride(1),
         n_pre, hq,
-        HEAD_DIM=dv_, BLOCK_D=common.block_d(dv_), BLOCK_M=PREPROCESS_BLOCK_M,  # O and dO: the value head dim
+        HEAD_DIM=dv_, BLOCK_D=host.block_d(dv_), BLOCK_M=PREPROCESS_BLOCK_M,  # O and dO: the value head dim
     )
     g = group_size if use_sum else 1
     wk = win_key(l_eff, r_eff, t)
-    flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HEAD_DV=dv_, BLOCK_DV=common.block_d(dv_), SUM_BEFORE=sum_before, SUM_AFTER=sum_after,
+    flags = dict(HEAD_DIM=d, BLOCK_D=block_d, HEAD_DV=dv_, BLOCK_DV=host.block_d(dv_), SUM_BEFORE=sum_before, SUM_AFTER=sum_after,
                   DOT_PREC=dot_precision(q.dtype), VARLEN=varlen is not None)
 
     if use_sum:
@@ -556,14 +555,14 @@ def swa_bwd(
         n_splits = max(1, min(triton.cdiv(t, rows), configs.SUMMARY_SPLIT_BUDGET // max(ng, 1)))
         rows = triton.cdiv(triton.cdiv(t, n_splits), rows) * rows
         n_splits = triton.cdiv(t, rows)
-        dks = common.new_empty((n_splits, b, ng, hkv, d), torch.float32, q.device)
-        dvs = common.new_empty((n_splits, b, ng, hkv, dv_), torch.float32, q.device)
+        dks = host.new_empty((n_splits, b, ng, hkv, d), torch.float32, q.device)
+        dvs = host.new_empty((n_splits, b, ng, hkv, dv_), torch.float32, q.device)
     else:
         ng, rows, n_splits = 0, t, 0
         dks, dvs = dk.unsqueeze(0), dv.unsqueeze(0)  # unused
 
     passes = configs.dkdv_passes(d, dv_)
-    tma_dkdv = common.tma_loads_ok(q, do)  # dk/dv streams q and dO tiles
+    tma_dkdv = host.tma_loads_ok(q, do)  # dk/dv streams q and dO tiles
 
     def dkdv_launch(kk, vv, dkk, dvv, n_keys, is_summary):
         for p in passes:
@@ -571,10 +570,10 @@ def swa_bwd(
 
     def dkdv_pass(kk, vv, dkk, dvv, n_keys, is_summary, dkdv_pass):
         def grid(meta):
-            return common.block_grid(triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, varlen,
+            return host.block_grid(triton.cdiv(n_keys, meta["BLOCK_N"]), b * hkv, varlen,
                                      n_splits if is_summary else 1)
 
-        with common.tma_scratch(q.device, tma_dkdv):
+        with host.tma_scratch(q.device, tma_dkdv):
             _swa_bwd_dkdv_kernel[grid](
                 q, kk, vv, do, lse3, delta3, dkk, dvv, dks, dvs, cu,
                 q.stride(0), q.stride(1), q.stride(2),
@@ -608,10 +607,10 @@ def swa_bwd(
     vs_ = vs if use_sum else v
 
     def dq_grid(meta):
-        return common.block_grid(triton.cdiv(t, meta["BLOCK_M"]), b * hq, varlen)
+        return host.block_grid(triton.cdiv(t, meta["BLOCK_M"]), b * hq, varlen)
 
-    tma_dq = common.tma_loads_ok(k, v, ks_, vs_)  # dq streams key and value tiles
-    with common.tma_scratch(q.device, tma_dq):
+    tma_dq = host.tma_loads_ok(k, v, ks_, vs_)  # dq streams key and value tiles
+    with host.tma_scratch(q.device, tma_dq):
         _swa_bwd_dq_kernel[dq_grid](
             q, k, v, ks_, vs_, do, lse3, delta3, dq, cu,
             q.stride(0), q.stride(1), q.stride(2),

@@ -14,7 +14,7 @@ lse ``-inf`` (the ``-inf - -inf`` case is guarded). Query blocks run last-first
 (the heaviest blocks of full causal attention start first). ``PACK_GQA`` (decode)
 packs the query heads of one kv head into the rows of a program instead.
 
-``TMA`` (2-byte inputs with aligned strides on Hopper, :func:`common.tma_loads_ok`): key
+``TMA`` (2-byte inputs with aligned strides on Hopper, :func:`host.tma_loads_ok`): key
 and value tiles come through device-side tensor descriptors and each loop is software
 pipelined, so the softmax of a tile runs while the tensor cores compute the next tile's
 scores (:func:`_fwd_tiles`); otherwise masked pointer loads and a plain loop.
@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dasg_kernels.attention import common
+from dasg_kernels.attention import host
 from dasg_kernels.attention.common import (
     K_LN2,
-    LOG2E,
     _load_tile,
     _local_key_range,
     _block_and_head,
@@ -41,6 +40,7 @@ from dasg_kernels.attention.common import (
     _visible,
 )
 from dasg_kernels.attention.configs import INTERPRET, launch_meta, tuned, untuned, win_key
+from dasg_kernels.attention.host import LOG2E, dot_precision, effective_window, summary_flags
 from dasg_kernels.attention.pool import group_means_fwd
 
 
@@ -106,7 +106,7 @@ def _fwd_tiles(
 
 
 @tuned("fwd")
-@triton.jit(do_not_specialize=common.no_specialize(
+@triton.jit(do_not_specialize=host.no_specialize(
     "stride_lb stride_lh T_Q T_K TOTAL_Q TOTAL_K Q_OFFSET POS0 H_Q KV_GROUP left right G NG WIN_KEY"))
 def _swa_fwd_kernel(
     Q, K, V, KS, VS, O, LSE, CU_Q, CU_K,
@@ -239,30 +239,7 @@ def _swa_fwd_kernel(
         tl.store(LSE + i_b * stride_lb + i_h * stride_lh + rows, b_lse, mask=rows < T_Q)
 
 
-def effective_window(left: int, right: int, t_k: int, last_pos: int | None = None) -> tuple[int, int]:
-    """Map ``-1`` (unbounded) and bounds beyond the sequence to a finite bound (see :mod:`.common`).
-
-    ``last_pos`` is the position of the last query (default ``t_k - 1``). A left bound of
-    ``max(t_k, last_pos + 1)`` already reaches key 0 from every query, and a right bound of
-    ``t_k`` reaches the last key from every query at a position ``>= 0``."""
-    span = t_k if last_pos is None else max(t_k, last_pos + 1)
-    left = span if left < 0 else min(left, span)
-    right = t_k if right < 0 else min(right, t_k)
-    return left, right
-
-
-def summary_flags(left: int, right: int, causal: bool, summaries: bool) -> tuple[bool, bool]:
-    """(SUM_BEFORE, SUM_AFTER) from the *user* window (``-1`` = unbounded, causal applied)."""
-    return summaries and left >= 0, summaries and not causal and right >= 0
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """``tl.dot`` input precision: exact ``"ieee"`` for fp32 inputs (the tests hold fp32 to
-    ~1e-4, TF32 would not pass), Triton's default for fp16/bf16 (where it does not apply)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-@common.on_device_of_first_arg
+@host.on_device_of_first_arg
 def swa_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -279,7 +256,7 @@ def swa_fwd(
     pos_offset: int = 0,
     pack_gqa: bool = False,
     config: dict | None = None,
-    varlen: common.Varlen | None = None,
+    varlen: host.Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the forward. ``left, right`` are the user's window with ``causal`` applied.
 
@@ -296,7 +273,7 @@ def swa_fwd(
             program (decode: few query positions, many heads per kv head).
         config: explicit launch config (``BLOCK_M, BLOCK_N, num_warps, num_stages``) that
             bypasses the autotuner (decode); ignored under the interpreter.
-        varlen: a packed batch (:class:`~dasg_kernels.attention.common.Varlen`): then
+        varlen: a packed batch (:class:`~dasg_kernels.attention.host.Varlen`): then
             ``q [total_q, Hq, D]``, ``k, v [total_k, Hkv, D]``, and each sequence's queries
             are its last ``len_q`` positions.
     Returns:
@@ -312,15 +289,15 @@ def swa_fwd(
     if varlen is None:
         b, tq = q.shape[0], q.shape[1]
         tk = k.shape[1]
-        out = common.new_empty((b, tq, hq, dv), q.dtype, q.device)
-        lse = common.new_empty((b, hq, tq), torch.float32, q.device)
+        out = host.new_empty((b, tq, hq, dv), q.dtype, q.device)
+        lse = host.new_empty((b, hq, tq), torch.float32, q.device)
         out4, lse3 = out, lse
     else:
         b, tq, tk = varlen.batch, varlen.max_q, varlen.max_k
-        out = common.new_empty((q.shape[0], hq, dv), q.dtype, q.device)
-        lse = common.new_empty((hq, q.shape[0]), torch.float32, q.device)
-        out4, lse3 = common.batched_view(out, varlen), lse.unsqueeze(0).expand(b, -1, -1)
-        q, k, v = (common.batched_view(x, varlen) for x in (q, k, v))
+        out = host.new_empty((q.shape[0], hq, dv), q.dtype, q.device)
+        lse = host.new_empty((hq, q.shape[0]), torch.float32, q.device)
+        out4, lse3 = host.batched_view(out, varlen), lse.unsqueeze(0).expand(b, -1, -1)
+        q, k, v = (host.batched_view(x, varlen) for x in (q, k, v))
         pack_gqa = False
     q_offset = tk - tq if q_offset is None or varlen is not None else q_offset
     sum_before, sum_after = summary_flags(left, right, causal, summaries)
@@ -330,10 +307,10 @@ def swa_fwd(
     pack_gqa = pack_gqa and hq != hkv
     n_rows, n_heads = (tq * (hq // hkv), hkv) if pack_gqa else (tq, hq)
     if varlen is None:
-        common.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
-    common.check_row_stride("swa_attention", q=q, k=k, v=v)
+        host.check_grid("swa_attention", b * n_heads, "batch * kv heads" if pack_gqa else "batch * q heads")
+    host.check_row_stride("swa_attention", q=q, k=k, v=v)
     if summary_kv is not None:
-        common.check_row_stride("swa_attention", k_summary=summary_kv[0], v_summary=summary_kv[1])
+        host.check_row_stride("swa_attention", k_summary=summary_kv[0], v_summary=summary_kv[1])
     ks = vs = None
     if use_sum:  # summaries that no query can see (e.g. left=-1 and causal) are skipped
         ks, vs = group_means_fwd(k, v, group_size, varlen=varlen) if summary_kv is None else summary_kv
@@ -348,13 +325,13 @@ def swa_fwd(
     cu_q, cu_k = (q, q) if varlen is None else (varlen.cu_q, varlen.cu_k)  # unused when dense
 
     def grid(meta):
-        return common.block_grid(triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads, varlen)
+        return host.block_grid(triton.cdiv(n_rows, meta["BLOCK_M"]), b * n_heads, varlen)
 
     kernel, meta = _swa_fwd_kernel, launch_meta("fwd")
     if config is not None and not INTERPRET:
         kernel, meta = untuned(_swa_fwd_kernel), dict(config)
-    use_tma = common.tma_loads_ok(k, v, ks_, vs_)
-    with common.tma_scratch(q.device, use_tma):
+    use_tma = host.tma_loads_ok(k, v, ks_, vs_)
+    with host.tma_scratch(q.device, use_tma):
         kernel[grid](
             q, k, v, ks_, vs_, out4, lse3, cu_q, cu_k,
             q.stride(0), q.stride(1), q.stride(2),
@@ -367,7 +344,7 @@ def swa_fwd(
             tq, tk, q.shape[1], k.shape[1], q_offset, pos_offset, hq, hq // hkv, l_eff, r_eff, g, ng,
             scale * LOG2E,
             win_key(l_eff, r_eff, tk),
-            HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
+            HEAD_DIM=d, BLOCK_D=host.block_d(d), HEAD_DV=dv, BLOCK_DV=host.block_d(dv),
             SUM_BEFORE=sum_before, SUM_AFTER=sum_after, DOT_PREC=dot_precision(q.dtype), PACK_GQA=pack_gqa,
             VARLEN=varlen is not None, TMA=use_tma,
             **meta,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from dasg_kernels import reference
-from dasg_kernels.attention import common, ops
+from dasg_kernels.attention import host, ops
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.validation import (
     FLOAT_DTYPES,
@@ -124,12 +124,12 @@ def _pick_backend(op: str, backend: str, q: torch.Tensor, k: torch.Tensor, v: to
         return be
     names = ("q", "k_cache", "v_cache") if op == "swa_decode" else ("q", "k", "v")
     check_last_dim_contiguous(op, **dict(zip(names, (q, k, v))))
-    common.check_row_stride(op, **dict(zip(names, (q, k, v))))
+    host.check_row_stride(op, **dict(zip(names, (q, k, v))))
     b, hq, hkv = q.shape[0], q.shape[2], k.shape[2]
     if op == "swa_decode" and hq != hkv:  # decode packs the q heads of a kv head into one program
-        common.check_grid(op, b * hkv, "batch * kv heads")
+        host.check_grid(op, b * hkv, "batch * kv heads")
     else:
-        common.check_grid(op, b * hq, "batch * q heads")
+        host.check_grid(op, b * hq, "batch * q heads")
     return be
 
 
@@ -303,7 +303,7 @@ def swa_decode(
 
             if summary_kv is not None:
                 check_last_dim_contiguous(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
-                common.check_row_stride(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
+                host.check_row_stride(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
             out_dtype = q.dtype
             if interpreted_bf16(q):
                 q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from dasg_kernels.attention import common
+from dasg_kernels.attention import host
 from dasg_kernels.attention.interface import _check_window, _validate
 from dasg_kernels.attention.ring import ring_attention
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
@@ -303,7 +303,7 @@ def _attend_triton(q, k_cache, v_cache, summary, cache_seqlens, seq_offset, left
     if summary is not None:
         tensors.update(k_means=summary[0], v_means=summary[1])
     check_last_dim_contiguous(OP, **tensors)
-    common.check_row_stride(OP, **tensors)
+    host.check_row_stride(OP, **tensors)
     out_dtype = q.dtype
     if interpreted_bf16(q):  # the interpreter's bf16 dot is wrong: run it in fp32
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()

@@ -18,7 +18,7 @@ _EMPTY_SHAPE = (0,)
 
 
 def _uses_summaries(left: int, right: int, causal: bool, summaries: bool) -> bool:
-    from dasg_kernels.attention.fwd import summary_flags
+    from dasg_kernels.attention.host import summary_flags
 
     before, after = summary_flags(left, right, causal, summaries)
     return before or after
@@ -97,7 +97,7 @@ swa_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _varlen(cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int):
-    from dasg_kernels.attention.common import Varlen
+    from dasg_kernels.attention.host import Varlen
 
     return Varlen(cu_q, cu_k, max_q, max_k)
 

@@ -14,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from dasg_kernels.attention import common
+from dasg_kernels.attention import host
 from dasg_kernels.attention.common import _block_and_head, _seq_bounds
 from dasg_kernels.attention.configs import POOL_BLOCK_G
 
 
-@triton.jit(do_not_specialize=common.no_specialize("T TOTAL H G"))
+@triton.jit(do_not_specialize=host.no_specialize("T TOTAL H G"))
 def _group_mean_kernel(
     K, V, KS, VS, CU,
     stride_kb, stride_kt, stride_kh,
@@ -65,14 +65,14 @@ def _group_mean_kernel(
     tl.store(p_vs, (b_vs / cnt).to(VS.dtype.element_ty), mask=m_dv)
 
 
-@common.on_device_of_first_arg
+@host.on_device_of_first_arg
 def group_means_fwd(
-    k: torch.Tensor, v: torch.Tensor, group_size: int, *, varlen: common.Varlen | None = None,
+    k: torch.Tensor, v: torch.Tensor, group_size: int, *, varlen: host.Varlen | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pool ``k [B, T, H, D]``, ``v [B, T, H, Dv]`` (any strides, last stride 1) to ``[B, ceil(T/G), H, D or Dv]``.
 
     With ``varlen``, ``k, v`` are the ``[B, total_k, H, D]`` batch-stride-0 views of a packed
-    batch (:func:`~dasg_kernels.attention.common.batched_view`): each sequence's groups
+    batch (:func:`~dasg_kernels.attention.host.batched_view`): each sequence's groups
     restart at its first key, ``ks[b, g]`` is group ``g`` of sequence ``b`` (the output has
     ``ceil(max_k / G)`` groups; those past a sequence's end are left unwritten)."""
     b, t, h, d = k.shape
@@ -80,20 +80,20 @@ def group_means_fwd(
     if varlen is not None:
         t = varlen.max_k
     ng = triton.cdiv(t, group_size)
-    ks = common.new_empty((b, ng, h, d), k.dtype, k.device)
-    vs = common.new_empty((b, ng, h, dv), v.dtype, v.device)
+    ks = host.new_empty((b, ng, h, d), k.dtype, k.device)
+    vs = host.new_empty((b, ng, h, dv), v.dtype, v.device)
     if ks.numel() == 0:
         return ks, vs
     if varlen is None:
-        common.check_grid("group_means", b * h, "batch * kv heads")
-    _group_mean_kernel[common.block_grid(ng, b * h, varlen)](
+        host.check_grid("group_means", b * h, "batch * kv heads")
+    _group_mean_kernel[host.block_grid(ng, b * h, varlen)](
         k, v, ks, vs, k if varlen is None else varlen.cu_k,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         ks.stride(0), ks.stride(1), ks.stride(2),
         vs.stride(0), vs.stride(1), vs.stride(2),
         t, k.shape[1], h, group_size,
-        HEAD_DIM=d, BLOCK_D=common.block_d(d), HEAD_DV=dv, BLOCK_DV=common.block_d(dv),
+        HEAD_DIM=d, BLOCK_D=host.block_d(d), HEAD_DV=dv, BLOCK_DV=host.block_d(dv),
         BLOCK_G=max(2, min(POOL_BLOCK_G, triton.next_power_of_2(group_size))), VARLEN=varlen is not None,
     )
     return ks, vs

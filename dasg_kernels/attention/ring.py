@@ -26,10 +26,10 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from dasg_kernels.attention import common
-from dasg_kernels.attention.common import K_LN2, LOG2E
+from dasg_kernels.attention import host
+from dasg_kernels.attention.common import K_LN2
 from dasg_kernels.attention.configs import INTERPRET, decode_config
-from dasg_kernels.attention.fwd import dot_precision
+from dasg_kernels.attention.host import LOG2E, dot_precision
 
 
 @triton.jit
@@ -44,7 +44,7 @@ def _online_step(b_acc, b_l, b_m, b_s, b_v, DOT_PREC: tl.constexpr):
     return b_acc, b_l, b_m_new
 
 
-@triton.jit(do_not_specialize=common.no_specialize("T_Q C KV_GROUP H_KV left G SEQ_OFFSET"))
+@triton.jit(do_not_specialize=host.no_specialize("T_Q C KV_GROUP H_KV left G SEQ_OFFSET"))
 def _ring_fwd_kernel(
     Q, K, V, KS, VS, SEQ, O, LSE,
     stride_qb, stride_qt, stride_qh,
@@ -119,7 +119,7 @@ def _ring_fwd_kernel(
     tl.store(LSE + i_b * stride_lb + h_q * stride_lh + t_q, b_lse, mask=m_row)
 
 
-@common.on_device_of_first_arg
+@host.on_device_of_first_arg
 def ring_attention_fwd(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -145,9 +145,9 @@ def ring_attention_fwd(
     """
     b, tq, hq, d = q.shape
     c, hkv = k_cache.shape[1], k_cache.shape[2]
-    common.check_grid("swa_attention_with_kvcache", b * hkv, "batch * kv heads")
-    out = common.new_empty((b, tq, hq, d), q.dtype, q.device)
-    lse = common.new_empty((b, hq, tq), torch.float32, q.device)
+    host.check_grid("swa_attention_with_kvcache", b * hkv, "batch * kv heads")
+    out = host.new_empty((b, tq, hq, d), q.dtype, q.device)
+    lse = host.new_empty((b, hq, tq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
     ks, vs = summary if summary is not None else (k_cache, v_cache)
@@ -167,7 +167,7 @@ def ring_attention_fwd(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         tq, c, hkv, hq // hkv, left, group_size, seq_offset, scale * LOG2E,
-        HEAD_DIM=d, BLOCK_D=common.block_d(d), SUMMARIES=summary is not None,
+        HEAD_DIM=d, BLOCK_D=host.block_d(d), SUMMARIES=summary is not None,
         DOT_PREC=dot_precision(q.dtype), **meta,
     )
     return out, lse

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from dasg_kernels.attention import common, ops
+from dasg_kernels.attention import host, ops
 from dasg_kernels.attention.interface import _check_options, head_dim_backend
 from dasg_kernels.backend import interpreted_bf16
 from dasg_kernels.validation import (
@@ -70,12 +70,12 @@ def _pick_backend(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if be != "triton":
         return be
     check_last_dim_contiguous(OP, q=q, k=k, v=v)
-    common.check_row_stride(OP, **{n: x.unsqueeze(0) for n, x in (("q", q), ("k", k), ("v", v))})
+    host.check_row_stride(OP, **{n: x.unsqueeze(0) for n, x in (("q", q), ("k", k), ("v", v))})
     # varlen grids put batch * heads on axis 0 (2**31 - 1) and the blocks of the longest
     # sequence on axis 1: at most 65535 blocks of >= 16 rows
-    if max(max_q, max_k) > common.MAX_GRID_YZ * 16:
+    if max(max_q, max_k) > host.MAX_GRID_YZ * 16:
         raise ValueError(f"{OP}: max_seqlen {max(max_q, max_k)} exceeds the kernels' limit "
-                         f"{common.MAX_GRID_YZ * 16} (65535 blocks of 16 rows)")
+                         f"{host.MAX_GRID_YZ * 16} (65535 blocks of 16 rows)")
     return be
 
 
