@@ -18,6 +18,10 @@ Layout (one file per op family, as in ``dasg_kernels/<family>/``):
 - ``bench_model.py``     ``DASGForCausalLM``: ours vs the PyTorch-reference model vs dense SDPA
 - ``runner.py``          the command line behind ``python -m benchmarks``
 - ``report.py``          JSON -> Markdown + PNG plots; ``--latest`` writes ``results/LATEST.md``
+- ``offline/``           what the kernels compile to on Hopper without a GPU (the compile report,
+                         its calibration, experiments); ``compile_report.py`` and ``calibrate.py``
+                         here are their commands
+- ``quality/``           model quality of the attention variants (``python -m benchmarks.quality``)
 """
 import os as _os
 

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from benchmarks.offline_compile import tools_available
+from benchmarks.offline.offline_compile import tools_available
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,7 +60,7 @@ def test_first_config_does_not_spill(smoke, kernel):
 
 def test_duplication_reader():
     """A 64-row wgmma tile on 8 warps laid out [8, 1] is computed twice; [4, 2] is not."""
-    from benchmarks.offline_compile import duplication
+    from benchmarks.offline.offline_compile import duplication
 
     ir = ('#mma = #ttg.nvidia_mma<{versionMajor = 3, versionMinor = 0, warpsPerCTA = [8, 1], '
           'instrShape = [16, 32, 16]}>\n'
@@ -73,7 +73,7 @@ def test_duplication_reader():
 
 def test_sass_loop_reader():
     """The main loop is the innermost backward-branch range with the most tensor-core work."""
-    from benchmarks.offline_compile import loops, loop_stats, parse_sass
+    from benchmarks.offline.offline_compile import loops, loop_stats, parse_sass
 
     sass = "\n".join([
         "/*0000*/ MOV R1, c[0x0][0x28] ;",
@@ -94,7 +94,7 @@ def test_sass_loop_reader():
 def test_in_flight_reader():
     """Instructions after a full wgmma wait are exposed; the ones while a group is pending
     (across the loop's back edge too) are in flight; QGMMA counts at the fp8 rate."""
-    from benchmarks.offline_compile import in_flight, loop_stats, parse_sass
+    from benchmarks.offline.offline_compile import in_flight, loop_stats, parse_sass
 
     sass = "\n".join([
         "/*0000*/ WARPGROUP.ARRIVE ;",
@@ -126,7 +126,7 @@ def test_calibration_reproduces_stored_points(name):
     """The committed calibrations' records, predicted by today's model, give the stored
     figures; every point is within +-20% of its published figure or a stated miss; at least
     one attention point is held out of the fit."""
-    from benchmarks import calibrate, compile_report
+    from benchmarks.offline import calibrate, compile_report
 
     with open(os.path.join(ROOT, "benchmarks", "results", name)) as f:
         cal = json.load(f)
@@ -149,7 +149,7 @@ def _rec(kernel, tflops, useful, family="attention", uncal=False, ser=None, ovl=
 
 def test_targets_are_the_issue_targets():
     """Issue 20's targets as data: thresholds and the overlap rule of the forward."""
-    from benchmarks.compile_report import TARGETS
+    from benchmarks.offline.compile_report import TARGETS
 
     t = {x.id: x for x in TARGETS}
     assert (t["attn_fwd"].min_tflops, t["attn_fwd"].min_serialised, t["attn_fwd"].min_overlapped) == (500, 450, 600)
@@ -162,7 +162,7 @@ def test_judge_forward_and_backward():
     """The forward is judged on its best kept config (calibrated), or on both bounds when its
     softmax is in flight; the backward adds the kernels' times and counts 2.5x the forward's
     FLOPs; the band divides by the calibration's ratios."""
-    from benchmarks.compile_report import TARGETS, judge
+    from benchmarks.offline.compile_report import TARGETS, judge
 
     cal = {"low": 0.95, "high": 1.10, "band": 0.10, "misses": {}}
     fwd_t, bwd_t = (next(t for t in TARGETS if t.id == i) for i in ("attn_fwd", "attn_bwd"))
@@ -187,7 +187,7 @@ def test_judge_forward_and_backward():
 def test_fla_work_counts_the_tiles_its_loops_visit():
     """fla_fwd_work's iterations: per 128-row query block, every 64-key tile that holds a key
     some row of the block sees (window W = left + 1 keys), counted by brute force."""
-    from benchmarks.compile_report import AttnShape, fla_fwd_work
+    from benchmarks.offline.compile_report import AttnShape, fla_fwd_work
 
     for t, left in ((1000, 299), (4096, 2047), (777, 20)):
         s = AttnShape(b=1, t=t, hq=2, hkv=1, left=left, summaries=False)

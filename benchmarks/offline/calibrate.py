@@ -1,7 +1,7 @@
 """``python -m benchmarks.calibrate [--out DIR]``: calibrate the compile report's speed model.
 
 Peer Triton kernels whose H100 speed has been published are compiled with the same offline
-tool and Triton as the report (:mod:`benchmarks.offline_compile`, sm_90a, no GPU), read by
+tool and Triton as the report (:mod:`benchmarks.offline.offline_compile`, sm_90a, no GPU), read by
 the same analysis (:func:`offline_compile.analyse`) and predicted by the same model
 (:func:`compile_report.predict`). The constants of :data:`compile_report.MODEL` are fitted
 on the points marked ``fit``; the others are held out. Writes
@@ -40,18 +40,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 from unittest import mock
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
-    if __name__ == "__main__":
-        env = dict(os.environ, TRITON_INTERPRET="0")
-        os.execvpe(sys.executable, [sys.executable, "-m", "benchmarks.calibrate", *sys.argv[1:]], env)
+from benchmarks.offline import RESULTS, ROOT, rerun_without_interpreter
+
+# The kernels must be real @triton.jit functions, not the interpreter's: rerun without it.
+if __name__ == "__main__":
+    rerun_without_interpreter("benchmarks.offline.calibrate")
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks import compile_report as cr  # noqa: E402
-from benchmarks.offline_compile import analyse, capture_launches, compile_launch, meta, tools_available  # noqa: E402
+from benchmarks.offline import compile_report as cr  # noqa: E402
+from benchmarks.offline.offline_compile import analyse, capture_launches, compile_launch, meta, tools_available  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS = os.path.join(ROOT, ".peers")
 SMEM_LIMIT = 227 * 1024  # an H100 CTA's shared memory
 REPORT_TRITON = "3.9"  # the Triton of benchmarks/results/compile-sm90a.md and calibration.md
@@ -764,7 +764,7 @@ def measure(out_dir: str, budget_s: float) -> str:
     ``calibration-measured.json``/``.md``: published, predicted and measured side by side."""
     from triton.testing import do_bench
 
-    results = os.path.join(os.path.dirname(__file__), "results")
+    results = RESULTS
     own = os.path.join(results, "calibration-triton" + ".".join(triton.__version__.split(".")[:2]) + ".json")
     # the calibration compiled by this Triton when there is one (it has the points only it compiles)
     stored = json.load(open(own if os.path.exists(own) else os.path.join(results, "calibration.json")))
@@ -788,7 +788,7 @@ def measure(out_dir: str, budget_s: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--only", default=None, help="comma-separated point ids")
     ap.add_argument("--git-dir", action="append", default=[], help="owner/name=PATH of a local clone (repeatable)")
     ap.add_argument("--no-fit", action="store_true", help="keep compile_report.MODEL; only check the points")

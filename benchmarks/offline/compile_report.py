@@ -3,7 +3,7 @@
 Every hot kernel (attention forward, dq, dk/dv with and without summaries and GQA,
 pooling, the backward preprocess, decode; MoE route, dispatch, the grouped SwiGLU GEMMs
 forward and backward, combine) is launched by its real launcher on ``meta`` tensors of
-the benchmark shapes, recorded (:mod:`benchmarks.offline_compile`), and compiled offline
+the benchmark shapes, recorded (:mod:`benchmarks.offline.offline_compile`), and compiled offline
 for sm_90a (and sm_80 / sm_100 without ``--quick``) for **every config its pruner keeps**,
 fp16 and bf16. For each kernel x config it records registers, spills, shared memory,
 wgmma (``HGMMA``, fp8 ``QGMMA``) vs mma.sync, TMA / cp.async / plain loads, the SASS
@@ -69,18 +69,18 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
+from benchmarks.offline import RESULTS, rerun_without_interpreter
+
 # The kernels must be real @triton.jit functions, not the interpreter's: rerun without it.
-if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
-    if __name__ == "__main__":
-        env = dict(os.environ, TRITON_INTERPRET="0")
-        os.execvpe(sys.executable, [sys.executable, "-m", "benchmarks.compile_report", *sys.argv[1:]], env)
+if __name__ == "__main__":
+    rerun_without_interpreter("benchmarks.offline.compile_report")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ["DASG_AUTOTUNE"] = "1"  # record every config the pruners keep
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks.offline_compile import (ISSUE_PER_CLK, MUFU_PER_CLK, Launch, analyse, capture_launches,  # noqa: E402
+from benchmarks.offline.offline_compile import (ISSUE_PER_CLK, MUFU_PER_CLK, Launch, analyse, capture_launches,  # noqa: E402
                                         compile_launch, meta, targets)
 
 SMS, CLOCK_HZ, HBM_BYTES_S = 132, 1.83e9, 3.35e12
@@ -877,7 +877,7 @@ def calibration(version: str | None = None) -> dict:
     """The stored calibration of this Triton (``results/calibration-tritonX.Y.json`` when
     it exists, else ``results/calibration.json``): its error bands and stated misses."""
     version = version or ".".join(triton.__version__.split(".")[:2])
-    results = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    results = RESULTS
     path = os.path.join(results, f"calibration-triton{version}.json")
     if not os.path.exists(path):
         path = os.path.join(results, "calibration.json")
@@ -1139,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="bf16, D=128, one MoE shape, sm_90a only")
     p.add_argument("--only", default=None, help="family prefix: attention, decode, moe")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    p.add_argument("--out", default=RESULTS)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--smoke", action="store_true",
                    help="first config of " + ", ".join(SMOKE_KERNELS) + " (bf16, D=128): JSON only")
@@ -1154,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(targets_check(old["records"], calibration(".".join(old["meta"]["triton"].split(".")[:2])))))
         print(f"wrote {jpath} and {mpath}")
         return 0
-    from benchmarks.offline_compile import tools_available
+    from benchmarks.offline.offline_compile import tools_available
 
     if not tools_available():
         print("compile_report: this Triton has no NVIDIA ptxas/cuobjdump; nothing to compile", file=sys.stderr)

@@ -1,9 +1,9 @@
 """Softmax / tensor-core overlap of the attention kernels, read from offline sm_90a SASS.
 
-``python -m benchmarks.fwd_overlap_experiment [--kernels attn_fwd,attn_dq,attn_dkdv,attn_dkdv_summary]
+``python -m benchmarks.offline.fwd_overlap_experiment [--kernels attn_fwd,attn_dq,attn_dkdv,attn_dkdv_summary]
 [--head-dim 128] [--first]`` (no GPU; runs without ``TRITON_INTERPRET``). Compiles the
 kernels' real launches at the compile report's main attention shape
-(:data:`benchmarks.compile_report.ATTN_MAIN`, bf16) for every config their pruner keeps
+(:data:`benchmarks.offline.compile_report.ATTN_MAIN`, bf16) for every config their pruner keeps
 and prints, per config, three predictions (TFLOP/s of useful work, none measured):
 
 * issue 20's interim model, loops only (forward and dq): **serialised** ``tensor + issue +
@@ -12,7 +12,7 @@ and prints, per config, three predictions (TFLOP/s of useful work, none measured
   ``WARPGROUP.DEPBAR`` that waits for its group, up to the tensor cycles of the groups in
   flight (:func:`overlap_stats`; the body is scanned twice, so a group committed at the end
   of an iteration and waited for in the next one counts);
-* the calibrated model of :func:`benchmarks.compile_report.predict` with its serialised and
+* the calibrated model of :func:`benchmarks.offline.compile_report.predict` with its serialised and
   overlapped bounds (:func:`calibrated`), "U" where the softmax's MUFU run while a wgmma is
   in flight (an overlap no calibration point covers: only the bounds hold). The kernels
   here use one loop per key (or query) source that branches around its mask for the tiles
@@ -33,18 +33,19 @@ import subprocess
 import sys
 import tempfile
 
-if os.environ.get("TRITON_INTERPRET", "0") not in ("0", ""):
-    if __name__ == "__main__":
-        env = dict(os.environ, TRITON_INTERPRET="0")
-        os.execvpe(sys.executable, [sys.executable, "-m", "benchmarks.fwd_overlap_experiment", *sys.argv[1:]], env)
+from benchmarks.offline import rerun_without_interpreter
+
+# The kernels must be real @triton.jit functions, not the interpreter's: rerun without it.
+if __name__ == "__main__":
+    rerun_without_interpreter("benchmarks.offline.fwd_overlap_experiment")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 os.environ["DASG_AUTOTUNE"] = "1"  # record every config the pruners keep
 
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from benchmarks import compile_report as cr  # noqa: E402
-from benchmarks import offline_compile as oc  # noqa: E402
+from benchmarks.offline import compile_report as cr  # noqa: E402
+from benchmarks.offline import offline_compile as oc  # noqa: E402
 
 MUFU_PER_CLK = 16  # ex2 results per clock per SM (FA3 paper: 3.9 TFLOP/s of special functions)
 _DEPBAR = re.compile(r"gsb0,\s*0x([0-9a-f]+)")
@@ -262,7 +263,7 @@ def predict(label: str, launch: oc.Launch, cfg, c: oc.Compiled, shape: cr.AttnSh
 
 def calibrated(label: str, launch: oc.Launch, cfg, c: oc.Compiled, shape: cr.AttnShape = cr.ATTN_MAIN,
                d: int = 128) -> dict:
-    """:func:`benchmarks.compile_report.predict` (the calibrated model) of one compiled
+    """:func:`benchmarks.offline.compile_report.predict` (the calibrated model) of one compiled
     attention kernel, with the unmasked iterations of a loop that branches around its
     mask taken on the path that skips the mask (``analyse`` charges the whole body to every
     iteration): main-loop stats from :func:`fast_path` of the first loop with tensor-core

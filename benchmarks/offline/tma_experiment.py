@@ -1,6 +1,6 @@
 """TMA tensor descriptors vs pointer loads for the attention K/V tiles (offline sm_90a).
 
-``TRITON_INTERPRET=0 python -m benchmarks.tma_experiment`` (no GPU needed). Issue 9 asked to try
+``TRITON_INTERPRET=0 python -m benchmarks.offline.tma_experiment`` (no GPU needed). Issue 9 asked to try
 ``tl.make_tensor_descriptor`` for the K/V loads and keep it only if the compile report shows
 fewer instructions per iteration and no spills. Result: benchmarks/results/tma-experiment.md.
 
@@ -10,7 +10,7 @@ tl.make_tensor_descriptor loads; compiled with the repo's offline tooling."""
 import torch
 import triton
 import triton.language as tl
-from benchmarks.offline_compile import Launch, analyse, compile_launch
+from benchmarks.offline.offline_compile import Launch, analyse, compile_launch
 
 
 @triton.jit
