@@ -161,7 +161,7 @@ def test_gemma2_scaling_and_alternating_windows():
 
 
 def _expect_fallback(model, match: str, **kw):
-    dt._WARNED.clear()
+    dt.calls._WARNED.clear()
     dt.reset_call_counts()
     with pytest.warns(dt.DASGFallbackWarning, match=match):
         out = model(**kw)
@@ -269,7 +269,7 @@ def test_expert_biases_and_sinks_fall_back_and_match_eager():
     with torch.no_grad():
         ref = set_impl(model, "eager")(ids).logits
         set_impl(model, "dasg")
-        dt._WARNED.clear()
+        dt.calls._WARNED.clear()
         with pytest.warns(dt.DASGFallbackWarning) as record:
             out = model(ids).logits
     messages = " | ".join(str(w.message) for w in record)
@@ -302,7 +302,7 @@ def test_decode_with_gradients_falls_back():
     out = model(ids[:, :10], use_cache=True)
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     set_impl(model, "dasg")
-    dt._WARNED.clear()
+    dt.calls._WARNED.clear()
     with pytest.warns(dt.DASGFallbackWarning, match="gradients through KV-cache"):
         model(ids[:, 10:], past_key_values=cache, use_cache=True).logits.sum().backward()
 
@@ -356,12 +356,12 @@ def test_window_from_the_config_when_the_call_names_none():
     from types import SimpleNamespace as NS
 
     cfg = NS(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
-    assert dt._sliding_window(NS(config=cfg, layer_idx=0), dt._UNSET) == 8
-    assert dt._sliding_window(NS(config=cfg, layer_idx=1), dt._UNSET) is None
-    assert dt._sliding_window(NS(config=cfg, layer_idx=0), None) is None
-    assert dt._sliding_window(NS(config=cfg, layer_idx=0, sliding_window=4), dt._UNSET) == 4
-    assert dt._sliding_window(NS(config=NS(sliding_window=8)), dt._UNSET) == 8
-    assert dt._sliding_window(NS(config=NS(sliding_window=8, use_sliding_window=False)), dt._UNSET) is None
+    assert dt.attention._sliding_window(NS(config=cfg, layer_idx=0), dt.attention._UNSET) == 8
+    assert dt.attention._sliding_window(NS(config=cfg, layer_idx=1), dt.attention._UNSET) is None
+    assert dt.attention._sliding_window(NS(config=cfg, layer_idx=0), None) is None
+    assert dt.attention._sliding_window(NS(config=cfg, layer_idx=0, sliding_window=4), dt.attention._UNSET) == 4
+    assert dt.attention._sliding_window(NS(config=NS(sliding_window=8)), dt.attention._UNSET) == 8
+    assert dt.attention._sliding_window(NS(config=NS(sliding_window=8, use_sliding_window=False)), dt.attention._UNSET) is None
     q = torch.randn(1, 2, 5, 32)
     with pytest.raises(RuntimeError, match="cannot tell this layer's sliding window"):
         dt.dasg_attention_forward(NS(config=cfg), q, q[:, :1], q[:, :1], None)
@@ -369,13 +369,13 @@ def test_window_from_the_config_when_the_call_names_none():
 
 def test_enable_sets_the_backend_per_model(monkeypatch):
     seen = []
-    real = dt.swa_attention
+    real = dt.attention.swa_attention
 
     def spy(*a, backend, **kw):
         seen.append(backend)
         return real(*a, backend="torch", **kw)
 
-    monkeypatch.setattr(dt, "swa_attention", spy)
+    monkeypatch.setattr(dt.attention, "swa_attention", spy)
     m1, m2 = build("mistral"), build("mistral")
     dt.enable(m1, backend="torch")
     dt.enable(m2, backend="auto")  # must not switch m1

@@ -278,7 +278,7 @@ def test_deepseek_v3_head_dims():
     ids = torch.randint(1, VOCAB, (2, 12))
     with torch.no_grad():
         ref = set_impl(model, "eager")(ids).logits
-        dt._WARNED.clear()
+        dt.calls._WARNED.clear()
         dt.reset_call_counts()
         out = set_impl(model, "dasg")(ids).logits
     counts = dt.call_counts()
@@ -293,7 +293,7 @@ def test_llama4_experts_bypass_warns():
                              num_local_experts=4, num_experts_per_tok=1, max_position_embeddings=128)
     torch.manual_seed(0)
     model = t.Llama4ForCausalLM(cfg).eval()
-    dt._WARNED.clear()
+    dt.calls._WARNED.clear()
     with pytest.warns(dt.DASGFallbackWarning, match="experts_implementation='dasg' has no effect"):
         dt.enable(model, backend="torch")
 
@@ -307,7 +307,7 @@ def test_fallbacks_are_counted_by_reason():
     mask = torch.ones_like(ids)
     mask[0, 4] = 0  # a hole
     set_impl(model, "dasg")
-    dt._WARNED.clear()
+    dt.calls._WARNED.clear()
     dt.reset_call_counts()
     with torch.no_grad(), pytest.warns(dt.DASGFallbackWarning, match="not one run of tokens"):
         model(ids, attention_mask=mask)
