@@ -9,8 +9,13 @@ Public ops (each takes ``backend="auto" | "triton" | "torch"``; see
   and friends (ADR + grouped SwiGLU experts).
 
 Every name in ``attention.__all__`` and ``moe.__all__`` is re-exported here.
+:mod:`dasg_kernels.reference` (the readable PyTorch oracle of the tests) is loaded on
+first use of ``dasg_kernels.reference``: no module of the package imports it.
 """
-from dasg_kernels import attention, moe, reference
+import importlib
+from typing import Any
+
+from dasg_kernels import attention, moe
 from dasg_kernels._version import __version__  # noqa: F401
 from dasg_kernels.attention import *  # noqa: F401,F403
 from dasg_kernels.backend import interpreter_enabled, resolve_backend
@@ -25,3 +30,9 @@ __all__ = [
     *attention.__all__,
     *moe.__all__,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "reference":
+        return importlib.import_module("dasg_kernels.reference")
+    raise AttributeError(f"module 'dasg_kernels' has no attribute {name!r}")

@@ -1,12 +1,12 @@
 """Readable PyTorch references: the semantics every backend must meet.
 
 These are written for clarity, not speed (masks are materialised). They are the
-ground truth of the tests, and :func:`route_ref` is the ``backend="torch"`` routing.
-The ``torch`` backend of the routed experts is
-:func:`dasg_kernels.moe.experts_torch.expert_ffn_torch` (the same sum with static
-shapes, so ``torch.compile`` traces it without a graph break); attention's is the
-blockwise :mod:`dasg_kernels.attention.blockwise` (the same semantics without the
-``[T, T]`` scores).
+ground truth of the tests and benchmarks, and no module of the package imports them:
+the ``torch`` backends are separate code held to these (attention:
+:mod:`dasg_kernels.attention.blockwise`, the same semantics without the ``[T, T]``
+scores; routing: :mod:`dasg_kernels.moe.routing_torch`; routed experts:
+:mod:`dasg_kernels.moe.experts_torch`, the same sum with static shapes, so
+``torch.compile`` traces it without a graph break).
 
 Attention (GMHA)
 ----------------

@@ -86,7 +86,8 @@ def test_dispatch_triton_equals_torch(device, n, k, e, block_m):
 def test_dispatch_triton_many_chunks(device):
     # small chunks and scan steps (the carries across chunks and scan steps), and chunks
     # walked in several sub-blocks (the carry inside a chunk)
-    from dasg_kernels.moe.dispatch import build_plan_torch, build_plan_triton
+    from dasg_kernels.moe.dispatch import build_plan_triton
+    from dasg_kernels.moe.dispatch_torch import build_plan_torch
 
     for e, kw in ((8, dict(chunk=16, block_c=16)),  # 132 chunks, 9 scan steps
                   (256, dict(chunk=1024))):         # 3 chunks of 4 sub-blocks (256 pairs each under the interpreter)

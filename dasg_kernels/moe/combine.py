@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from dasg_kernels.backend import interpreter_enabled
-from dasg_kernels.moe.dispatch import DispatchPlan
+from dasg_kernels.moe.types import DispatchPlan
 
 
 @triton.jit

@@ -1,132 +1,18 @@
-"""Expert-sorted dispatch plan, built on the device with no host synchronisation.
+"""The ``triton`` dispatch plan: a counting sort in five small Triton launches, no host sync.
 
-A token's ``k`` slots are the (token, slot) *pairs* ``pair = token * k + slot``
-(``M = N * k`` of them; slots with expert ``-1`` are unused). The grouped GEMMs walk
-the pairs sorted by expert, each expert's run padded up to a multiple of
-``block_m`` so that every ``block_m`` tile of rows belongs to one expert:
-
-* ``tokens_per_expert [E]``: histogram of the used pairs.
-* ``expert_offsets [E+1]``: block-aligned start row of each expert's run (prefix sum
-  of the padded counts); ``expert_offsets[E]`` is the number of rows in use.
-* ``row_pair [num_tiles * block_m]``: the pair held by each row (``-1`` = padding).
-  Pairs of one expert keep their original order (stable sort), so the plan is
-  deterministic.
-* ``pair_row [M]``: the inverse, the row of each pair (``-1`` = unused slot).
-* ``tile_expert [num_tiles]``: the expert of each tile, ``-1`` for tiles past the
-  last run. ``num_tiles = cdiv(M, block_m) + min(E, M)`` is the worst case, known on
-  the host without reading the routing back; unused tiles exit at once, and experts with no
-  pairs own no tile.
-
-Everything is sized by the worst case, so the host never waits on the device.
-
-Two builders give the same plan bit for bit: :func:`build_plan_triton` (a counting
-sort in five small Triton launches: the ``triton`` backend, run through the
-``dasg_kernels::moe_dispatch`` custom op of :mod:`dasg_kernels.moe.ops`) and
-:func:`build_plan_torch` (stable sort, cumsum, searchsorted: readable, the ``torch``
-backend and the test oracle). This module is the bottom layer: it imports nothing
-from the MoE modules above it.
+:func:`build_plan_triton` builds the :class:`~dasg_kernels.moe.types.DispatchPlan` (its
+layout and worst-case sizes are in :mod:`dasg_kernels.moe.types`) as the body of the
+``dasg_kernels::moe_dispatch`` custom op of :mod:`dasg_kernels.moe.ops`. It equals
+:func:`dasg_kernels.moe.dispatch_torch.build_plan_torch` (the ``torch`` backend) bit for bit.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 from dasg_kernels.backend import interpreter_enabled
-
-
-class DispatchPlan(NamedTuple):
-    """The plan the grouped GEMMs walk; see the module docstring."""
-
-    row_pair: torch.Tensor          # [num_tiles * block_m] int32
-    pair_row: torch.Tensor          # [N * k] int32
-    expert_offsets: torch.Tensor    # [E + 1] int32
-    tile_expert: torch.Tensor       # [num_tiles] int32
-    tokens_per_expert: torch.Tensor  # [E] int32
-    block_m: int
-    num_slots: int                  # k
-    num_tiles: int
-    num_rows: int                   # rows the GEMM buffers need (worst case)
-
-
-def num_tiles_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Worst-case tile count: only experts with pairs own tiles, at most ``min(E, M)`` of them,
-    so ``sum_e cdiv(c_e, block_m) <= cdiv(M, block_m) + min(E, M)``. (``torch.sym_min``: the
-    custom ops' fake implementations call this with symbolic sizes.)"""
-    return triton.cdiv(num_pairs, block_m) + torch.sym_min(num_experts, num_pairs)
-
-
-def num_rows_bound(num_pairs: int, num_experts: int, block_m: int) -> int:
-    """Worst-case used rows: ``M`` plus at most ``block_m - 1`` padding rows per used expert."""
-    return num_pairs + torch.sym_min(num_experts, num_pairs) * (block_m - 1)
-
-
-def build_plan_torch(
-    expert_ids: torch.Tensor,
-    num_experts: int,
-    block_m: int,
-    tokens_per_expert: torch.Tensor | None = None,
-) -> DispatchPlan:
-    """Build the plan with device-side torch ops only (no ``.item()``, no sync): the
-    readable version, and the ``backend="torch"`` path; :func:`build_plan_triton` is the
-    same plan (bitwise) in five launches.
-
-    ``expert_ids [N, k]`` int; entries outside ``[0, num_experts)`` count as unused
-    (the public :func:`dispatch` rejects them on the CPU, where checking is free).
-    """
-    n, k = expert_ids.shape
-    dev = expert_ids.device
-    m = n * k
-    e = num_experts
-    num_tiles = num_tiles_bound(m, e, block_m)
-    rows = num_tiles * block_m  # row_pair covers every tile, so tile loads never need a mask
-
-    flat = expert_ids.reshape(-1).long()
-    valid = (flat >= 0) & (flat < e)
-    key = torch.where(valid, flat, torch.full_like(flat, e))  # unused pairs sort last
-    if tokens_per_expert is None:
-        counts = torch.zeros(e + 1, dtype=torch.int64, device=dev)
-        counts.scatter_add_(0, key, torch.ones_like(key))
-        counts = counts[:e]
-    else:
-        counts = tokens_per_expert.long()
-    padded = (counts + block_m - 1) // block_m * block_m
-    offsets = torch.zeros(e + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(padded, 0, out=offsets[1:])
-    starts = torch.zeros(e + 1, dtype=torch.int64, device=dev)  # unpadded start of each run
-    torch.cumsum(counts, 0, out=starts[1:])
-
-    order = torch.sort(key, stable=True).indices  # pairs by expert, original order inside
-    skey = key[order]
-    rank = torch.arange(m, device=dev) - starts[skey]
-    svalid = skey < e
-    # offsets has E+1 entries, so unused pairs (key E) index it safely; their row is the dummy
-    row = torch.where(svalid, offsets[skey] + rank, torch.full_like(rank, rows))
-
-    row_pair = torch.full((rows + 1,), -1, dtype=torch.int32, device=dev)
-    row_pair.scatter_(0, row, order.to(torch.int32))  # unused pairs all land on the dummy row
-    row_pair = row_pair[:rows]
-    pair_row = torch.full((m,), -1, dtype=torch.int32, device=dev)
-    pair_row.scatter_(0, order, torch.where(svalid, row, torch.full_like(row, -1)).to(torch.int32))
-
-    tile_start = torch.arange(num_tiles, device=dev, dtype=torch.int64) * block_m
-    tile_expert = torch.searchsorted(offsets[1:].contiguous(), tile_start, right=True)
-    tile_expert = torch.where(tile_expert < e, tile_expert, torch.full_like(tile_expert, -1))
-
-    return DispatchPlan(
-        row_pair=row_pair,
-        pair_row=pair_row,
-        expert_offsets=offsets.to(torch.int32),
-        tile_expert=tile_expert.to(torch.int32),
-        tokens_per_expert=counts.to(torch.int32),
-        block_m=block_m,
-        num_slots=k,
-        num_tiles=num_tiles,
-        num_rows=num_rows_bound(m, e, block_m),
-    )
-
+from dasg_kernels.moe.types import DispatchPlan, num_rows_bound, num_tiles_bound
 
 # --------------------------------------------------------------------------- Triton counting sort
 #
@@ -136,7 +22,7 @@ def build_plan_torch(
 # block-aligned offsets; (4) each chunk places its pairs at offset + chunk prefix + rank
 # inside the chunk (a cumsum over its one-hot block); (5) the tile map compares each
 # tile's first row with the run ends. Stable and deterministic (no atomics), and equal
-# to the sort-based plan bit for bit.
+# to the sort-based plan of dispatch_torch bit for bit.
 
 
 @triton.jit
@@ -214,7 +100,9 @@ def _plan_tiles_kernel(offsets, tile_expert, NUM_TILES, E,
 
 def build_plan_triton(expert_ids: torch.Tensor, num_experts: int, block_m: int, *,
                       chunk: int | None = None, block_c: int | None = None) -> DispatchPlan:
-    """:func:`build_plan_torch`'s plan from five small Triton launches (no host sync).
+    """The plan of ``expert_ids [N, k]`` int for ``num_experts`` experts and ``block_m``-row
+    tiles, from five small Triton launches (no host sync). Ids outside ``[-1, E)`` count as
+    unused.
 
     ``chunk`` (pairs per program, a power of two >= 16) and ``block_c`` (chunks per scan
     step) override the defaults, for tests.
@@ -273,15 +161,3 @@ def build_plan_triton(expert_ids: torch.Tensor, num_experts: int, block_m: int, 
         num_rows=num_rows_bound(m, e, block_m),
     )
 
-
-
-def plan_from_tensors(row_pair: torch.Tensor, pair_row: torch.Tensor, expert_offsets: torch.Tensor,
-                      tile_expert: torch.Tensor, num_experts: int, num_slots: int, block_m: int,
-                      tokens_per_expert: torch.Tensor | None = None) -> DispatchPlan:
-    """A :class:`DispatchPlan` around plan tensors (as the custom ops pass them), with the
-    sizes derived from their shapes (no data read)."""
-    return DispatchPlan(
-        row_pair=row_pair, pair_row=pair_row, expert_offsets=expert_offsets, tile_expert=tile_expert,
-        tokens_per_expert=tokens_per_expert, block_m=block_m, num_slots=num_slots,
-        num_tiles=tile_expert.shape[0], num_rows=num_rows_bound(pair_row.shape[0], num_experts, block_m),
-    )

@@ -11,7 +11,7 @@ ways, picked per call from those shapes:
   routed rows (``E * N`` rows: the cheaper one for few experts, e.g. the one-expert
   shared banks, or decode-sized batches).
 * ``"grouped"``: the (token, slot) pairs are sorted by expert into tiles of ``block_m``
-  rows (:func:`dasg_kernels.moe.dispatch.build_plan_torch`, the worst-case tile count
+  rows (:func:`dasg_kernels.moe.dispatch_torch.build_plan_torch`, the worst-case tile count
   ``cdiv(N*k, block_m) + min(E, N*k)``), each tile's expert weights are gathered and a
   ``torch.bmm`` runs the tiles (``~N*k + E*block_m`` rows; what many experts need).
 
@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dasg_kernels.moe.dispatch import build_plan_torch, num_tiles_bound
+from dasg_kernels.moe.dispatch_torch import build_plan_torch
+from dasg_kernels.moe.types import num_tiles_bound
 
 METHODS = ("dense", "grouped")
 # The cost model of choose_method, in rows of GEMM work (rough CPU / GPU figures): reading

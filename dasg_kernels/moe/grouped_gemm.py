@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from dasg_kernels.backend import autotune_enabled, interpreter_enabled
-from dasg_kernels.moe.dispatch import DispatchPlan
+from dasg_kernels.moe.configs import choose_block_m  # noqa: F401  (the old import path of the compile report)
+from dasg_kernels.moe.types import DispatchPlan
 
 # --------------------------------------------------------------------------- helpers
 
@@ -481,17 +482,6 @@ def _launch(kernel, grid, *args, a_cols: int | None = None, **kwargs):
                                 prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind)})(kernel)
         _TUNED[kernel] = tuned
     tuned[grid](*args, **kwargs)
-
-
-def choose_block_m(num_pairs: int, num_experts: int) -> int:
-    """Rows per tile: small when experts get few rows (decode), 128 when they get many."""
-    if interpreter_enabled():
-        return 16
-    avg = num_pairs / max(num_experts, 1)
-    for bm in (16, 32, 64):
-        if avg <= bm:
-            return bm
-    return 128
 
 
 def _dot_prec(dtype: torch.dtype) -> str:

@@ -10,11 +10,10 @@ their launchers (:mod:`.routing`, :mod:`.dispatch`, :mod:`.grouped_gemm`,
 
 ``route`` -> ``dispatch`` -> ``expert_ffn`` (grouped SwiGLU GEMMs + combine), chained by
 ``moe_ffn``. Every argument is checked here, in Python, before any launch; the
-messages name the argument. ``backend="torch"`` routes with
-:func:`dasg_kernels.reference.route_ref` and runs the experts with
-:func:`dasg_kernels.moe.experts_torch.expert_ffn_torch` (static shapes, no host read:
-``torch.compile`` traces it without a graph break); :mod:`dasg_kernels.reference` stays
-the oracle of the tests.
+messages name the argument. ``backend="torch"`` runs the torch backend modules
+(:mod:`.routing_torch`, :mod:`.dispatch_torch`, :mod:`.experts_torch`: static shapes, no
+host read, so ``torch.compile`` traces them without a graph break); the tests hold both
+backends to :mod:`dasg_kernels.reference`, which no package module imports.
 """
 from __future__ import annotations
 
@@ -24,13 +23,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from dasg_kernels import reference
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
-from dasg_kernels.moe import grouped_gemm as _gg
 from dasg_kernels.moe import ops as _ops
-from dasg_kernels.moe.dispatch import DispatchPlan, build_plan_torch, plan_from_tensors
+from dasg_kernels.moe.configs import choose_block_m
+from dasg_kernels.moe.dispatch_torch import build_plan_torch
 from dasg_kernels.moe.experts_torch import expert_ffn_torch
-from dasg_kernels.moe.types import Routing
+from dasg_kernels.moe.routing_torch import route_torch
+from dasg_kernels.moe.types import DispatchPlan, Routing, plan_from_tensors
 from dasg_kernels.validation import check_int, check_same, check_tensor
 
 K_MAX_LIMIT = 8
@@ -227,7 +226,7 @@ def route(
     topk_group = _check_route_args(op, logits, top_p, k_max, min_k, n_group, topk_group, renormalize)
     be = resolve_backend(backend, logits, op=op)
     if be == "torch":
-        return reference.route_ref(
+        return route_torch(
             logits, top_p=float(top_p), k_max=k_max, min_k=min_k, n_group=n_group,
             topk_group=topk_group, renormalize=renormalize,
         )
@@ -373,7 +372,7 @@ def expert_ffn(
         return expert_ffn_torch(x, gate_up_proj, down_proj, expert_ids, weights)
     e = gate_up_proj.shape[0]
     if block_m is None:
-        block_m = _gg.choose_block_m(n * k, e)
+        block_m = choose_block_m(n * k, e)
     elif block_m not in (16, 32, 64, 128, 256):
         raise ValueError(f"{op}: block_m must be one of 16, 32, 64, 128, 256 (tl.dot needs >= 16), got {block_m!r}")
     plan = dispatch(expert_ids, e, block_m=block_m, backend="triton")
@@ -454,6 +453,6 @@ def moe_ffn(
     if be == "torch" or n == 0:
         return expert_ffn(x, gate_up_proj, down_proj, routing, backend=be, recompute=recompute), routing
     e = gate_up_proj.shape[0]
-    plan = _plan_triton(routing.expert_ids, e, _gg.choose_block_m(n * k_max, e))
+    plan = _plan_triton(routing.expert_ids, e, choose_block_m(n * k_max, e))
     y = _expert_ffn_planned(x, gate_up_proj, down_proj, routing.weights, plan, recompute)
     return y, routing

@@ -15,12 +15,13 @@ eager autograd runs through the same ops. Validation happens before, in
 :mod:`dasg_kernels.moe.interface`.
 
 Layering: this module sits above the kernels and their launchers
-(:mod:`.routing`, :mod:`.dispatch`, :mod:`.grouped_gemm`, :mod:`.combine`), which it
-imports at the top, and below :mod:`.interface`, which composes the ops; nothing here
-imports upwards.
+(:mod:`.routing`, :mod:`.dispatch`, :mod:`.grouped_gemm`, :mod:`.combine`) and below
+:mod:`.interface`, which composes the ops; nothing here imports upwards. The kernel
+modules are imported inside the op implementations, so importing the package (or the
+fake implementations, all ``torch.compile`` needs to trace) decorates no Triton kernel.
 
 Output sizes depend only on input shapes and int arguments (the worst-case bounds of
-:mod:`dasg_kernels.moe.dispatch`), never on the routing itself, so the fake
+:mod:`dasg_kernels.moe.types`), never on the routing itself, so the fake
 implementations need no data and work with symbolic shapes.
 
 (No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations
@@ -29,10 +30,7 @@ to build the op schema.)
 import torch
 from torch import Tensor
 
-from dasg_kernels.moe import combine as _combine
-from dasg_kernels.moe import grouped_gemm as _gg
-from dasg_kernels.moe.dispatch import build_plan_triton, num_rows_bound, num_tiles_bound, plan_from_tensors
-from dasg_kernels.moe.routing import route_select_triton
+from dasg_kernels.moe.types import num_rows_bound, num_tiles_bound, plan_from_tensors
 
 _EMPTY_SHAPE = (0,)
 
@@ -51,6 +49,8 @@ def moe_route_select(
     probs: Tensor, top_p: float, k_max: int, k_cap: int, min_k: int, n_group: int, topk_group: int,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``probs [N, E]`` fp32 -> ``expert_ids [N, k_max]``, ``num_selected [N]``, ``tokens_per_expert [E]`` (int32)."""
+    from dasg_kernels.moe.routing import route_select_triton
+
     return route_select_triton(probs, top_p=top_p, k_max=k_max, k_cap=k_cap, min_k=min_k, n_group=n_group,
                                topk_group=topk_group)
 
@@ -68,6 +68,8 @@ def _moe_route_select_fake(probs, top_p, k_max, k_cap, min_k, n_group, topk_grou
 @torch.library.custom_op("dasg_kernels::moe_dispatch", mutates_args=())
 def moe_dispatch(expert_ids: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> ``row_pair, pair_row, expert_offsets, tile_expert, tokens_per_expert`` of the plan."""
+    from dasg_kernels.moe.dispatch import build_plan_triton
+
     p = build_plan_triton(expert_ids, num_experts, block_m)
     return p.row_pair, p.pair_row, p.expert_offsets, p.tile_expert, p.tokens_per_expert
 
@@ -94,6 +96,9 @@ def moe_expert_ffn_fwd(
 ) -> tuple[Tensor, Tensor]:
     """-> ``y [N, D]`` in ``x.dtype`` and the gate/up pre-activations ``gu [rows, 2F]``
     (empty unless ``save_gu``; without them the backward reruns the gate/up GEMM)."""
+    from dasg_kernels.moe import combine as _combine
+    from dasg_kernels.moe import grouped_gemm as _gg
+
     x, gate_up_proj, down_proj = _unit_stride(x, gate_up_proj, down_proj)
     weights = weights.contiguous()
     n, k = weights.shape
@@ -128,6 +133,9 @@ def moe_expert_ffn_bwd(
     ``gu`` is the forward's saved pre-activations, or empty: then the gate/up GEMM is
     rerun here to rebuild them (``recompute``).
     """
+    from dasg_kernels.moe import combine as _combine
+    from dasg_kernels.moe import grouped_gemm as _gg
+
     dy, x, gate_up_proj, down_proj = _unit_stride(dy.to(x.dtype), x, gate_up_proj, down_proj)
     weights = weights.contiguous()
     n, k = weights.shape
