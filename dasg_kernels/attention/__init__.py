@@ -9,8 +9,8 @@
 Kernels: :mod:`.fwd` (forward), :mod:`.bwd` (backward), :mod:`.pool` (group means),
 :mod:`.decode`, :mod:`.ring` (bounded cache); tile sizes and autotuning in :mod:`.configs`.
 """
+from dasg_kernels.attention.checks import SUPPORTED_HEAD_DIMS
 from dasg_kernels.attention.interface import (
-    SUPPORTED_HEAD_DIMS,
     swa_attention,
     swa_attention_with_lse,
     swa_decode,

@@ -180,7 +180,8 @@ def block_grid(n_blocks: int, n_bh: int, varlen: object, *rest: int) -> tuple[in
 
 
 def effective_window(left: int, right: int, t_k: int, last_pos: int | None = None) -> tuple[int, int]:
-    """Map ``-1`` (unbounded) and bounds beyond the sequence to a finite bound (see :mod:`.common`: the kernels rely on ``0 <= left, right <= T_K``).
+    """Map ``-1`` (unbounded) and bounds beyond the sequence to a finite bound: the kernels
+    work with ``0 <= left, right <= T_K`` (see :mod:`.common`).
 
     ``last_pos`` is the position of the last query (default ``t_k - 1``). A left bound of
     ``max(t_k, last_pos + 1)`` already reaches key 0 from every query, and a right bound of

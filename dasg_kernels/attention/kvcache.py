@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from dasg_kernels.attention import host
-from dasg_kernels.attention.interface import _check_window, _validate
+from dasg_kernels.attention.checks import check_window, validate_attention
 from dasg_kernels.attention.ring import ring_attention
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.validation import check_last_dim_contiguous, check_tensor
@@ -264,11 +264,12 @@ def swa_attention_with_kvcache(
     """
     if isinstance(window, int) and not isinstance(window, bool):
         window = (window, 0)
-    left, right = _check_window(OP, window)
+    left, right = check_window(OP, window)
     if right not in (0, -1):
         raise ValueError(f"{OP}: a cache holds no future keys: window[1] must be 0, got {right}")
-    _, _, scale = _validate(OP, q, k_cache, v_cache, window=(left, 0), causal=True, group_size=group_size,
-                            summaries=summaries, softmax_scale=softmax_scale, decode=True)
+    _, _, scale = validate_attention(OP, q, k_cache, v_cache, window=(left, 0), causal=True,
+                                     group_size=group_size, summaries=summaries, softmax_scale=softmax_scale,
+                                     decode=True)
     if v_cache.shape[-1] != k_cache.shape[-1]:
         raise ValueError(f"{OP}: the bounded cache needs one head dim for keys and values, got k_cache "
                          f"{k_cache.shape[-1]} and v_cache {v_cache.shape[-1]} (swa_decode takes a value head "

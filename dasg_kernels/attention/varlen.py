@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from dasg_kernels.attention import host, ops
-from dasg_kernels.attention.interface import _check_options, head_dim_backend
+from dasg_kernels.attention.checks import check_options, head_dim_backend
 from dasg_kernels.backend import interpreted_bf16
 from dasg_kernels.validation import (
     FLOAT_DTYPES,
@@ -147,8 +147,8 @@ def swa_attention_varlen(
         when ``cu_seqlens_q == cu_seqlens_k`` (training); the backward raises otherwise.
     """
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    left, right, scale = _check_options(OP, q.shape[-1], window=window, causal=causal, group_size=group_size,
-                                        summaries=summaries, softmax_scale=softmax_scale)
+    left, right, scale = check_options(OP, q.shape[-1], window=window, causal=causal, group_size=group_size,
+                                       summaries=summaries, softmax_scale=softmax_scale)
     be = _pick_backend(backend, q, k, v, max_seqlen_q, max_seqlen_k)
     if be == "torch":
         bounds = _check_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
