@@ -1,4 +1,4 @@
-"""Context parallelism for GMHA on ``torch.distributed`` (no communication layer of our own).
+"""Context parallelism (CP) for GMHA on ``torch.distributed`` (no communication layer of our own).
 
 :func:`swa_attention_cp` runs :func:`dasg_kernels.swa_attention` on a sequence that is
 sharded over the ranks of a process group. The sequence is cut into equal *chunks*:
@@ -29,9 +29,13 @@ which they see). Saved for the backward: ``q``, the keys/values with their halo,
 ``[T_local, n_groups]`` tensor. Output and gradients equal ``swa_attention`` on the whole
 sequence (the tests check it with gloo on CPU).
 
-Also :func:`shift_labels_cp` (next-token targets of a sharded batch),
-:func:`cp_shard` (a rank's shard of a whole-sequence tensor) and :func:`cp_positions` (the
-global positions of a rank's shard, for RoPE).
+Also :func:`cp_shard` (a rank's shard of a whole-sequence tensor), :func:`cp_positions` (the
+global positions of a rank's shard, for RoPE), :class:`CPGeometry` (where the chunks sit and
+what each reads) with :func:`cp_exchange_plan` and :func:`cp_exchange_rows` (the rows of the
+exchange), :func:`resolve_group` and :func:`check_cp_layout` (argument checks shared with
+:mod:`dasg_model.parallel`). The next-token targets of a sharded batch are the model's:
+:func:`dasg_model.parallel.shift_labels_cp`. ``dasg_kernels.distributed`` is the same
+module's compatible import path.
 """
 from __future__ import annotations
 
@@ -42,10 +46,10 @@ import torch
 import torch.distributed as dist
 
 from dasg_kernels.attention.interface import _pick_backend, _validate
-from dasg_kernels.backend import interpreted_bf16
+from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16
 
-__all__ = ["CP_LAYOUTS", "cp_comm_stats", "cp_exchange_rows", "cp_positions", "cp_shard", "resolve_group",
-           "shift_labels_cp", "swa_attention_cp"]
+__all__ = ["CP_LAYOUTS", "CPGeometry", "check_cp_layout", "cp_comm_stats", "cp_exchange_plan", "cp_exchange_rows",
+           "cp_positions", "cp_shard", "resolve_group", "swa_attention_cp"]
 
 _OP = "swa_attention_cp"
 
@@ -111,8 +115,9 @@ def resolve_group(group: object, op: str = _OP, name: str = "group") -> dist.Pro
     return group
 
 
-def _check_layout(op: str, layout: object) -> bool:
-    """``True`` for ``"zigzag"``, ``False`` for ``"contiguous"``; ``ValueError`` otherwise."""
+def check_cp_layout(op: str, layout: object) -> bool:
+    """Whether ``layout`` (one of :data:`CP_LAYOUTS`) is ``"zigzag"``: ``True`` for
+    ``"zigzag"``, ``False`` for ``"contiguous"``; a ``ValueError`` naming ``op`` otherwise."""
     if layout not in CP_LAYOUTS:
         raise ValueError(f"{op}: layout must be one of {CP_LAYOUTS}, got {layout!r}")
     return layout == "zigzag"
@@ -158,11 +163,13 @@ def _check_same_on_all_ranks(op: str, group: dist.ProcessGroup, device: torch.de
 
 
 @dataclass(frozen=True)
-class _Geometry:
+class CPGeometry:
     """Where the chunks of a sharded sequence sit and what each reads from the others.
 
     ``world`` ranks, ``t_local`` positions per rank, the causal window's ``left`` (``-1``:
-    unbounded), ``group_size`` (``None`` or summaries off: no summaries), ``zigzag``.
+    unbounded), ``group_size`` (``None`` or summaries off: no summaries), ``zigzag``
+    (:func:`check_cp_layout`). Chunks are numbered along the whole sequence, ``0 ..
+    n_chunks - 1``; every method is host arithmetic on ints (the same answer on every rank).
     """
 
     world: int
@@ -248,9 +255,12 @@ class _Geometry:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(geo: _Geometry, rank: int):
-    """``(send pieces per rank, recv pieces per rank, local pieces, contribution rows per
-    own chunk)`` of ``rank``."""
+def cp_exchange_plan(geo: CPGeometry, rank: int):
+    """The exchange of ``rank`` in one :func:`swa_attention_cp` call: ``(send, recv, local,
+    contrib)``: ``send[p]`` / ``recv[p]`` the pieces ``(kind, src chunk, dst chunk, rows)``
+    (``kind`` ``"halo"`` or ``"summary"``, see :meth:`CPGeometry.pieces`) this rank sends to /
+    receives from rank ``p`` (empty for itself), ``local`` the pieces it uses itself, and
+    ``contrib`` ``{own chunk: group-contribution rows it computes}``. Cached per geometry."""
     send = [geo.pieces(rank, p) if p != rank else [] for p in range(geo.world)]
     recv = [geo.pieces(p, rank) if p != rank else [] for p in range(geo.world)]
     local = geo.pieces(rank, rank)
@@ -267,11 +277,11 @@ def cp_exchange_rows(world: int, t_local: int, window: int, group_size: int | No
     one position's ``k | v`` of every kv head; ``n_groups``: the most summaries one of the
     rank's chunks reads). ``window`` is the causal window's ``left``, ``group_size=None``:
     no summaries."""
-    zig = _check_layout("cp_exchange_rows", layout)
-    geo = _Geometry(world, t_local, window, group_size, zig)
+    zig = check_cp_layout("cp_exchange_rows", layout)
+    geo = CPGeometry(world, t_local, window, group_size, zig)
     rows = []
     for r in range(world):
-        send, recv, _, _ = _plan(geo, r)
+        send, recv, _, _ = cp_exchange_plan(geo, r)
         row = {"halo_send": 0, "halo_recv": 0, "summary_send": 0, "summary_recv": 0,
                "n_groups": max(geo.n_groups(c) for c in geo.chunks(r))}
         for pieces, side in ((send, "send"), (recv, "recv")):
@@ -346,7 +356,7 @@ def _split_rows(x: torch.Tensor, hkv: int, d: int, dv: int) -> tuple[torch.Tenso
             x[..., hkv * d:].reshape(n, b, hkv, dv).transpose(0, 1))
 
 
-def _contributions(k: torch.Tensor, v: torch.Tensor, geo: _Geometry, c: int, off: int, m: int) -> torch.Tensor:
+def _contributions(k: torch.Tensor, v: torch.Tensor, geo: CPGeometry, c: int, off: int, m: int) -> torch.Tensor:
     """Chunk ``c``'s contributions to its first ``m`` group slots, ``[m, B, F]`` in the
     input dtype: its positions' ``k | v`` summed per group (fp32) over ``G``. (Only groups
     wholly before some query's window are read, so every group read is complete: the
@@ -360,14 +370,14 @@ def _contributions(k: torch.Tensor, v: torch.Tensor, geo: _Geometry, c: int, off
     return (_IndexAdd.apply(m, slot, rows) * (1.0 / g)).to(k.dtype)
 
 
-def _exchange(k: torch.Tensor, v: torch.Tensor, geo: _Geometry, rank: int, group: dist.ProcessGroup):
+def _exchange(k: torch.Tensor, v: torch.Tensor, geo: CPGeometry, rank: int, group: dist.ProcessGroup):
     """Per own chunk ``(k_ext, v_ext, ks, vs)``: the chunk's keys/values behind its halo
     (``[B, halo + T_chunk, Hkv, D | Dv]``) and its summaries (the means of the first
     ``n_groups`` global groups, ``[B, n_groups, Hkv, D | Dv]``, or ``None``), from one
     :class:`_AllToAll`."""
-    b, tl, hkv, d = k.shape
+    b, t_local, hkv, d = k.shape
     dv = v.shape[-1]
-    send, recv, local, contrib_rows = _plan(geo, rank)
+    send, recv, local, contrib_rows = cp_exchange_plan(geo, rank)
     contrib = {c: _contributions(k, v, geo, c, geo.owner(c)[1], m) for c, m in contrib_rows.items() if m}
 
     def piece(kind: str, src: int, n: int) -> torch.Tensor:
@@ -464,11 +474,13 @@ class _ChunkAttentionTriton(torch.autograd.Function):
 
 
 def _chunk_attention_triton(q, k_ext, v_ext, ks, vs, *, h, pos0, left, group_size, scale):
-    if interpreted_bf16(q):  # the interpreter's bf16 dots are wrong: run fp32, round
-        args = [t.float() if t is not None else None for t in (q, k_ext, v_ext, ks, vs)]
-        return _chunk_attention_triton(*args, h=h, pos0=pos0, left=left, group_size=group_size,
-                                       scale=scale).to(q.dtype)
-    return _ChunkAttentionTriton.apply(q, k_ext, v_ext, ks, vs, h, pos0, left, group_size, scale)
+    """:class:`_ChunkAttentionTriton` (bf16 under the interpreter: in fp32, rounded)."""
+    def run(*t):
+        return _ChunkAttentionTriton.apply(*t, h, pos0, left, group_size, scale)
+
+    if interpreted_bf16(q):
+        return bf16_via_fp32(run, q, k_ext, v_ext, ks, vs)
+    return run(q, k_ext, v_ext, ks, vs)
 
 
 # --------------------------------------------------------------------------- public op
@@ -543,17 +555,17 @@ def swa_attention_cp(
                          f"window={tuple(window)} and summaries={summaries}")
     if not isinstance(validate, bool):
         raise TypeError(f"{_OP}: validate must be a bool, got {type(validate).__name__}")
-    zig = _check_layout(_OP, layout)
+    zig = check_cp_layout(_OP, layout)
     group = resolve_group(group)
     be = _pick_backend("swa_attention", backend, q, k, v)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    b, tl, hq, d = q.shape
+    b, t_local, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
-    if tl == 0:
+    if t_local == 0:
         raise ValueError(f"{_OP}: q must hold at least one position (T_local >= 1), got shape {tuple(q.shape)}")
-    if zig and tl % 2:
+    if zig and t_local % 2:
         raise ValueError(f"{_OP}: layout='zigzag' needs an even shard length T_local (two chunks of T_local/2), "
-                         f"got q.shape[1] = {tl}")
+                         f"got q.shape[1] = {t_local}")
     if left < 0 and not zig and world > 1:
         raise ValueError(f"{_OP}: window[0] = -1 (unbounded) needs layout='zigzag': with contiguous shards the "
                          f"last of the {world} ranks attends to the whole sequence ({world}x the first rank's "
@@ -562,20 +574,20 @@ def swa_attention_cp(
     if seq_len is not None:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int):
             raise TypeError(f"{_OP}: seq_len must be an int or None, got {type(seq_len).__name__}")
-        if seq_len != world * tl:
-            raise ValueError(f"{_OP}: q.shape[1] (shard length T_local) = {tl} on rank {rank}, but seq_len = "
+        if seq_len != world * t_local:
+            raise ValueError(f"{_OP}: q.shape[1] (shard length T_local) = {t_local} on rank {rank}, but seq_len = "
                              f"{seq_len} over {world} ranks needs T_local = seq_len / {world} "
                              f"{'= ' + str(seq_len // world) if seq_len % world == 0 else '(not an integer)'}")
     if validate:
         _check_same_on_all_ranks(
             _OP, group, q.device, **{
-                "q.shape[0] (batch)": b, "q.shape[1] (shard length T_local)": tl, "q.shape[2] (Hq)": hq,
+                "q.shape[0] (batch)": b, "q.shape[1] (shard length T_local)": t_local, "q.shape[2] (Hq)": hq,
                 "k.shape[2] (Hkv)": hkv, "q.shape[3] (D)": d, "v.shape[3] (Dv)": dv, "window[0] (left)": left,
                 "group_size": group_size or 0, "summaries": int(summaries), "layout": int(zig),
                 "softmax_scale (float bits)": int(torch.tensor(scale, dtype=torch.float64).view(torch.int64)),
             })
 
-    geo = _Geometry(world, tl, left, group_size if summaries else None, zig)
+    geo = CPGeometry(world, t_local, left, group_size if summaries else None, zig)
     chunks = _exchange(k, v, geo, rank, group)
     attend = _chunk_attention_torch if be == "torch" else _chunk_attention_triton
     outs = []
@@ -587,14 +599,14 @@ def swa_attention_cp(
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
-# --------------------------------------------------------------------------- shards, positions, labels
+# --------------------------------------------------------------------------- shards, positions
 
 
 def cp_positions(rank: int, world: int, t_local: int, *, layout: str = "contiguous",
                  device: torch.device | str | None = None) -> torch.Tensor:
     """Global positions ``[T_local]`` (int64) of rank ``rank``'s shard of ``world`` (for RoPE)."""
-    zig = _check_layout("cp_positions", layout)
-    geo = _Geometry(world, t_local, 0, None, zig)
+    zig = check_cp_layout("cp_positions", layout)
+    geo = CPGeometry(world, t_local, 0, None, zig)
     return torch.cat([torch.arange(geo.start(c), geo.start(c) + geo.tc, device=device) for c in geo.chunks(rank)])
 
 
@@ -602,48 +614,13 @@ def cp_shard(x: torch.Tensor, *, group: object, layout: str = "contiguous", dim:
     """This rank's shard of the whole-sequence tensor ``x`` (sequence along ``dim``, whose
     length must be a multiple of the group size, and of twice it for ``"zigzag"``)."""
     group = resolve_group(group, op="cp_shard")
-    zig = _check_layout("cp_shard", layout)
+    zig = check_cp_layout("cp_shard", layout)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     t = x.shape[dim]
     n = 2 * world if zig else world
     if t % n:
         raise ValueError(f"cp_shard: x.shape[{dim}] = {t} must be a multiple of {n} "
                          f"({'2 x ' if zig else ''}the {world} ranks) for layout={layout!r}")
-    geo = _Geometry(world, t // world, 0, None, zig)
+    geo = CPGeometry(world, t // world, 0, None, zig)
     parts = [x.narrow(dim, geo.start(c), geo.tc) for c in geo.chunks(rank)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
-
-
-def shift_labels_cp(labels: torch.Tensor, *, group: object, ignore_index: int = -100,
-                    layout: str = "contiguous") -> torch.Tensor:
-    """Next-token targets of a sequence-sharded batch: ``targets[:, t] = labels[:, t + 1]`` in
-    global positions.
-
-    ``labels [B, T_local]`` is this rank's shard (sliced like ``input_ids``, in ``layout``);
-    the target of a chunk's last position is the next chunk's first label (one all-gather
-    of the chunks' first labels, ``B`` ints per chunk), and is ``ignore_index`` for the
-    sequence's last position. Not differentiable (labels are integers).
-    """
-    group = resolve_group(group, op="shift_labels_cp")
-    zig = _check_layout("shift_labels_cp", layout)
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 2:
-        raise ValueError(f"shift_labels_cp: labels must be a [B, T_local] tensor, got "
-                         f"{getattr(labels, 'shape', type(labels).__name__)}")
-    if labels.shape[1] == 0 or (zig and labels.shape[1] % 2):
-        raise ValueError(f"shift_labels_cp: labels must hold at least one position (an even number with "
-                         f"layout='zigzag'), got {labels.shape[1]}")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    geo = _Geometry(world, labels.shape[1], 0, None, zig)
-    firsts = labels[:, :: geo.tc].contiguous()  # [B, chunks per rank]
-    bufs = [torch.empty_like(firsts) for _ in range(world)]
-    dist.all_gather(bufs, firsts, group=group)
-    out = []
-    for j, c in enumerate(geo.chunks(rank)):
-        o = geo.owner(c)[1]
-        if c + 1 < geo.n_chunks:
-            r, o2 = geo.owner(c + 1)
-            nxt = bufs[r][:, o2 // geo.tc: o2 // geo.tc + 1]
-        else:
-            nxt = torch.full_like(firsts[:, :1], ignore_index)
-        out += [labels[:, o + 1:o + geo.tc], nxt]
-    return torch.cat(out, dim=1)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dasg_kernels import swa_attention, swa_attention_varlen, swa_attention_with_kvcache
-from dasg_kernels.distributed import cp_positions, swa_attention_cp
+from dasg_kernels.context_parallel import cp_positions, swa_attention_cp
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
 from dasg_model.packing import PackedDocuments
@@ -53,7 +53,7 @@ class GroupedMultiHeadAttention(nn.Module):
     Context parallel (set by :func:`dasg_model.parallel.apply_context_parallel`): with
     ``cp_group`` set, ``x`` is this rank's sequence shard (in ``cp_layout``), RoPE uses its
     global positions and attention runs through
-    :func:`dasg_kernels.distributed.swa_attention_cp` (``cp_validate`` is its ``validate``).
+    :func:`dasg_kernels.context_parallel.swa_attention_cp` (``cp_validate`` is its ``validate``).
 
     Packed documents (``documents``, see :mod:`dasg_model.packing`): the ``B * T`` tokens go
     through :func:`dasg_kernels.swa_attention_varlen`, so windows, groups and summaries restart

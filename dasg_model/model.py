@@ -25,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from dasg_kernels.distributed import cp_positions, shift_labels_cp
+from dasg_kernels.context_parallel import cp_positions
 from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
@@ -39,6 +39,7 @@ from dasg_model.packing import (
     host_int,
     positions_in_documents,
 )
+from dasg_model.parallel.labels import shift_labels_cp
 from dasg_model.padding import check_one_run, roll_rows, run_start
 
 AUX_LOSS_NAMES: tuple[str, str, str] = ("load_balance", "z_loss", "entropy")
@@ -134,7 +135,7 @@ class DASGModel(DASGPreTrainedModel):
 
     With ``cp_group`` set (:func:`dasg_model.parallel.apply_context_parallel`) ``input_ids``
     is this rank's sequence shard (in ``cp_layout``) and the positions are its global ones
-    (``dasg_kernels.distributed.cp_positions``; ``position_ids`` and packed documents are
+    (``dasg_kernels.context_parallel.cp_positions``; ``position_ids`` and packed documents are
     refused there).
     """
 

@@ -18,7 +18,7 @@ other ranks, summed over all ranks):
   sent, and the mean number of EP ranks a token's routed experts live on (``--n-group ep
   --topk-group 1`` bounds it at 1);
 - CP: the halo all-to-all, the summary all-gather and their backwards
-  (``dasg_kernels.distributed.cp_comm_stats``).
+  (``dasg_kernels.context_parallel.cp_comm_stats``).
 
 At the end rank 0 prints the scale-out cost model (a prediction: bytes and times per layer
 at 8, 64 and 256 GPUs on NVLink and InfiniBand against the kernels' predicted compute time,
@@ -43,7 +43,7 @@ from dasg_model import DASGConfig, DASGForCausalLM  # noqa: E402
 from dasg_model.parallel import apply_context_parallel, apply_expert_parallel  # noqa: E402
 from dasg_model.parallel import cost  # noqa: E402
 from dasg_model.parallel.expert import allreduce_gradients, ep_comm_stats  # noqa: E402
-from dasg_kernels.distributed import cp_comm_stats  # noqa: E402
+from dasg_kernels.context_parallel import cp_comm_stats  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -27,9 +27,9 @@ from torch.testing import assert_close
 
 from dasg_kernels import reference
 from dasg_kernels.backend import triton_can_run_on
-from dasg_kernels.distributed import cp_comm_stats, cp_positions, cp_shard, shift_labels_cp, swa_attention_cp
+from dasg_kernels.context_parallel import cp_comm_stats, cp_positions, cp_shard, swa_attention_cp
 from dasg_model import DASGConfig, DASGForCausalLM
-from dasg_model.parallel import apply_context_parallel
+from dasg_model.parallel import apply_context_parallel, shift_labels_cp
 from dasg_model.parallel.context import remove_context_parallel
 
 # --------------------------------------------------------------------------- harness
@@ -317,6 +317,14 @@ def test_cp_rank_work_balanced_by_zigzag():
                          block_m=4, block_n=4)
     assert [w["pairs"] for w in small] == [sum(range(1 + 8 * c, 9 + 8 * c)) + sum(range(57 - 8 * c, 65 - 8 * c))
                                            for c in range(4)]
+
+
+def test_distributed_is_the_compatible_import_path():
+    from dasg_kernels import context_parallel, distributed
+
+    assert set(distributed.__all__) == set(context_parallel.__all__)
+    for name in distributed.__all__:
+        assert getattr(distributed, name) is getattr(context_parallel, name), name
 
 
 def test_cp_needs_initialised_group():

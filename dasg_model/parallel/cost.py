@@ -1,7 +1,7 @@
 """A cost model (a PREDICTION, not a measurement) for expert and context parallelism at scale.
 
 Bytes per layer and GPU follow the exchanges the code runs (:mod:`dasg_model.parallel.expert`
-for EP, :func:`dasg_kernels.distributed.swa_attention_cp`'s halo / summary geometry for CP);
+for EP, :func:`dasg_kernels.context_parallel.swa_attention_cp`'s halo / summary geometry for CP);
 times divide them by a link's bandwidth and add an assumed latency per collective. Compute
 times are the useful FLOPs divided by the Triton kernels' predicted TFLOP/s from the offline
 compile report (``benchmarks/results/compile-sm90a.json``: SASS-level ceilings for an H100
@@ -247,7 +247,7 @@ class CPWorkload:
     ranks: causal sliding window ``window`` (keys ``[i - window, i]``), summaries of groups
     of ``group_size``, ``heads_q`` / ``heads_kv``, ``head_dim`` (= value head dim),
     ``batch`` sequences, ``dtype_bytes`` per element, shard ``layout`` (``"contiguous"`` or
-    ``"zigzag"``, as in :func:`dasg_kernels.distributed.swa_attention_cp`)."""
+    ``"zigzag"``, as in :func:`dasg_kernels.context_parallel.swa_attention_cp`)."""
 
     seq: int
     window: int
@@ -262,7 +262,7 @@ class CPWorkload:
 
 def cp_rank_work(w: CPWorkload, cp: int, *, block_m: int = 128, block_n: int = 64) -> list[dict[str, int]]:
     """Attention work of each CP rank (a list over ranks), from the geometry of
-    :func:`dasg_kernels.distributed.swa_attention_cp`: ``"pairs"``, the visible (query, key)
+    :func:`dasg_kernels.context_parallel.swa_attention_cp`: ``"pairs"``, the visible (query, key)
     pairs (local window + summaries; useful FLOPs are ``4 * head_dim * heads_q * batch`` per
     pair forward), ``"tiles"``, the ``block_m x block_n`` tiles the forward kernel visits
     for one (batch, head) (per query block: the key tiles of its window in the chunk's
@@ -270,11 +270,11 @@ def cp_rank_work(w: CPWorkload, cp: int, *, block_m: int = 128, block_n: int = 6
     ``"rows"``, the query rows launched (``T_local``: no padded rows)."""
     import torch
 
-    from dasg_kernels.distributed import _check_layout, _Geometry
+    from dasg_kernels.context_parallel import CPGeometry, check_cp_layout
 
     if w.seq % cp or (w.layout == "zigzag" and w.seq % (2 * cp)):
         raise ValueError(f"cp_rank_work: seq={w.seq} must be divisible by cp={cp} (2 * cp for zigzag)")
-    geo = _Geometry(cp, w.seq // cp, w.window, w.group_size, _check_layout("cp_rank_work", w.layout))
+    geo = CPGeometry(cp, w.seq // cp, w.window, w.group_size, check_cp_layout("cp_rank_work", w.layout))
     left, g = w.window, w.group_size
     out = []
     for r in range(cp):
@@ -300,8 +300,8 @@ def cp_layer_cost(w: CPWorkload, cp: int, *, rates: dict[str, float] | None = No
                   topology: str = "hybrid") -> dict[str, float]:
     """Predicted CP cost of one layer at ``cp`` ranks, for the busiest rank.
 
-    Bytes follow :func:`dasg_kernels.distributed.swa_attention_cp`'s one all-to-all per
-    direction (:func:`dasg_kernels.distributed.cp_exchange_rows`: the halo rows and the
+    Bytes follow :func:`dasg_kernels.context_parallel.swa_attention_cp`'s one all-to-all per
+    direction (:func:`dasg_kernels.context_parallel.cp_exchange_rows`: the halo rows and the
     group-mean contributions each rank sends to the ranks that read them; the backward
     sends the same rows back): ``bytes_fwd`` / ``bytes_bwd`` are the most any rank sends or
     receives, ``halo_bytes`` and ``summary_bytes`` their parts (forward + backward). Also
@@ -310,7 +310,7 @@ def cp_layer_cost(w: CPWorkload, cp: int, *, rates: dict[str, float] | None = No
     the fewest visible pairs of a rank). Some rank's halo crosses a node boundary once
     ``cp > 8``, so ``"hybrid"`` puts the halo on InfiniBand there.
     """
-    from dasg_kernels.distributed import cp_exchange_rows
+    from dasg_kernels.context_parallel import cp_exchange_rows
 
     if w.seq % cp:
         raise ValueError(f"cp_layer_cost: seq={w.seq} must be divisible by cp={cp}")
