@@ -8,8 +8,8 @@ the distinct storages the autograd graph keeps (a view keeps its whole storage a
 with ``summaries=True`` and once without: the difference is the memory kept for the
 summaries. With ``backend="triton"`` (``TRITON_INTERPRET=1`` on a CPU) the query rows of every
 forward kernel launch are logged too: ``padded rows = launched rows - T_local``.
-``--module PATH`` loads another ``distributed.py`` (e.g. an older commit's, from ``git show
-<commit>:dasg_kernels/distributed.py > /tmp/old.py``) in place of the package's, for a
+``--module PATH`` loads another context-parallel module (e.g. an older commit's, from ``git show
+<commit>:dasg_kernels/context_parallel.py > /tmp/old.py``) in place of the package's, for a
 before/after comparison at the same shapes.
 
 Also the bytes each rank sends in one forward + backward (``cp_comm_stats``). Prints one JSON
@@ -31,9 +31,9 @@ SHAPES = [(64, 4, 8), (128, 4, 8), (128, 8, 8), (128, 16, 8), (256, 8, 8)]
 
 def _load(path: str | None):
     if path is None:
-        from dasg_kernels import distributed
+        from dasg_kernels import context_parallel
 
-        return distributed
+        return context_parallel
     spec = importlib.util.spec_from_file_location("cp_distributed_under_test", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -46,14 +46,14 @@ def summary_bytes_after(world: int, rank: int, t_local: int, left: int, group_si
     current code, checked against the hook in :func:`main`): per chunk of the rank its means
     ``[n_groups, B, F]`` in the input dtype and their int32 group index, and per own chunk
     that contributes ``m`` group slots the int32 slot index of the positions in them."""
-    from dasg_kernels.distributed import _Geometry, _plan
+    from dasg_kernels.context_parallel import CPGeometry, cp_exchange_plan
 
-    geo = _Geometry(world, t_local, left, group_size, layout == "zigzag")
+    geo = CPGeometry(world, t_local, left, group_size, layout == "zigzag")
     total = 0
     for c in geo.chunks(rank):
         n = geo.n_groups(c)
         total += n * batch * row_elems * elem_bytes + 4 * n
-    for c, m in _plan(geo, rank)[3].items():
+    for c, m in cp_exchange_plan(geo, rank)[3].items():
         if m:
             start = geo.start(c)
             total += 4 * min(geo.tc, (start // group_size + m) * group_size - start)
