@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 import dasg_kernels as dk
+from dasg_kernels.moe import configs as cfg
 from dasg_kernels.moe import grouped_gemm as gg
 from dasg_kernels.moe.experts_torch import choose_method, expert_ffn_torch
 from dasg_kernels.moe.grouped_gemm import _swizzle
@@ -170,8 +171,8 @@ def test_expert_ffn_weight_grad_partials_cover_every_column(device, monkeypatch)
     # poison new buffers with NaN, and check (interpreter, F=48: 3 columns, 2 programs x 2
     # columns each, the last one masked)
     monkeypatch.setenv("DASG_AUTOTUNE", "1")
-    narrowest = gg._min_block_n()
-    monkeypatch.setattr(gg, "_min_block_n", lambda: narrowest // 2)
+    narrowest = cfg.min_block_n()
+    monkeypatch.setattr(cfg, "min_block_n", lambda: narrowest // 2)
     real_empty = torch.empty
 
     def nan_empty(*size, **kw):
@@ -192,12 +193,12 @@ def test_expert_ffn_weight_grad_partials_cover_every_column(device, monkeypatch)
 
 def _configs():
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bn, bk, w, st in gg._GPU_CONFIGS]
+            for bn, bk, w, st in cfg.GPU_CONFIGS]
 
 
 def _kept(kind, named, bm=128):
     return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
-            for c in gg._prune(_configs(), named, kind=kind, BLOCK_M=bm)]
+            for c in cfg.prune(_configs(), named, kind=kind, BLOCK_M=bm)]
 
 
 def test_config_prune_counts_the_operand_dtype_only():
@@ -205,13 +206,13 @@ def test_config_prune_counts_the_operand_dtype_only():
     # they must not make a bf16 launch look fp32-sized to the shared-memory pruning
     named = {"h": torch.empty(2, 2, dtype=torch.bfloat16), "w": torch.empty(2, 2, dtype=torch.bfloat16),
              "weights": torch.empty(2, dtype=torch.float32), "dwp": torch.empty(2, dtype=torch.float32)}
-    for kind in (gg._ROW, gg._SWIGLU_BWD, gg._DUAL, gg._DW):
+    for kind in (cfg.ROW, cfg.SWIGLU_BWD, cfg.DUAL, cfg.DW):
         kept = _kept(kind, named)
-        assert kept[0] == gg._GPU_CONFIGS[0]
+        assert kept[0] == cfg.GPU_CONFIGS[0]
         assert len(kept) > 1
         fp32 = _kept(kind, {k: v.float() for k, v in named.items()})
         assert len(fp32) < len(kept)
-        assert gg._fixed_gpu_config(kind, 128, 2)["BLOCK_N"] == gg._GPU_CONFIGS[0][0]
+        assert cfg.fixed_gpu_config(kind, 128, 2)["BLOCK_N"] == cfg.GPU_CONFIGS[0][0]
 
 
 def test_config_prune_is_per_kernel():
@@ -223,15 +224,15 @@ def test_config_prune_is_per_kernel():
     # epilogue spills with 128 accumulators a thread (128 x 256 on 8 warps, 128 x 128 on 4)
     bf16 = {"a": torch.empty(2, 2, dtype=torch.bfloat16)}
     wide, spills = (256, 64, 8, 3), (128, 64, 4, 3)
-    assert wide in gg._GPU_CONFIGS and spills in gg._GPU_CONFIGS
-    assert gg._smem_estimate(gg._ROW, 128, 256, 64, 3, 2) <= gg._SMEM_LIMIT
-    assert wide in _kept(gg._ROW, bf16)
-    assert wide not in _kept(gg._DUAL, bf16) and wide not in _kept(gg._DW, bf16)
-    assert spills in _kept(gg._ROW, bf16) and spills in _kept(gg._DW, bf16)
-    assert spills not in _kept(gg._DUAL, bf16)
-    assert wide not in _kept(gg._SWIGLU_BWD, bf16) and spills not in _kept(gg._SWIGLU_BWD, bf16)
-    assert gg._fixed_gpu_config(gg._SWIGLU_BWD, 128, 2)["BLOCK_N"] == gg._GPU_CONFIGS[0][0]
-    assert gg._acc_regs(gg._DUAL, 128, 128, 64, 4) == 256
+    assert wide in cfg.GPU_CONFIGS and spills in cfg.GPU_CONFIGS
+    assert cfg.smem_estimate(cfg.ROW, 128, 256, 64, 3, 2) <= cfg.SMEM_LIMIT
+    assert wide in _kept(cfg.ROW, bf16)
+    assert wide not in _kept(cfg.DUAL, bf16) and wide not in _kept(cfg.DW, bf16)
+    assert spills in _kept(cfg.ROW, bf16) and spills in _kept(cfg.DW, bf16)
+    assert spills not in _kept(cfg.DUAL, bf16)
+    assert wide not in _kept(cfg.SWIGLU_BWD, bf16) and spills not in _kept(cfg.SWIGLU_BWD, bf16)
+    assert cfg.fixed_gpu_config(cfg.SWIGLU_BWD, 128, 2)["BLOCK_N"] == cfg.GPU_CONFIGS[0][0]
+    assert cfg.acc_regs(cfg.DUAL, 128, 128, 64, 4) == 256
     # every GEMM kernel has a kind (the launcher looks it up)
     kernels = {v for k, v in vars(gg).items() if k.startswith("_") and k.endswith("_kernel")}
     assert kernels == set(gg.KERNEL_KIND)
@@ -267,7 +268,7 @@ def test_expert_ffn_recompute_same_result_less_memory(device, k):
         saved.append(nbytes)
     for name, a, b in zip(NAMES, *runs):
         assert torch.equal(a, b), name
-    rows = dk.dispatch(ids, e, block_m=dk.moe.grouped_gemm.choose_block_m(n * k, e)).num_rows
+    rows = dk.dispatch(ids, e, block_m=cfg.choose_block_m(n * k, e)).num_rows
     assert saved[0] - saved[1] == rows * 2 * f * 2  # the fp16 gate/up pre-activations
     with pytest.raises(TypeError, match="recompute"):
         dk.expert_ffn(x, w1, w2, (ids, wt), recompute=1)
@@ -561,7 +562,7 @@ def _dw_down_recompute_kernel(
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """The d down_proj kernel as it was: w * silu(g) * u recomputed for every output tile."""
+    """The d down_proj kernel with w * silu(g) * u recomputed for every output tile."""
     i_p = tl.program_id(0)
     e = tl.program_id(1)
     o_d, o_f, m_d, m_f = gg._dw_out_tile(i_p, D, F, BLOCK_N, BLOCK_K, GROUP_M)
@@ -584,15 +585,15 @@ def _dw_down_recompute_kernel(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("k", [1, 3])
 def test_dw_down_from_saved_hw_is_bitwise_the_recomputed_one(device, dtype, k, monkeypatch):
-    # d down_proj now multiplies dy by the w * h the down backward wrote once; it must be
-    # bitwise what the kernel that recomputed w * silu(g) * u per output tile gave
+    # d down_proj multiplies dy by the w * h the down backward wrote once; it must be
+    # bitwise what a kernel recomputing w * silu(g) * u per output tile gives
     monkeypatch.setitem(gg.KERNEL_KIND, _dw_down_recompute_kernel, gg.KERNEL_KIND[gg._dw_down_kernel])
     n, d, f, e = 37, 48, 80, 4
     x, w1, w2, ids, wt = _problem(n, d, f, e, k, device, dtype)
     ids[::4, -1] = -1
     wt = _routing(ids, device)
     dy = torch.randn(n, d, device=device).to(dtype)
-    plan = dk.dispatch(ids, e, block_m=gg.choose_block_m(n * k, e), backend="triton")
+    plan = dk.dispatch(ids, e, block_m=cfg.choose_block_m(n * k, e), backend="triton")
     _, gu = gg.gate_up_fwd(x, w1, plan, save_gu=True, write_h=False)
     dgu, _, hw = gg.down_bwd(dy, w2, gu, wt, plan, need_dw=False, need_hw=True)
     dgu_only, _, none = gg.down_bwd(dy, w2, gu, wt, plan, need_dw=False)
@@ -607,7 +608,7 @@ def test_dw_down_from_saved_hw_is_bitwise_the_recomputed_one(device, dtype, k, m
         dy, gu, wt, plan.row_pair, plan.expert_offsets, old,
         d, f, plan.num_slots,
         dy.stride(0), gu.stride(0), old.stride(0), old.stride(1),
-        DOT_PREC=gg._dot_prec(dtype), BLOCK_M=plan.block_m,
+        DOT_PREC=cfg.dot_precision(dtype), BLOCK_M=plan.block_m,
     )
     assert torch.equal(new, old)
 

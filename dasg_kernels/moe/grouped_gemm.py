@@ -40,13 +40,12 @@ Accumulation is fp32; fp32 inputs use IEEE dots (no TF32).
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from dasg_kernels.backend import autotune_enabled, interpreter_enabled
+from dasg_kernels.moe import configs
 from dasg_kernels.moe.configs import choose_block_m  # noqa: F401  (the old import path of the compile report)
 from dasg_kernels.moe.types import DispatchPlan
 
@@ -329,102 +328,17 @@ def _dw_gate_up_kernel(
     _store_dw(dw, acc, e, o_j, o_d, m_j, m_d, stride_we, stride_wf)
 
 
-# --------------------------------------------------------------------------- configs
+# --------------------------------------------------------------------------- launch
 
-# Under the interpreter: one fixed config, no autotuning (it needs a driver).
-INTERPRET_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 32}
-# (BLOCK_N, BLOCK_K, num_warps, num_stages), best guess first; unmeasured on H100-class
-# parts. The last one fits any case (fp32, BLOCK_M = 256) and is the fallback. Each kernel
-# is offered the ones its own operand tiles and accumulators fit (:func:`_fits`): 256 x 64
-# (a 128 x 256 output tile at BLOCK_M = 128) fits only down fwd and gate/up bwd dx.
-_GPU_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 3),
-                (256, 64, 8, 3), (32, 32, 4, 2)]
-_SMEM_LIMIT = 200 * 1024
-#: row tiles per group of the grouped program order (:func:`_swizzle`) when the A panel
-#: size is unknown (the weight gradients); read at each launch
-GROUP_M = 8
-#: L2 bytes the A row panels of one group may take (H100: 50 MB of L2), and the range of
-#: GROUP_M (:func:`group_m_for`)
-_L2_A_BUDGET = 16 * 1024 * 1024
-_GROUP_M_RANGE = (4, 16)
 # CUDA grid limits: axis 0 (the swizzled tiles) and axis 1 (the expert of the weight gradients)
 _GRID_X_MAX = 2 ** 31 - 1
 _GRID_Y_MAX = 65535
 
-
-# The main-loop shape of each kernel kind: "row" = a [BM, BK] A tile and one [BK, BN] B tile
-# per step (down fwd, gate/up bwd dx), "swiglu_bwd" = the same main loop with the SwiGLU
-# backward epilogue (down bwd), "dual" = two B tiles sharing the A tile (gate/up fwd),
-# "dw" = [BN, BM] x [BM, BK] (the weight gradients, output [BN, BK]).
-_ROW, _SWIGLU_BWD, _DUAL, _DW = "row", "swiglu_bwd", "dual", "dw"
-# fp32 accumulator registers per thread a kind may use (255 registers in all). Offline on
-# sm_90a (python -m benchmarks.compile_report, bf16, BLOCK_M=128): gate/up's two 128 x 128
-# accumulators on 4 warps (256 each) spilled ~1.1 KB inside the main loop; down bwd, whose
-# epilogue keeps about eight fp32 tiles of the accumulator's shape live (gate, up, sigmoid,
-# silu, the two gradients, w * h, the weight-gradient product), spilled ~7 KB a thread
-# around it with 128 accumulators (128x64 on 4 warps, 256x64 on 8) and ~1.5 KB with 32-64.
-_ACC_REG_LIMIT = {_ROW: 128, _SWIGLU_BWD: 64, _DUAL: 128, _DW: 128}
-
-
-def _smem_estimate(kind: str, block_m: int, bn: int, bk: int, stages: int, elsize: int) -> int:
-    """Bytes of the pipelined operand tiles of a ``kind`` kernel: ``stages`` x (``[BM, BK] + [BK, BN]``,
-    with two B tiles for ``dual``; ``[BN, BM] + [BM, BK]`` for ``dw``)."""
-    if kind == _DW:
-        per_stage = bn * block_m + block_m * bk
-    else:
-        per_stage = block_m * bk + (2 if kind == _DUAL else 1) * bk * bn
-    return elsize * per_stage * stages
-
-
-def _acc_regs(kind: str, block_m: int, bn: int, bk: int, num_warps: int) -> int:
-    """fp32 accumulator registers per thread of a ``kind`` kernel."""
-    if kind == _DW:
-        elems = bn * bk
-    else:
-        elems = (2 if kind == _DUAL else 1) * block_m * bn
-    return elems // (32 * num_warps)
-
-
-def _fits(kind: str, block_m: int, bn: int, bk: int, num_warps: int, stages: int, elsize: int) -> bool:
-    return (_smem_estimate(kind, block_m, bn, bk, stages, elsize) <= _SMEM_LIMIT
-            and _acc_regs(kind, block_m, bn, bk, num_warps) <= _ACC_REG_LIMIT[kind])
-
-
-def _operand_elsize(args) -> int:
-    """Bytes per element of the GEMM operands. Every kernel here takes its A operand (``x``,
-    ``h``, ``dy`` or ``dgu``, in the weights' dtype) first; the fp32 routing weights and
-    partial sums it also takes are never staged in shared memory, so they must not count
-    (they made bf16 launches look fp32-sized and pruned every tile but 32 x 32)."""
-    first = next(iter(args), None)
-    return first.element_size() if isinstance(first, torch.Tensor) else 2
-
-
-def _prune(configs, named_args, kind=_DUAL, **kwargs):
-    """Drop the configs a ``kind`` kernel's operand tiles would overflow the shared memory
-    with, or its accumulators the registers (``kind`` defaults to the most demanding
-    row-tile kernel)."""
-    bm = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 64))
-    el = _operand_elsize(named_args.values())
-    keep = [c for c in configs
-            if _fits(kind, bm, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages, el)]
-    return keep or configs[-1:]
-
-
-def _fixed_gpu_config(kind: str, block_m: int, elsize: int) -> dict:
-    """The first config that fits a ``kind`` kernel (used with DASG_AUTOTUNE=0)."""
-    for bn, bk, w, st in _GPU_CONFIGS:
-        if _fits(kind, block_m, bn, bk, w, st, elsize):
-            break
-    return {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": w, "num_stages": st}
-
-
-#: the main-loop kind of each kernel (what its configs are pruned for)
+#: the main-loop kind of each kernel (what its configs are pruned for; :mod:`.configs`)
 KERNEL_KIND = {
-    _gate_up_fwd_kernel: _DUAL, _down_fwd_kernel: _ROW, _down_bwd_kernel: _SWIGLU_BWD, _gate_up_bwd_dx_kernel: _ROW,
-    _dw_down_kernel: _DW, _dw_gate_up_kernel: _DW,
+    _gate_up_fwd_kernel: configs.DUAL, _down_fwd_kernel: configs.ROW, _down_bwd_kernel: configs.SWIGLU_BWD,
+    _gate_up_bwd_dx_kernel: configs.ROW, _dw_down_kernel: configs.DW, _dw_gate_up_kernel: configs.DW,
 }
-
-_TUNED: dict = {}
 
 
 def _checked_grid(grid):
@@ -437,55 +351,24 @@ def _checked_grid(grid):
     return checked
 
 
-def group_m_for(block_m: int, a_cols: int | None, elsize: int) -> int:
-    """Row tiles per group of the program order: as many ``[block_m, a_cols]`` A panels as
-    fit ``_L2_A_BUDGET`` (a power of two in ``_GROUP_M_RANGE``), so a group's A panels stay
-    in L2 while it sweeps the output columns and each B panel is re-read only
-    ``tiles per expert / GROUP_M`` times. Offline model (``benchmarks.compile_report``,
-    Mixtral N=16k, 128x128 tiles): gate/up fwd (K=4096, 1 MB panels) reads A 4.3x at
-    GROUP_M=8 and 1.0x at 16; down fwd and dx (K=14336 / 28672) 2.9x at 8 and 1.9x at 4.
-    ``a_cols=None`` (the weight gradients) keeps ``GROUP_M``."""
-    if a_cols is None:
-        return GROUP_M
-    lo, hi = _GROUP_M_RANGE
-    fit = _L2_A_BUDGET // max(1, block_m * a_cols * elsize)
-    g = lo
-    while g * 2 <= min(fit, hi):
-        g *= 2
-    return g
-
-
 def _launch(kernel, grid, *args, a_cols: int | None = None, **kwargs):
-    """Launch ``kernel``: fixed config under the interpreter, autotuned on CUDA.
+    """Launch ``kernel`` with the configs of :mod:`.configs`: the pinned one under the
+    interpreter, the first that fits with ``DASG_AUTOTUNE=0``, else autotuned.
 
-    ``a_cols`` is the K extent of the A row panel (for :func:`group_m_for`).
-
-    Autotuning is keyed on ``(D, F, BLOCK_M)`` plus the tensor dtypes (Triton adds
-    those to the key) and built lazily, so nothing touches the driver at import.
-    ``DASG_AUTOTUNE=0`` pins the first config that fits instead (fast start).
+    ``a_cols`` is the K extent of the A row panel (for :func:`.configs.group_m_for`).
     """
-    kwargs["GROUP_M"] = group_m_for(kwargs["BLOCK_M"], a_cols, _operand_elsize(args))
+    elsize = configs.operand_elsize(args)
+    kwargs["GROUP_M"] = configs.group_m_for(kwargs["BLOCK_M"], a_cols, elsize)
     grid = _checked_grid(grid)
     if interpreter_enabled():
-        kernel[grid(INTERPRET_CONFIG)](*args, **kwargs, **INTERPRET_CONFIG)
+        kernel[grid(configs.INTERPRET_CONFIG)](*args, **kwargs, **configs.INTERPRET_CONFIG)
         return
     kind = KERNEL_KIND[kernel]
     if not autotune_enabled():
-        cfg = _fixed_gpu_config(kind, kwargs["BLOCK_M"], _operand_elsize(args))
+        cfg = configs.fixed_gpu_config(kind, kwargs["BLOCK_M"], elsize)
         kernel[grid(cfg)](*args, **kwargs, **cfg)
         return
-    tuned = _TUNED.get(kernel)
-    if tuned is None:
-        configs = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-                   for bn, bk, w, st in _GPU_CONFIGS]
-        tuned = triton.autotune(configs=configs, key=["D", "F", "BLOCK_M"],
-                                prune_configs_by={"early_config_prune": functools.partial(_prune, kind=kind)})(kernel)
-        _TUNED[kernel] = tuned
-    tuned[grid](*args, **kwargs)
-
-
-def _dot_prec(dtype: torch.dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
+    configs.autotuned(kernel, kind)[grid](*args, **kwargs)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -503,7 +386,7 @@ def gate_up_fwd(x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, save_gu: b
         x, w, h if write_h else gu, gu if save_gu else h, plan.row_pair, plan.tile_expert,
         D, F, plan.num_slots, plan.num_tiles,
         x.stride(0), w.stride(0), w.stride(1), h.stride(0) if write_h else 0, gu.stride(0) if save_gu else 0,
-        SAVE_GU=save_gu, WRITE_H=write_h, DOT_PREC=_dot_prec(x.dtype), BLOCK_M=plan.block_m, a_cols=D,
+        SAVE_GU=save_gu, WRITE_H=write_h, DOT_PREC=configs.dot_precision(x.dtype), BLOCK_M=plan.block_m, a_cols=D,
     )
     return h, gu
 
@@ -522,17 +405,10 @@ def down_fwd(h: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, weights: torc
         D, F, plan.num_slots, plan.num_tiles,
         h.stride(0), w.stride(0), w.stride(1),
         y_slot.stride(0) if save_slot else 0, y.stride(0) if fuse_combine else 0,
-        FUSE_COMBINE=fuse_combine, SAVE_SLOT=save_slot, DOT_PREC=_dot_prec(h.dtype), BLOCK_M=plan.block_m,
+        FUSE_COMBINE=fuse_combine, SAVE_SLOT=save_slot, DOT_PREC=configs.dot_precision(h.dtype), BLOCK_M=plan.block_m,
         a_cols=F,
     )
     return y, y_slot
-
-
-def _min_block_n() -> int:
-    """The smallest BLOCK_N a launch here may use (bounds the F-block count)."""
-    if interpreter_enabled():
-        return INTERPRET_CONFIG["BLOCK_N"]
-    return min(c[0] for c in _GPU_CONFIGS)
 
 
 def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan,
@@ -550,7 +426,7 @@ def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch
     dgu = torch.empty((plan.num_rows, 2 * F), dtype=dy.dtype, device=dy.device)
     # one column per F block of the smallest BLOCK_N any config uses; the kernel writes every
     # column of every used row (zeros past its own F block's column), so no zero fill is needed
-    min_bn = _min_block_n()
+    min_bn = configs.min_block_n()
     dwp = torch.empty((plan.num_rows, triton.cdiv(F, min_bn)) if need_dw else (1, 1),
                       dtype=torch.float32, device=dy.device)
     hw = torch.empty((plan.num_rows, F), dtype=dy.dtype, device=dy.device) if need_hw else None
@@ -560,7 +436,8 @@ def down_bwd(dy: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, weights: torch
         D, F, plan.num_slots, plan.num_tiles,
         dy.stride(0), w.stride(0), w.stride(1), gu.stride(0), dgu.stride(0), dwp.stride(0),
         hw.stride(0) if need_hw else 0, dwp.shape[1],
-        HAS_DW=need_dw, WRITE_HW=need_hw, MIN_BLOCK_N=min_bn, DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
+        HAS_DW=need_dw, WRITE_HW=need_hw, MIN_BLOCK_N=min_bn, DOT_PREC=configs.dot_precision(dy.dtype),
+        BLOCK_M=plan.block_m,
         a_cols=D,
     )
     return dgu, (dwp.sum(1) if need_dw else None), hw
@@ -578,7 +455,7 @@ def gate_up_bwd_dx(dgu: torch.Tensor, w: torch.Tensor, plan: DispatchPlan, n: in
         dgu, w, out, plan.row_pair, plan.tile_expert,
         D, F, plan.num_slots, plan.num_tiles,
         dgu.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        FUSE_COMBINE=fuse_combine, DOT_PREC=_dot_prec(dgu.dtype), BLOCK_M=plan.block_m, a_cols=2 * F,
+        FUSE_COMBINE=fuse_combine, DOT_PREC=configs.dot_precision(dgu.dtype), BLOCK_M=plan.block_m, a_cols=2 * F,
     )
     return out
 
@@ -593,7 +470,7 @@ def dw_down(dy: torch.Tensor, hw: torch.Tensor, plan: DispatchPlan, like: torch.
         dy, hw, plan.row_pair, plan.expert_offsets, dw,
         D, F, plan.num_slots,
         dy.stride(0), hw.stride(0), dw.stride(0), dw.stride(1),
-        DOT_PREC=_dot_prec(dy.dtype), BLOCK_M=plan.block_m,
+        DOT_PREC=configs.dot_precision(dy.dtype), BLOCK_M=plan.block_m,
     )
     return dw
 
@@ -609,6 +486,6 @@ def dw_gate_up(dgu: torch.Tensor, x: torch.Tensor, plan: DispatchPlan, like: tor
         dgu, x, plan.row_pair, plan.expert_offsets, dw,
         D, F, plan.num_slots,
         dgu.stride(0), x.stride(0), dw.stride(0), dw.stride(1),
-        DOT_PREC=_dot_prec(x.dtype), BLOCK_M=plan.block_m,
+        DOT_PREC=configs.dot_precision(x.dtype), BLOCK_M=plan.block_m,
     )
     return dw
