@@ -7,7 +7,9 @@
   (a ring of the last ``C`` keys + the finished groups' means), updated in place.
 
 Kernels: :mod:`.fwd` (forward), :mod:`.bwd` (backward), :mod:`.pool` (group means),
-:mod:`.decode`, :mod:`.ring` (bounded cache); tile sizes and autotuning in :mod:`.configs`.
+:mod:`.decode`, :mod:`.bounded_cache` (bounded cache); tile sizes and autotuning in :mod:`.configs`;
+custom ops (the layer the public functions call) in :mod:`.ops`; host helpers in :mod:`.host`,
+argument checks in :mod:`.checks`; the PyTorch backend in :mod:`.blockwise`.
 """
 from dasg_kernels.attention.checks import SUPPORTED_HEAD_DIMS
 from dasg_kernels.attention.interface import (

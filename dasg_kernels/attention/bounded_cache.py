@@ -15,14 +15,12 @@ Every program walks all ``C`` slots (the ring is sized ``left + Tq``, so nearly 
 is in the window) and the summary tiles up to the last group its queries can see. Not
 done: splitting the ring over programs (flash-decoding) for few (batch, kv head) pairs.
 
-The launcher is also the ``torch.library`` custom op ``torch.ops.dasg_kernels.ring_attention``
-(with a fake implementation), so ``torch.compile(fullgraph=True)`` traces a decode step.
-(No ``from __future__ import annotations``: ``custom_op`` reads the annotations.)
+The custom op ``torch.ops.dasg_kernels.bounded_cache_attention`` (:mod:`.ops`, with a fake
+implementation) wraps the launcher, so ``torch.compile(fullgraph=True)`` traces a decode step.
 """
-from typing import Optional
+from __future__ import annotations
 
 import torch
-from torch import Tensor
 import triton
 import triton.language as tl
 
@@ -45,7 +43,7 @@ def _online_step(b_acc, b_l, b_m, b_s, b_v, DOT_PREC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=host.no_specialize("T_Q C KV_GROUP H_KV left G SEQ_OFFSET"))
-def _ring_fwd_kernel(
+def _bounded_cache_fwd_kernel(
     Q, K, V, KS, VS, SEQ, O, LSE,
     stride_qb, stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -120,7 +118,7 @@ def _ring_fwd_kernel(
 
 
 @host.on_device_of_first_arg
-def ring_attention_fwd(
+def bounded_cache_attention_fwd(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -132,7 +130,7 @@ def ring_attention_fwd(
     group_size: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the ring kernel (arguments checked by the caller).
+    """Launch the bounded-cache kernel (arguments checked by the caller).
 
     Args:
         q: ``[B, Tq, Hq, D]``; k_cache, v_cache: ``[B, C, Hkv, D]`` rings (slot ``p % C``
@@ -157,7 +155,7 @@ def ring_attention_fwd(
     if not INTERPRET:
         meta.update(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     grid = (triton.cdiv(rows, meta["BLOCK_M"]), b * hkv)
-    _ring_fwd_kernel[grid](
+    _bounded_cache_fwd_kernel[grid](
         q, k_cache, v_cache, ks, vs, cache_seqlens, out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -171,20 +169,3 @@ def ring_attention_fwd(
         DOT_PREC=dot_precision(q.dtype), **meta,
     )
     return out, lse
-
-
-@torch.library.custom_op("dasg_kernels::ring_attention", mutates_args=())
-def ring_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, k_means: Optional[Tensor], v_means: Optional[Tensor],
-    cache_seqlens: Tensor, seq_offset: int, left: int, group_size: int, scale: float,
-) -> tuple[Tensor, Tensor]:
-    """:func:`ring_attention_fwd` as an opaque op (``k_means``/``v_means`` ``None`` without summaries)."""
-    summary = None if k_means is None else (k_means, v_means)
-    return ring_attention_fwd(q, k_cache, v_cache, summary, cache_seqlens, seq_offset=seq_offset, left=left,
-                              group_size=group_size, scale=scale)
-
-
-@ring_attention.register_fake
-def _ring_attention_fake(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset, left, group_size, scale):
-    b, tq, hq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((b, hq, tq), dtype=torch.float32)

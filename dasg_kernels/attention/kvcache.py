@@ -16,16 +16,15 @@ of one layer (modelled on flash-attn's ``flash_attn_with_kvcache``):
 :func:`alloc_kvcache` allocates them. One call appends the new ``k, v`` (when given) into
 the ring, folds them into the group sums and writes the means of the groups they finish,
 in place, with static shapes and no host synchronisation (CUDA-graph capturable); then the
-queries attend (Triton kernel :mod:`.ring`, or the PyTorch path here). ``cache_seqlens``
+queries attend (Triton kernel :mod:`.bounded_cache`, or the PyTorch path here). ``cache_seqlens``
 is not advanced: the caller adds ``Tq`` after the call, as with flash-attn.
 """
 from __future__ import annotations
 
 import torch
 
-from dasg_kernels.attention import host
+from dasg_kernels.attention import host, ops
 from dasg_kernels.attention.checks import check_window, validate_attention
-from dasg_kernels.attention.ring import ring_attention
 from dasg_kernels.backend import interpreted_bf16, resolve_backend
 from dasg_kernels.validation import check_last_dim_contiguous, check_tensor
 
@@ -310,6 +309,6 @@ def _attend_triton(q, k_cache, v_cache, summary, cache_seqlens, seq_offset, left
         q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
         summary = None if summary is None else (summary[0].float(), summary[1].float())
     k_means, v_means = (None, None) if summary is None else summary
-    out, lse = ring_attention(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset, left,
-                              group_size or 1, scale)
+    out, lse = ops.bounded_cache_attention(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset,
+                                           left, group_size or 1, scale)
     return out.to(out_dtype), lse

@@ -162,3 +162,27 @@ def _varlen_backward(ctx, dout, dlse, dks, dvs):
 
 
 swa_attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# --------------------------------------------------------------------------- bounded cache
+
+
+@torch.library.custom_op("dasg_kernels::bounded_cache_attention", mutates_args=())
+def bounded_cache_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k_means: Optional[Tensor], v_means: Optional[Tensor],
+    cache_seqlens: Tensor, seq_offset: int, left: int, group_size: int, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~dasg_kernels.attention.bounded_cache.bounded_cache_attention_fwd` as an opaque op
+    (``k_means``/``v_means`` ``None`` without summaries) -> ``out [B,Tq,Hq,D]``, ``lse [B,Hq,Tq]`` fp32."""
+    from dasg_kernels.attention.bounded_cache import bounded_cache_attention_fwd
+
+    summary = None if k_means is None else (k_means, v_means)
+    return bounded_cache_attention_fwd(q, k_cache, v_cache, summary, cache_seqlens, seq_offset=seq_offset,
+                                       left=left, group_size=group_size, scale=scale)
+
+
+@bounded_cache_attention.register_fake
+def _bounded_cache_attention_fake(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset, left,
+                                  group_size, scale):
+    b, tq, hq, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((b, hq, tq), dtype=torch.float32)
