@@ -495,6 +495,26 @@ def test_decode_with_cached_summaries(device):
         swa_decode(q, k, v, summary_kv=(ks, vs), window=(16, 0), backend="triton")
 
 
+def test_decode_custom_op_and_fullgraph_compile(device):
+    """``swa_decode`` runs through ``torch.ops.dasg_kernels.swa_decode`` (schema and fake impl
+    checked by ``opcheck``), so ``torch.compile(fullgraph=True)`` traces it, with and without
+    cached summaries, and gives eager's bits."""
+    from dasg_kernels.attention.pool import group_means_fwd
+
+    q, k, v = make_inputs(1, 30, 4, 2, 16, torch.float32, device, tq=2)
+    ks, vs = group_means_fwd(k, v, 4)
+    torch.library.opcheck(torch.ops.dasg_kernels.swa_decode.default,
+                          (q, k, v, ks, vs, 5, 0, True, 4, True, 0.25), test_utils=("test_schema", "test_faketensor"))
+    for summary_kv in (None, (ks, vs)):
+        def step(q, k, v):
+            return swa_decode(q, k, v, window=(5, 0), group_size=4, summaries=True, summary_kv=summary_kv,
+                              return_lse=True, backend="triton")
+
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        for got, want in zip(compiled(q, k, v), step(q, k, v)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_decode_fp16_and_consistency_with_training(device):
     q, k, v = make_inputs(1, 50, 4, 1, 64, torch.float16, device)
     full = swa_attention(q, k, v, window=(16, 0), group_size=8, summaries=True, backend="triton")

@@ -19,7 +19,7 @@ from dasg_kernels.attention.checks import (
     pick_backend,
     validate_attention,
 )
-from dasg_kernels.backend import interpreted_bf16
+from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16
 from dasg_kernels.validation import check_last_dim_contiguous
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "swa_attention", "swa_attention_with_lse", "swa_decode"]
@@ -57,13 +57,13 @@ def swa_attention_with_lse(
             q, k, v, window=window, causal=causal, group_size=group_size,
             summaries=summaries, softmax_scale=scale,
         )
+
+    def fwd(q, k, v):
+        return ops.swa_attention_fwd(q, k, v, left, right, causal, group_size, summaries, scale)[:2]
+
     if interpreted_bf16(q):  # the gradients follow the casts
-        out, lse = swa_attention_with_lse(q.float(), k.float(), v.float(), window=window, causal=causal,
-                                          group_size=group_size, summaries=summaries, softmax_scale=scale,
-                                          backend="triton")
-        return out.to(q.dtype), lse
-    out, lse, _, _ = ops.swa_attention_fwd(q, k, v, left, right, causal, group_size, summaries, scale)
-    return out, lse
+        return bf16_via_fp32(fwd, q, k, v)
+    return fwd(q, k, v)
 
 
 def swa_attention(
@@ -158,18 +158,14 @@ def swa_decode(
                 summaries=summaries, softmax_scale=scale,
             )
         else:
-            from dasg_kernels.attention.decode import swa_decode_fwd
-
             if summary_kv is not None:
                 check_last_dim_contiguous(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
                 host.check_row_stride(op, k_summary=summary_kv[0], v_summary=summary_kv[1])
-            out_dtype = q.dtype
-            if interpreted_bf16(q):
-                q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-                if summary_kv is not None:
-                    summary_kv = (summary_kv[0].float(), summary_kv[1].float())
-            out, lse = swa_decode_fwd(q, k_cache, v_cache, left=left, right=right, causal=causal,
-                                      group_size=group_size, summaries=summaries, scale=scale,
-                                      summary_kv=summary_kv)
-            out = out.to(out_dtype)
+
+            def fwd(q, k_cache, v_cache, k_summary, v_summary):
+                return ops.swa_decode(q, k_cache, v_cache, k_summary, v_summary, left, right, causal, group_size,
+                                      summaries, scale)
+
+            tensors = (q, k_cache, v_cache, *(summary_kv or (None, None)))
+            out, lse = bf16_via_fp32(fwd, *tensors) if interpreted_bf16(q) else fwd(*tensors)
     return (out, lse) if return_lse else out

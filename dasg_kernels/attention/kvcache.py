@@ -25,7 +25,7 @@ import torch
 
 from dasg_kernels.attention import host, ops
 from dasg_kernels.attention.checks import check_window, validate_attention
-from dasg_kernels.backend import interpreted_bf16, resolve_backend
+from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16, resolve_backend
 from dasg_kernels.validation import check_last_dim_contiguous, check_tensor
 
 OP = "swa_attention_with_kvcache"
@@ -304,11 +304,11 @@ def _attend_triton(q, k_cache, v_cache, summary, cache_seqlens, seq_offset, left
         tensors.update(k_means=summary[0], v_means=summary[1])
     check_last_dim_contiguous(OP, **tensors)
     host.check_row_stride(OP, **tensors)
-    out_dtype = q.dtype
-    if interpreted_bf16(q):  # the interpreter's bf16 dot is wrong: run it in fp32
-        q, k_cache, v_cache = q.float(), k_cache.float(), v_cache.float()
-        summary = None if summary is None else (summary[0].float(), summary[1].float())
-    k_means, v_means = (None, None) if summary is None else summary
-    out, lse = ops.bounded_cache_attention(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset,
-                                           left, group_size or 1, scale)
-    return out.to(out_dtype), lse
+
+    def fwd(q, k_cache, v_cache, k_means, v_means):
+        return ops.bounded_cache_attention(q, k_cache, v_cache, k_means, v_means, cache_seqlens, seq_offset, left,
+                                           group_size or 1, scale)
+
+    tensors = (q, k_cache, v_cache, *(summary or (None, None)))
+    # the interpreter's bf16 dots are wrong: fp32 kernels, output rounded
+    return bf16_via_fp32(fwd, *tensors) if interpreted_bf16(q) else fwd(*tensors)

@@ -4,7 +4,11 @@
 :func:`~dasg_kernels.attention.fwd.swa_fwd` and :func:`~dasg_kernels.attention.bwd.swa_bwd`
 with fake (meta) implementations and an autograd formula, so ``torch.compile`` sees one
 opaque op per call (no graph break at the Triton launch) and eager autograd works the
-same way. Validation happens before, in :mod:`dasg_kernels.attention.interface`.
+same way; ``swa_attention_varlen_fwd/bwd`` do the same for packed batches, and
+``swa_decode`` and ``bounded_cache_attention`` (forward only) for decoding against a
+KV cache and a bounded cache. Every launcher is imported inside its op, so importing
+this module loads no Triton kernel. Validation happens before, in the public
+interface (:mod:`.interface`, :mod:`.varlen`, :mod:`.kvcache`; :mod:`.checks`).
 
 (No ``from __future__ import annotations`` here: ``custom_op`` reads the annotations
 to build the op schema.)
@@ -162,6 +166,31 @@ def _varlen_backward(ctx, dout, dlse, dks, dvs):
 
 
 swa_attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+# --------------------------------------------------------------------------- decode
+
+
+@torch.library.custom_op("dasg_kernels::swa_decode", mutates_args=())
+def swa_decode(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, k_summary: Optional[Tensor], v_summary: Optional[Tensor],
+    left: int, right: int, causal: bool, group_size: Optional[int], summaries: bool, scale: float,
+) -> tuple[Tensor, Tensor]:
+    """:func:`~dasg_kernels.attention.decode.swa_decode_fwd` as an opaque op, forward only
+    (``k_summary``/``v_summary``: the cache's group means, or ``None`` to pool them)
+    -> ``out [B,Tq,Hq,Dv]``, ``lse [B,Hq,Tq]`` fp32."""
+    from dasg_kernels.attention.decode import swa_decode_fwd
+
+    summary_kv = None if k_summary is None else (k_summary, v_summary)
+    return swa_decode_fwd(q, k_cache, v_cache, left=left, right=right, causal=causal, group_size=group_size,
+                          summaries=summaries, scale=scale, summary_kv=summary_kv)
+
+
+@swa_decode.register_fake
+def _swa_decode_fake(q, k_cache, v_cache, k_summary, v_summary, left, right, causal, group_size, summaries,
+                     scale):
+    b, tq, hq, _ = q.shape
+    return q.new_empty((b, tq, hq, v_cache.shape[3])), q.new_empty((b, hq, tq), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------- bounded cache

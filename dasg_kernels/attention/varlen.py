@@ -23,7 +23,7 @@ import torch
 
 from dasg_kernels.attention import host, ops
 from dasg_kernels.attention.checks import check_options, head_dim_backend
-from dasg_kernels.backend import interpreted_bf16
+from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16
 from dasg_kernels.validation import (
     FLOAT_DTYPES,
     check_cu_seqlens,
@@ -157,13 +157,11 @@ def swa_attention_varlen(
         return (out, lse) if return_lse else out
     if validate and not torch.compiler.is_compiling():
         _check_bounds(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-    if interpreted_bf16(q):  # the gradients follow the casts
-        out, lse = swa_attention_varlen(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, window=window, causal=causal, group_size=group_size,
-                                        summaries=summaries, softmax_scale=scale, return_lse=True,
-                                        backend="triton", validate=False)
-        out = out.to(q.dtype)
-    else:
-        out, lse, _, _ = ops.swa_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                      left, right, causal, group_size, summaries, scale)
+
+    def fwd(q, k, v):
+        return ops.swa_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            left, right, causal, group_size, summaries, scale)[:2]
+
+    # the interpreter's bf16 dots are wrong: fp32 kernels, output rounded (gradients follow the casts)
+    out, lse = bf16_via_fp32(fwd, q, k, v) if interpreted_bf16(q) else fwd(q, k, v)
     return (out, lse) if return_lse else out
