@@ -40,7 +40,7 @@ module's compatible import path.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -48,8 +48,8 @@ import torch.distributed as dist
 from dasg_kernels.attention.interface import _pick_backend, _validate
 from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16
 
-__all__ = ["CP_LAYOUTS", "CPGeometry", "check_cp_layout", "cp_comm_stats", "cp_exchange_plan", "cp_exchange_rows",
-           "cp_positions", "cp_shard", "resolve_group", "swa_attention_cp"]
+__all__ = ["CP_LAYOUTS", "CPGeometry", "CommCounter", "check_cp_layout", "cp_comm_stats", "cp_exchange_plan",
+           "cp_exchange_rows", "cp_positions", "cp_shard", "resolve_group", "swa_attention_cp"]
 
 _OP = "swa_attention_cp"
 
@@ -59,12 +59,49 @@ CP_LAYOUTS = ("contiguous", "zigzag")
 
 # --------------------------------------------------------------------------- byte counter
 
-_SENT: dict[str, int] = {}
+
+@dataclass
+class CommCounter:
+    """Bytes a rank sent to *other* ranks, by phase, and (where the caller counts them) the
+    rows behind them, by kind, and the host synchronisations. Counted on the host from the
+    split sizes of each collective (no device sync). Used by :func:`cp_comm_stats` and by
+    the expert-parallel layers (:class:`dasg_model.parallel.expert.EPCommStats`)."""
+
+    bytes: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    host_syncs: int = 0
+
+    def add(self, phase: str, n: int) -> None:
+        """Count ``n`` bytes in ``phase`` (a phase counted once stays listed, also at 0)."""
+        self.bytes[phase] = self.bytes.get(phase, 0) + int(n)
+
+    def add_rows(self, kind: str, n: int) -> None:
+        self.rows[kind] = self.rows.get(kind, 0) + int(n)
+
+    def merge(self, other: CommCounter) -> None:
+        """Add ``other``'s counts to these."""
+        for phase, n in other.bytes.items():
+            self.add(phase, n)
+        for kind, n in other.rows.items():
+            self.add_rows(kind, n)
+        self.host_syncs += other.host_syncs
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.rows.clear()
+        self.host_syncs = 0
+
+
+_SENT = CommCounter()
 
 
 def _count(phase: str, nbytes: int) -> None:
     if nbytes:
-        _SENT[phase] = _SENT.get(phase, 0) + int(nbytes)
+        _SENT.add(phase, nbytes)
 
 
 def cp_comm_stats(reset: bool = False) -> dict[str, int]:
@@ -79,21 +116,24 @@ def cp_comm_stats(reset: bool = False) -> dict[str, int]:
     host from the split sizes at each call (no device sync); calls traced by
     ``torch.compile`` are counted when traced, not when replayed.
     """
-    out = dict(_SENT)
-    out["total"] = sum(_SENT.values())
+    out = dict(_SENT.bytes)
+    out["total"] = _SENT.total
     if reset:
-        _SENT.clear()
+        _SENT.reset()
     return out
 
 
 # --------------------------------------------------------------------------- group handling
 
 
-def resolve_group(group: object, op: str = _OP, name: str = "group") -> dist.ProcessGroup:
-    """Return the ``ProcessGroup`` of ``group`` (a ``ProcessGroup`` or a 1-D ``DeviceMesh``).
+def resolve_group(group: object, op: str = _OP, name: str = "group", *,
+                  allow_none: bool = False) -> dist.ProcessGroup:
+    """Return the ``ProcessGroup`` of ``group``: a ``ProcessGroup``, a 1-D ``DeviceMesh``, or
+    with ``allow_none`` ``None`` (the default group). ``op`` and ``name`` name the caller and
+    the argument in the errors.
 
-    Raises ``ValueError`` when ``torch.distributed`` is not initialised or the mesh is not
-    1-D, ``TypeError`` for anything else.
+    Raises ``ValueError`` when ``torch.distributed`` is not initialised, the mesh is not 1-D
+    or this process is not a member of the group, ``TypeError`` for anything else.
     """
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError(f"{op}: {name} needs an initialised torch.distributed "
@@ -102,14 +142,16 @@ def resolve_group(group: object, op: str = _OP, name: str = "group") -> dist.Pro
         from torch.distributed.device_mesh import DeviceMesh
     except ImportError:  # pragma: no cover - old torch
         DeviceMesh = ()  # type: ignore[assignment]
+    if group is None and allow_none:
+        group = dist.group.WORLD
     if DeviceMesh and isinstance(group, DeviceMesh):
         if group.ndim != 1:
-            raise ValueError(f"{op}: {name} must be a 1-D DeviceMesh (slice it, e.g. mesh['cp']), "
-                             f"got a {group.ndim}-D mesh")
+            raise ValueError(f"{op}: {name} must be a 1-D DeviceMesh (slice it by name, e.g. mesh['cp'] of a "
+                             f"dp x cp mesh), got a {group.ndim}-D mesh {group.mesh_dim_names}")
         group = group.get_group()
     if not isinstance(group, dist.ProcessGroup):
-        raise TypeError(f"{op}: {name} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh, "
-                        f"got {type(group).__name__}")
+        raise TypeError(f"{op}: {name} must be a torch.distributed ProcessGroup or a 1-D DeviceMesh"
+                        f"{', or None' if allow_none else ''}, got {type(group).__name__}")
     if dist.get_rank(group) < 0:
         raise ValueError(f"{op}: this process (global rank {dist.get_rank()}) is not a member of {name}")
     return group

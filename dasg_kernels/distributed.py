@@ -6,6 +6,7 @@ sharded batch (``shift_labels_cp``) are the model's: :func:`dasg_model.parallel.
 from dasg_kernels.context_parallel import (
     CP_LAYOUTS,
     CPGeometry,
+    CommCounter,
     check_cp_layout,
     cp_comm_stats,
     cp_exchange_plan,
@@ -16,5 +17,5 @@ from dasg_kernels.context_parallel import (
     swa_attention_cp,
 )
 
-__all__ = ["CP_LAYOUTS", "CPGeometry", "check_cp_layout", "cp_comm_stats", "cp_exchange_plan", "cp_exchange_rows",
-           "cp_positions", "cp_shard", "resolve_group", "swa_attention_cp"]
+__all__ = ["CP_LAYOUTS", "CPGeometry", "CommCounter", "check_cp_layout", "cp_comm_stats", "cp_exchange_plan",
+           "cp_exchange_rows", "cp_positions", "cp_shard", "resolve_group", "swa_attention_cp"]

@@ -75,16 +75,31 @@ class DASGMoE(nn.Module):
             self.shared.shallow_scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
+        """``x [..., hidden]`` -> ``(y [..., hidden], MoEOutput)``."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         r = self.router(flat)
-        y = self.shared(flat, r.gate, r.deep_mask)
-        sh = r.levels["shallow"].routing
-        y = y + self.shallow_experts(flat, sh.expert_ids, sh.weights * self.routed_scale[0])
-        dp = r.levels["deep"].routing
-        deep_w = dp.weights * (r.gate * self.routed_scale[1])[:, None]
-        y = y + self.deep_experts(flat, dp.expert_ids, deep_w)
+        y = self.mix_experts(flat, r)
         return y.reshape(shape), MoEOutput(r.aux_losses, r.stats, r)
+
+    def routed_levels(self, r: RouterOutput) -> list[tuple[SwiGLUExperts, torch.Tensor, torch.Tensor]]:
+        """``(bank, expert_ids [N, k], weights [N, k])`` per level, shallow then deep, with the
+        weights of the layer formula: ``routed_scale[0] * w`` and ``c * routed_scale[1] * w``."""
+        sh = r.levels["shallow"].routing
+        dp = r.levels["deep"].routing
+        return [
+            (self.shallow_experts, sh.expert_ids, sh.weights * self.routed_scale[0]),
+            (self.deep_experts, dp.expert_ids, dp.weights * (r.gate * self.routed_scale[1])[:, None]),
+        ]
+
+    def mix_experts(self, flat: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """``y [N, hidden]`` of the tokens ``flat [N, hidden]`` routed by ``r``: the shared
+        experts, then the shallow and deep routed banks (the expert-parallel layer overrides
+        this, and may replace ``r.aux_losses`` / ``r.stats``)."""
+        y = self.shared(flat, r.gate, r.deep_mask)
+        for bank, ids, w in self.routed_levels(r):
+            y = y + bank(flat, ids, w)
+        return y
 
     # ------------------------------------------------------------------ pre-training transfer
     @classmethod

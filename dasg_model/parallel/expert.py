@@ -96,7 +96,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -107,9 +107,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from dasg_kernels import expert_ffn
+from dasg_kernels.context_parallel import CommCounter, resolve_group
 from dasg_model.experts import SwiGLUExperts
-from dasg_model.moe import DASGMoE, MoEOutput
-from dasg_model.router import LEVELS
+from dasg_model.moe import DASGMoE
+from dasg_model.router import LEVELS, RouterOutput
 
 __all__ = [
     "EPCommStats",
@@ -128,22 +129,11 @@ _BUCKET_BYTES = 25 * 2**20  # allreduce_gradients' bucket size (DDP's default)
 # --------------------------------------------------------------------------- groups
 
 
-def _resolve_group(mesh_or_group, what: str = "apply_expert_parallel: ep_mesh") -> tuple[object, int, int]:
+def _group_rank_size(mesh_or_group, op: str, name: str) -> tuple[dist.ProcessGroup, int, int]:
     """``(process_group, rank_in_group, group_size)`` of a 1-D ``DeviceMesh``, a
-    ``ProcessGroup`` or ``None`` (the default group)."""
-    if mesh_or_group is None:
-        return dist.group.WORLD, dist.get_rank(), dist.get_world_size()
-    if isinstance(mesh_or_group, DeviceMesh):
-        if mesh_or_group.ndim != 1:
-            raise ValueError(
-                f"{what} must be a 1-D DeviceMesh (e.g. mesh['ep'] of a 2-D dp x ep "
-                f"mesh), got {mesh_or_group.ndim} dims {mesh_or_group.mesh_dim_names}"
-            )
-        return mesh_or_group.get_group(), mesh_or_group.get_local_rank(), mesh_or_group.size()
-    if not isinstance(mesh_or_group, dist.ProcessGroup):
-        raise TypeError(f"{what} must be a 1-D DeviceMesh, a ProcessGroup or None, got "
-                        f"{type(mesh_or_group).__name__}")
-    return mesh_or_group, dist.get_rank(mesh_or_group), dist.get_world_size(mesh_or_group)
+    ``ProcessGroup`` or ``None`` (the default group), checked by :func:`resolve_group`."""
+    group = resolve_group(mesh_or_group, op=op, name=name, allow_none=True)
+    return group, dist.get_rank(group), dist.get_world_size(group)
 
 
 def _as_mesh(mesh_or_group, group, device_type: str) -> DeviceMesh:
@@ -162,8 +152,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------- communication
 
 
-@dataclass
-class EPCommStats:
+class EPCommStats(CommCounter):
     """Bytes this rank sent to *other* ranks in the EP exchanges (its own rows, which stay
     local, are not counted), by phase, the rows behind them, and the number of host syncs.
 
@@ -177,27 +166,9 @@ class EPCommStats:
     Rows (forward, to other ranks): ``sent`` (rows dispatched: (token, rank) pairs per-rank,
     (token, slot, level) pairs per-slot), ``token_rank`` and ``token_rank_level`` (the
     distinct (token, rank) and (token, rank, level) destinations), ``token_slot`` (the
-    routed (token, slot, level) pairs).
+    routed (token, slot, level) pairs). The counter itself is
+    :class:`dasg_kernels.context_parallel.CommCounter`, shared with context parallelism.
     """
-
-    bytes: dict[str, int] = field(default_factory=dict)
-    rows: dict[str, int] = field(default_factory=dict)
-    host_syncs: int = 0
-
-    def add(self, phase: str, n: int) -> None:
-        self.bytes[phase] = self.bytes.get(phase, 0) + int(n)
-
-    def add_rows(self, kind: str, n: int) -> None:
-        self.rows[kind] = self.rows.get(kind, 0) + int(n)
-
-    @property
-    def total(self) -> int:
-        return sum(self.bytes.values())
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.rows.clear()
-        self.host_syncs = 0
 
 
 def _remote(splits: list[int], me: int) -> int:
@@ -573,10 +544,11 @@ class ExpertParallelDASGMoE(DASGMoE):
     """A :class:`DASGMoE` whose routed banks are :class:`ExpertParallelExperts` shards over
     an EP group (made by :func:`apply_expert_parallel`, which swaps the class in place).
 
-    ``forward`` returns what ``DASGMoE.forward`` returns for this rank's tokens, with the aux
-    losses and statistics reduced over the EP group (see the module docstring) and the extra
-    statistic ``"<level>/mean_ranks_per_token"``. ``ep_bitwise`` picks the per-slot
-    exchange; ``ep_comm`` counts the bytes sent.
+    ``forward`` (:class:`DASGMoE`'s, with :meth:`mix_experts` overridden) returns what the
+    unsharded layer returns for this rank's tokens, with the aux losses and statistics reduced
+    over the EP group (see the module docstring) and the extra statistic
+    ``"<level>/mean_ranks_per_token"``. ``ep_bitwise`` picks the per-slot exchange;
+    ``ep_comm`` counts the bytes sent.
     """
 
     ep_group: object
@@ -585,32 +557,24 @@ class ExpertParallelDASGMoE(DASGMoE):
     ep_bitwise: bool
     ep_comm: EPCommStats
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
-        shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        r = self.router(flat)
-        sh = r.levels["shallow"].routing
-        dp = r.levels["deep"].routing
-        levels = [
-            (self.shallow_experts, sh.expert_ids, sh.weights * self.routed_scale[0]),
-            (self.deep_experts, dp.expert_ids, dp.weights * (r.gate * self.routed_scale[1])[:, None]),
-        ]
-
+    def mix_experts(self, flat: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        """:meth:`DASGMoE.mix_experts` over EP: the routed rows travel to the ranks holding
+        their experts while the shared experts and the aux all-reduce run; ``r.aux_losses``
+        and ``r.stats`` become the EP group's."""
         def while_in_flight(visited):  # overlaps the dispatch
             return self.shared(flat, r.gate, r.deep_mask), self._launch_aux(r, visited)
 
         kw = dict(group=self.ep_group, ep_rank=self.ep_rank, ep_size=self.ep_size, stats=self.ep_comm,
                   while_in_flight=while_in_flight)
         if self.ep_bitwise:
-            outs, _, (y, aux_pending) = ep_routed_experts_per_slot(flat, levels, **kw)
+            outs, _, (y, aux_pending) = ep_routed_experts_per_slot(flat, self.routed_levels(r), **kw)
             for o in outs:  # the unsharded layer's order: shared, shallow, deep
                 y = y + o
         else:
-            routed, _, (y, aux_pending) = ep_routed_experts(flat, levels, **kw)
+            routed, _, (y, aux_pending) = ep_routed_experts(flat, self.routed_levels(r), **kw)
             y = y + routed
-        aux, stats = self._finish_aux(*aux_pending)
-        r.aux_losses, r.stats = aux, stats
-        return y.reshape(shape), MoEOutput(aux, stats, r)
+        r.aux_losses, r.stats = self._finish_aux(*aux_pending)
+        return y
 
     def _launch_aux(self, r, visited):
         """Issue the all_reduce of the router's aux sums and stats over the EP group (async)."""
@@ -701,7 +665,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh, *, bitwise: bool = False) -
     """
     if not isinstance(bitwise, bool):
         raise TypeError(f"apply_expert_parallel: bitwise must be a bool, got {type(bitwise).__name__}")
-    group, rank, size = _resolve_group(ep_mesh)
+    group, rank, size = _group_rank_size(ep_mesh, "apply_expert_parallel", "ep_mesh")
     layers = [m for m in model.modules() if isinstance(m, DASGMoE)]
     for i, m in enumerate(layers):
         if isinstance(m, ExpertParallelDASGMoE):
@@ -729,21 +693,16 @@ def ep_comm_stats(model: nn.Module, reset: bool = False) -> dict[str, int]:
     """The EP bytes this rank sent, summed over the model's layers, by phase, plus
     ``"total"`` (bytes), ``"host_syncs"`` and the rows behind them as ``"rows/<kind>"``
     (see :class:`EPCommStats`); ``reset`` zeroes the counters after reading."""
-    out: dict[str, int] = {}
-    rows: dict[str, int] = {}
-    syncs = 0
+    acc = CommCounter()
     for m in model.modules():
         if isinstance(m, ExpertParallelDASGMoE):
-            for k, v in m.ep_comm.bytes.items():
-                out[k] = out.get(k, 0) + v
-            for k, v in m.ep_comm.rows.items():
-                rows[k] = rows.get(k, 0) + v
-            syncs += m.ep_comm.host_syncs
+            acc.merge(m.ep_comm)
             if reset:
                 m.ep_comm.reset()
-    out["total"] = sum(out.values())
-    out["host_syncs"] = syncs
-    out.update({f"rows/{k}": v for k, v in rows.items()})
+    out = dict(acc.bytes)
+    out["total"] = acc.total
+    out["host_syncs"] = acc.host_syncs
+    out.update({f"rows/{k}": v for k, v in acc.rows.items()})
     return out
 
 
@@ -769,7 +728,7 @@ def allreduce_gradients(model: nn.Module, ep_mesh, dp_mesh=None) -> None:
     counts as zeros (so every rank runs the same collectives). Gradients travel in flat
     buckets of up to 25 MiB per dtype (a few collectives per step, not one per parameter).
     """
-    ep_group, _, ep = _resolve_group(ep_mesh, "allreduce_gradients: ep_mesh")
+    ep_group, _, ep = _group_rank_size(ep_mesh, "allreduce_gradients", "ep_mesh")
     if dp_mesh is None:
         dp_mesh = []
     elif not isinstance(dp_mesh, (list, tuple)):
@@ -777,7 +736,7 @@ def allreduce_gradients(model: nn.Module, ep_mesh, dp_mesh=None) -> None:
     dp_groups = []
     world = ep
     for m in dp_mesh:
-        g, _, n = _resolve_group(m, "allreduce_gradients: dp_mesh")
+        g, _, n = _group_rank_size(m, "allreduce_gradients", "dp_mesh")
         world *= n
         if n > 1:
             dp_groups.append(g)
