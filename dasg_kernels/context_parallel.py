@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from dasg_kernels.attention.interface import _pick_backend, _validate
+from dasg_kernels.attention.checks import pick_backend, validate_attention
 from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16
 
 __all__ = ["CP_LAYOUTS", "CPGeometry", "CommCounter", "check_cp_layout", "cp_comm_stats", "cp_exchange_plan",
@@ -417,7 +417,7 @@ def _exchange(k: torch.Tensor, v: torch.Tensor, geo: CPGeometry, rank: int, grou
     (``[B, halo + T_chunk, Hkv, D | Dv]``) and its summaries (the means of the first
     ``n_groups`` global groups, ``[B, n_groups, Hkv, D | Dv]``, or ``None``), from one
     :class:`_AllToAll`."""
-    b, t_local, hkv, d = k.shape
+    b, _, hkv, d = k.shape
     dv = v.shape[-1]
     send, recv, local, contrib_rows = cp_exchange_plan(geo, rank)
     contrib = {c: _contributions(k, v, geo, c, geo.owner(c)[1], m) for c, m in contrib_rows.items() if m}
@@ -590,8 +590,8 @@ def swa_attention_cp(
     ``ceil((T_chunk - 1) / G) + 1`` rows per earlier chunk). :func:`cp_exchange_rows` gives
     the rows per rank.
     """
-    left, right, scale = _validate(_OP, q, k, v, window=window, causal=causal, group_size=group_size,
-                                   summaries=summaries, softmax_scale=softmax_scale, decode=False)
+    left, right, scale = validate_attention(_OP, q, k, v, window=window, causal=causal, group_size=group_size,
+                                            summaries=summaries, softmax_scale=softmax_scale, decode=False)
     if not causal and (right != 0 or summaries):
         raise ValueError(f"{_OP}: only causal attention is supported (causal=True); got causal=False with "
                          f"window={tuple(window)} and summaries={summaries}")
@@ -599,7 +599,7 @@ def swa_attention_cp(
         raise TypeError(f"{_OP}: validate must be a bool, got {type(validate).__name__}")
     zig = check_cp_layout(_OP, layout)
     group = resolve_group(group)
-    be = _pick_backend("swa_attention", backend, q, k, v)
+    be = pick_backend("swa_attention", backend, q, k, v)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     b, t_local, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]

@@ -29,8 +29,6 @@ from dasg_model.config import DASGConfig
 #: Summary rows allocated beyond the ones needed when the summary tensors grow.
 SPARE_GROUPS: int = 16
 
-_SUMMARY_NAMES = ("k_means", "v_means", "k_sum", "v_sum")
-
 
 def cache_signature(config: DASGConfig) -> tuple:
     """What a cache must agree on with the model that fills it."""

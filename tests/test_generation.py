@@ -253,10 +253,11 @@ def test_compiled_decode_equals_eager_at_every_batch_size(backend, batch, device
     12 steps that re-lay out the ring (prefill chunk -> decode), wrap it twice (C = W + 1 = 6)
     and finish three groups (G = 4).
 
-    Batch 1 used to fail on the torch backend under inductor (``k_cache`` took ``v_cache``'s
-    rows from the second compiled step on; logits then off by up to 5.8): an inductor bug
-    (torch 2.13, CPU) when a ``scatter_`` into a graph input is read through a ``cat`` and a
-    later ``cat`` of the same size reuses that buffer before the input is written back.
+    Batch 1 on the torch backend under inductor guards against an inductor bug (torch 2.13,
+    CPU): when a ``scatter_`` into a graph input is read through a ``cat`` and a later ``cat``
+    of the same size reuses that buffer before the input is written back, ``k_cache`` takes
+    ``v_cache``'s rows from the second compiled step on (logits off by up to 5.8, measured
+    with a cache attention that concatenated the cache tensors).
     Plain torch::
 
         def f(a, b, am, bm, x, w, i):

@@ -1,4 +1,4 @@
-"""The transformers drop-in on the workloads people run (issue 11): a left-padded batch, a
+"""The transformers drop-in on the workloads people run: a left-padded batch, a
 packed batch (``DataCollatorWithFlattening``), ``torch.compile`` and static-cache generation,
 on tiny random Qwen3-MoE, OLMoE, Gemma-3 and Mistral models: each equals transformers' own
 path with the matching semantics on the real tokens, and no attention call falls back.
@@ -331,6 +331,6 @@ def test_mask_function_takes_the_cache_position_convention():
     # a static cache of 12 slots, 5 written, 1 new query: the valid length
     n = dt.dasg_mask(cache_position=torch.arange(5, 6), **kw)
     assert n.dtype == torch.int32 and n.view(-1).tolist() == [6, 6]
-    pad[1, 4] = False  # a hole: the eager mask of the old convention
+    pad[1, 4] = False  # a hole: transformers' eager mask, in the cache_position convention too
     m = dt.dasg_mask(cache_position=torch.arange(t), attention_mask=pad, **kw)
     assert m.shape == (2, 1, t, t) and "not one run" in m._dasg_reason

@@ -13,8 +13,8 @@ losses to 4e-5 (4.17371 vs 4.17375); the update vectors differ by 1.0e-3 relativ
 from the aux losses being per-batch statistics (load balance is a product of two batch means,
 the deep level's terms are means over each micro-batch's deep rows; see
 ``DASGForCausalLM.forward``), concentrated in the router weights, whose small updates come
-mostly from the load-balance term. Before the fix (``num_items_in_batch`` ignored) the
-accumulated update was 2.000x the large batch's.
+mostly from the load-balance term. A model that ignores ``num_items_in_batch`` gives an
+accumulated update of 2.000x the large batch's.
 """
 from __future__ import annotations
 

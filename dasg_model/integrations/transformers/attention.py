@@ -312,7 +312,7 @@ def _attention_unsupported(layout, query, key, value, dropout, softcap, is_causa
         if op == "swa_decode" and is_tracing():
             op = "swa_attention_with_kvcache"
         if not _value_dim_ok(op):
-            return f"a value head dim ({value.shape[-1]}) other than the query / key one ({d}): {op} does not take it yet"
+            return f"a value head dim ({value.shape[-1]}) other than the query / key one ({d}): {op} does not take it"
     return None
 
 
