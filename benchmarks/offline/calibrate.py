@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import importlib.util
-import itertools
 import json
 import math
 import os
@@ -193,7 +191,7 @@ def fa_work(b: int, h: int, n: int, d: int, bm: int, bn: int) -> cr.Work:
 
 def gemm_work(m: int, n: int, k: int, bm: int, bn: int, bk: int, gm: int | None, el: float, wave: int) -> cr.Work:
     n_m, n_n = -(-m // bm), -(-n // bn)
-    progs = ([("a", i, bm * k * el), ("b", j, bn * k * el)] for i, j in cr._order(n_m, n_n, gm))
+    progs = ([("a", i, bm * k * el), ("b", j, bn * k * el)] for i, j in cr.launch_order(n_m, n_n, gm))
     read, _ = cr.hbm_reads(progs, wave)
     return cr.Work(f"M={m} N={n} K={k}", n_m * n_n * -(-k // bk), 0, 2.0 * m * n * k, read + m * n * el,
                    programs=n_m * n_n, uniform=True)
@@ -300,7 +298,7 @@ def _capture_liger(t: int, e: int, hdim: int, idim: int, topk: int):
 
             def work(cfg, rec=None, n_out=n_out, kdim=kdim, dual=dual):
                 bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-                wave = cr.SMS * (cr._occupancy(rec) if rec else 1)
+                wave = cr.SMS * (cr.occupancy(rec) if rec else 1)
                 read, _, _ = cr.rowtile_hbm(tiles, -(-n_out // bn), bm, bn, kdim, 2, wave, None, dual)
                 written = tk * n_out * 2 * (2 if dual else 1)
                 flops = 2.0 * tk * kdim * n_out * (2 if dual else 1)
@@ -537,8 +535,8 @@ def overlap_check(points: list[Point], model: dict) -> dict | None:
     rec = next(r["record"] for r in base.records if f"{r['kernel']} {r['config']}" == pr["configs"][0])
     # the ideal overlap of one iteration: tensor, issue and MUFU cycles all hidden under the
     # longest of them (what a perfect softmax/wgmma pipeline would reach); per-tile terms unchanged
-    cyc = cr.iteration_cycles(cr._main_stats(rec), rec["num_warps"], cr._occupancy(rec), model)
-    ideal_cyc = cr.iteration_cycles(cr._main_stats(rec), rec["num_warps"], 10 ** 6, model)["overlapped"]
+    cyc = cr.iteration_cycles(cr.main_stats(rec), rec["num_warps"], cr.occupancy(rec), model)
+    ideal_cyc = cr.iteration_cycles(cr.main_stats(rec), rec["num_warps"], 10 ** 6, model)["overlapped"]
     ideal = pr["predicted_tflops"] * cyc["calibrated"] / ideal_cyc
     pipelined = 517.528
     t_pub, t_pipe = 1 / base.published, 1 / pipelined
@@ -585,7 +583,7 @@ def write(points: list[Point], model: dict, out_dir: str, seconds: float, name: 
           loo: dict | None = None) -> tuple[str, str]:
     rows = [row(p, model) for p in points if p.records]
     meta_ = {"triton": triton.__version__, "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-             "commit": cr._commit(), "model": model, "seconds": round(seconds)}
+             "commit": cr.git_commit(), "model": model, "seconds": round(seconds)}
     bands = error_bands(rows)
     meta_["error_band"] = bands["all_within_20pct"]["band"] if bands["all_within_20pct"] else 0.0
     meta_["error_bands"] = bands

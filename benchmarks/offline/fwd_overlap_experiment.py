@@ -46,6 +46,7 @@ import triton  # noqa: E402
 
 from benchmarks.offline import compile_report as cr  # noqa: E402
 from benchmarks.offline import offline_compile as oc  # noqa: E402
+from dasg_kernels.attention.loop_bounds import local_key_range, summary_key_range  # noqa: E402
 
 MUFU_PER_CLK = 16  # ex2 results per clock per SM (FA3 paper: 3.9 TFLOP/s of special functions)
 _DEPBAR = re.compile(r"gsb0,\s*0x([0-9a-f]+)")
@@ -185,8 +186,8 @@ def compile_with_ptx(launch: oc.Launch, config=None) -> tuple[oc.Compiled, str]:
 def attn_launches(d: int = 128, dtype=torch.bfloat16, shape: cr.AttnShape = cr.ATTN_MAIN) -> dict[str, oc.Launch]:
     """The recorded forward / backward launches at ``shape`` by report label."""
     out = {}
-    for launch in cr._attn_record(shape, d, dtype)():
-        label = cr._attn_label(launch)
+    for launch in cr.attn_record(shape, d, dtype)():
+        label = cr.attn_label(launch)
         if label and label not in out:
             out[label] = launch
     return out
@@ -199,13 +200,13 @@ def q_block_iters(shape: cr.AttnShape, bm: int, bn: int) -> dict[str, int]:
     out = dict(local_full=0, local_masked=0, sum_full=0, sum_masked=0)
     for start in range(0, shape.t, bm):
         first, last = start, min(start + bm, shape.t) - 1
-        lo, flo, fhi, hi = cr._local_key_range(first, last, shape.left, 0, shape.t, bn)
-        out["local_full"] += cr._tiles(flo, fhi, bn)
-        out["local_masked"] += cr._tiles(lo, flo, bn) + cr._tiles(fhi, hi, bn)
+        lo, flo, fhi, hi = local_key_range(first, last, shape.left, 0, shape.t, bn)
+        out["local_full"] += cr.tiles(flo, fhi, bn)
+        out["local_masked"] += cr.tiles(lo, flo, bn) + cr.tiles(fhi, hi, bn)
         if shape.summaries:
-            f, m = cr._summary_tiles(first, last, shape.left, shape.g, ng, bn)
-            out["sum_full"] += f
-            out["sum_masked"] += m
+            s_full, b_hi, _ = summary_key_range(first, last, shape.left, 0, shape.g, ng, bn, True, False)
+            out["sum_full"] += cr.tiles(0, s_full, bn)
+            out["sum_masked"] += cr.tiles(s_full, b_hi, bn)
     heads = shape.b * shape.hq
     return {k: v * heads for k, v in out.items()}
 
@@ -246,7 +247,7 @@ def predict(label: str, launch: oc.Launch, cfg, c: oc.Compiled, shape: cr.AttnSh
                  "sum_masked": [slow[-1]]}
     iters = q_block_iters(shape, kw["BLOCK_M"], kw["BLOCK_N"])
     base, _, passno = label.partition("_pass")
-    work = cr.attn_work(cr._attn_kind(base), shape, d, 2, kw["BLOCK_M"], kw["BLOCK_N"], int(passno or 0))
+    work = cr.attn_work(cr.attn_kind(base), shape, d, 2, kw["BLOCK_M"], kw["BLOCK_N"], int(passno or 0))
     programs = -(-shape.t // kw["BLOCK_M"]) * shape.b * shape.hq
     out_ = _outside(c.sass, warps)
     hbm_s = work.hbm_bytes / cr.HBM_BYTES_S
@@ -280,7 +281,7 @@ def calibrated(label: str, launch: oc.Launch, cfg, c: oc.Compiled, shape: cr.Att
                    outside_main_loop_instrs=rec["total_instrs"] - len(bodies[0]),
                    other_loops=[oc.loop_stats(b, c.num_warps) for b in bodies])
     base, _, passno = label.partition("_pass")
-    work = cr.attn_work(cr._attn_kind(base), shape, d, 2, kw["BLOCK_M"], kw["BLOCK_N"], int(passno or 0))
+    work = cr.attn_work(cr.attn_kind(base), shape, d, 2, kw["BLOCK_M"], kw["BLOCK_N"], int(passno or 0))
     return cr.predict(rec, work)
 
 
@@ -292,7 +293,7 @@ def report(label: str, launch: oc.Launch, cfg, c: oc.Compiled, ptx: str | None =
     main = overlap_stats(fast_path(bodies[0]), c.num_warps) if bodies else None
     spills = [sum(op.startswith(("STL", "LDL")) for _, op, _ in b) for b in bodies]
     cal = calibrated(label, launch, cfg, c, shape, d)
-    line = (f"{label} D={d} {cr._config_text(launch, cfg)}: regs {rec['regs']}, spill {rec['spill_bytes']} B "
+    line = (f"{label} D={d} {cr.config_text(launch, cfg)}: regs {rec['regs']}, spill {rec['spill_bytes']} B "
             f"(main-loop spill instructions {spills}), smem {rec['smem_bytes']}, {cal['occupancy']} CTA/SM")
     if main:
         line += (f" | unmasked iteration: {main['instrs']} instrs, {main['mufu']} MUFU, {main['hgmma']} HGMMA in "
