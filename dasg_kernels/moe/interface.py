@@ -23,7 +23,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from dasg_kernels.backend import interpreted_bf16, resolve_backend
+from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16, resolve_backend
 from dasg_kernels.moe import ops as _ops
 from dasg_kernels.moe.configs import choose_block_m
 from dasg_kernels.moe.dispatch_torch import build_plan_torch
@@ -380,11 +380,8 @@ def expert_ffn(
 
 
 def _expert_ffn_planned(x, gate_up_proj, down_proj, weights, plan: DispatchPlan, recompute: bool) -> torch.Tensor:
-    if interpreted_bf16(x):
-        # Triton's CPU interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584):
-        # run the fp32 kernels there and round the result (the gradients follow the casts).
-        y = _expert_ffn_planned(x.float(), gate_up_proj.float(), down_proj.float(), weights, plan, recompute)
-        return y.to(torch.bfloat16)
+    if interpreted_bf16(x):  # the interpreter's bf16 tl.dot is wrong: fp32 kernels, result rounded
+        return bf16_via_fp32(lambda *w: _expert_ffn_planned(*w, weights, plan, recompute), x, gate_up_proj, down_proj)
     x = _last_dim_contiguous(x)
     gate_up_proj = _last_dim_contiguous(gate_up_proj)
     down_proj = _last_dim_contiguous(down_proj)
