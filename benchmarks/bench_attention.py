@@ -90,7 +90,7 @@ class AttnCase:
 
 
 def cases(quick: bool, device: torch.device) -> list[AttnCase]:
-    """The case matrix: issue 2's full matrix on CUDA; tiny shapes on the CPU."""
+    """The case matrix: the full matrix on CUDA; tiny shapes on the CPU."""
     out: list[AttnCase] = []
     if device.type == "cuda":
         ts, ws, ds = (GPU_T, GPU_W, GPU_D) if not quick else ((4096, 16384), (1024,), (128,))

@@ -1,7 +1,7 @@
-"""``python -m benchmarks.bench_configs``: time the old and new first configs on a GPU.
+"""``python -m benchmarks.bench_configs``: time two first configs per attention kernel on a GPU.
 
-The compile report (:mod:`benchmarks.compile_report`) *predicts* that the attention
-configs chosen for issue 9 beat the ones they replaced; this measures it. For each
+The compile report (:mod:`benchmarks.offline.compile_report`) *predicts* that each attention
+kernel's current first config (``new``) beats the one before it (``old``); this measures it. For each
 changed kernel (forward, dq, dk/dv; bf16, D=128, B=1 T=32k Hq=32 Hkv=8 left=2047 G=256
 summaries) it pins one config at a time (``DASG_AUTOTUNE=0`` keeps the first entry of
 the space) and times the public op with ``triton.testing.do_bench``. It also times the

@@ -12,7 +12,7 @@ routing, in bf16 on CUDA):
                   routed (token, expert) pairs, i.e. the same FLOPs with no routing
 ================  ===========================================================================
 
-Shapes (issue 3): Mixtral-like (D=4096, F=14336, E=8, k=2), fine-grained DeepSeek-like
+Shapes: Mixtral-like (D=4096, F=14336, E=8, k=2), fine-grained DeepSeek-like
 (D=2048, F=1408, E=64, k=6), and top-p routing on the fine-grained shape (top_p=0.7,
 k_max=4), at N in {1, 16, 512, 4096, 16384}. Modes ``fwd`` and ``fwd+bwd`` (grads of x,
 both weight banks and the routing weights). TFLOP/s count the routed FLOPs really done

@@ -9,7 +9,7 @@ with summaries. Three implementations:
 - ``sdpa-causal``: ``torch.nn.functional.scaled_dot_product_attention(is_causal=True,
   enable_gqa=True)``, full causal attention (more work than the windowed op: the bar);
 - ``reference``: ``dasg_kernels.reference.swa_attention_ref`` (the readable oracle,
-  ``[B, Hq, T, T + T/G]`` fp32 scores; the old ``torch`` backend).
+  ``[B, Hq, T, T + T/G]`` fp32 scores).
 
 Each (implementation, T, mode) runs in its own subprocess, so its peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own: reported whole and above
@@ -109,7 +109,7 @@ def _markdown(rows, args) -> str:
     import torch
 
     lines = [
-        "# torch attention backend on the CPU (issue 11)",
+        "# torch attention backend on the CPU",
         "",
         f"`python -m benchmarks.bench_torch_backend --threads {args.threads} --reps {args.reps}` "
         f"({time.strftime('%Y-%m-%d')}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
@@ -117,8 +117,8 @@ def _markdown(rows, args) -> str:
         f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}: the machine was shared, so times are noisy).",
         "",
         f"Case: q [1, T, 8, 64] fp32, 2 kv heads, window (255, 0), G=64, summaries on. `blockwise` is "
-        f"what `backend=\"torch\"` runs now; `sdpa-causal` is SDPA's full causal attention (the bar); "
-        f"`reference` is `reference.swa_attention_ref` (the old torch backend). Peak RSS per case in its own "
+        f"what `backend=\"torch\"` runs; `sdpa-causal` is SDPA's full causal attention (the bar); "
+        f"`reference` is `reference.swa_attention_ref` (dense fp32 scores). Peak RSS per case in its own "
         f"process; 'above base' subtracts the RSS after imports and inputs. Time: best of {args.reps} after "
         f"a warm-up (reference at T > 2048: one call).",
         "",

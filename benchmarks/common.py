@@ -379,10 +379,6 @@ def compare(
 # ----------------------------------------------------------------------------- run context
 
 
-class BudgetExhausted(Exception):
-    pass
-
-
 class Context:
     """What a family's ``run`` gets: settings, the result lists, progress, the deadline."""
 

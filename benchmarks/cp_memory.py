@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch.multiprocessing as mp
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--module", default=None, help="path of a distributed.py to load instead of the package's")
+    p.add_argument("--module", default=None, help="path of a context_parallel.py to load instead of the package's")
     p.add_argument("--backend", default="torch", choices=("torch", "triton"))
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)

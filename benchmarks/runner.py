@@ -2,7 +2,7 @@
 
 ::
 
-    python -m benchmarks                    # everything (GPU: issue 2/3/5 matrices, ~8 min on an H100)
+    python -m benchmarks                    # everything (GPU: the full matrices, ~8 min on an H100)
     python -m benchmarks --quick            # a small subset
     python -m benchmarks --only attention   # one family (attention | varlen | moe | model | generate); repeatable
     python -m benchmarks --only quality     # the training benchmark (benchmarks.quality), only when named

@@ -9,8 +9,8 @@
 #                generate; ONLY=attention,varlen takes several). A family gets its share of BENCH_S
 #                (runner.BUDGET_SHARE) plus what the ones before it left. varlen's compiles (its
 #                Triton kernels' autotuning, torch.compile of FlexAttention) will likely need more
-#                than its share on a fresh machine (not measured yet): ONLY=varlen BENCH_S=150
-#                gives it the whole budget.
+#                than its share on a fresh machine: ONLY=varlen BENCH_S=150 gives it the whole
+#                budget.
 #   several GPUs: the EP/CP runs use what is left of 590 s (>= 40 s); with the defaults that is
 #                nothing, so on a multi-GPU lend run BENCH_S=120 (leaves them about 100 s).
 #
@@ -61,7 +61,7 @@ DASG_AUTOTUNE=0 timeout "$TEST_S" python3 -m pytest -q $par -p no:cacheprovider 
 echo "pytest exit: $?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -25
 
-echo "== old vs new first configs of the kernels issue 9 changed (limit ${CONF_S}s) =="
+echo "== previous vs current first configs of the attention kernels (limit ${CONF_S}s) =="
 # the offline compile report predicts these; this measures them (benchmarks/bench_configs.py)
 timeout "$CONF_S" python3 -m benchmarks.bench_configs --out "$OUT/results" >"$OUT/configs.log" 2>&1
 echo "bench_configs exit: $?"; tail -12 "$OUT/configs.log"
@@ -87,7 +87,7 @@ echo "benchmarks exit: $?"
 tail -40 "$OUT/bench.log"
 # pack the single-GPU results first, so a slow distributed run below cannot lose them
 tar czf "$OUT/results.tgz" -C "$OUT" results && rm -rf "$OUT/results"
-# several GPUs (a multi-GPU lend): EP and CP over NCCL, tokens/s and measured bytes per step (issue 12),
+# several GPUs (a multi-GPU lend): EP and CP over NCCL, tokens/s and measured bytes per step,
 # each run limited to half of what is left of a 590 s whole (bash's SECONDS counts from the start)
 ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 left_s=$((590 - SECONDS))

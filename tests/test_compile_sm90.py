@@ -148,7 +148,7 @@ def _rec(kernel, tflops, useful, family="attention", uncal=False, ser=None, ovl=
 
 
 def test_targets_are_the_issue_targets():
-    """Issue 20's targets as data: thresholds and the overlap rule of the forward."""
+    """The speed targets as data: thresholds and the overlap rule of the forward."""
     from benchmarks.offline.compile_report import TARGETS
 
     t = {x.id: x for x in TARGETS}

@@ -18,7 +18,7 @@ workloads it is applied to :mod:`benchmarks.offline.work_model` (loop iterations
 kernels' own loop bounds, FLOPs, HBM bytes), the launches :mod:`benchmarks.offline.cases`.
 defined by the fit: the report gives both bounds and marks the kernel uncalibrated.
 
-The targets of issue 20 are data (:data:`TARGETS`), judged by :func:`judge` on the best
+The speed targets are data (:data:`~.speed_targets.TARGETS`), judged by :func:`judge` on the best
 kept config of each kernel (what the autotuner runs): the calibrated figure with the
 calibration's error band (its predicted / published ratios, read from
 ``results/calibration.json``, or ``calibration-tritonX.Y.json`` for another Triton), both

@@ -6,7 +6,7 @@ kernels' real launches at the compile report's main attention shape
 (:data:`benchmarks.offline.compile_report.ATTN_MAIN`, bf16) for every config their pruner keeps
 and prints, per config, three predictions (TFLOP/s of useful work, none measured):
 
-* issue 20's interim model, loops only (forward and dq): **serialised** ``tensor + issue +
+* a loops-only model (forward and dq): **serialised** ``tensor + issue +
   MUFU`` cycles per iteration (``MUFU = MUFU instructions x warps x 32 / 16``) and
   **overlapped**: that less the work issued after an ``HGMMA`` and before the
   ``WARPGROUP.DEPBAR`` that waits for its group, up to the tensor cycles of the groups in
@@ -21,7 +21,7 @@ and prints, per config, three predictions (TFLOP/s of useful work, none measured
   body to every iteration.
 
 It also reports ptxas's C7515 ("wgmma serialized": every ``HGMMA`` then waits for the one
-before; the split masked/unmasked loops of the old kernels triggered it) and the spills,
+before; separate masked and unmasked loops over the same tiles trigger it) and the spills,
 registers, shared memory and resident CTAs. Results: benchmarks/results/fwd-overlap.md.
 """
 from __future__ import annotations

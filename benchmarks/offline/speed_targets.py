@@ -17,7 +17,7 @@ from benchmarks.offline.work_model import ATTN_MAIN
 
 @dataclass(frozen=True)
 class Target:
-    """One speed target of issue 20, judged on the calibrated predictions.
+    """One speed target of the Hopper kernels, judged on the calibrated predictions.
 
     ``kernels``: the record labels whose best kept configs run one after another (their
     times add up); ``flops``: how the useful work is counted (``"sum"``: the kernels' own
@@ -42,7 +42,7 @@ class Target:
     miss_point: str | None = None
 
 
-#: the targets of issue 20 (``benchmarks/results/compile-sm90a.md`` judges them)
+#: the speed targets (``benchmarks/results/compile-sm90a.md`` judges them)
 TARGETS = (
     Target("attn_fwd", "attention forward bf16 D=128 T=32k W=2048 causal, summaries", "attention", ("attn_fwd",),
            500.0, min_serialised=450.0, min_overlapped=600.0),

@@ -1,8 +1,8 @@
 """TMA tensor descriptors vs pointer loads for the attention K/V tiles (offline sm_90a).
 
-``TRITON_INTERPRET=0 python -m benchmarks.offline.tma_experiment`` (no GPU needed). Issue 9 asked to try
-``tl.make_tensor_descriptor`` for the K/V loads and keep it only if the compile report shows
-fewer instructions per iteration and no spills. Result: benchmarks/results/tma-experiment.md.
+``TRITON_INTERPRET=0 python -m benchmarks.offline.tma_experiment`` (no GPU needed). Tries
+``tl.make_tensor_descriptor`` for the K/V loads, worth keeping only if the compile report
+shows fewer instructions per iteration and no spills. Result: benchmarks/results/tma-experiment.md.
 
 The same flash-forward inner loop (unmasked tiles, online softmax, 128x64 tiles, 8 warps,
 3 stages, bf16, D=128), once with pointer loads of K/V (what the kernels do) and once with

@@ -1,8 +1,7 @@
 """The speed targets as data, and their PASS / MISS / N/A verdicts on a run.
 
-:data:`TARGETS` holds every target the issues state (attention: issue 2, MoE: issue 3, the
-model: issue 5, generation: issue 10) with its threshold; the ``*_T`` / ``*_N`` constants
-say which cases each applies to. :func:`evaluate_targets` looks the measured values up in a
+:data:`TARGETS` holds every speed target (attention, MoE, the whole model, generation) with
+its threshold; the ``*_T`` / ``*_N`` constants say which cases each applies to. :func:`evaluate_targets` looks the measured values up in a
 run's records; a target is judged only on an H100 / H200 whose kernel passed its
 correctness checks (N/A otherwise, with the reason).
 """
