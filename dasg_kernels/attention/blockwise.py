@@ -22,9 +22,11 @@ softmax. Time and memory are ``O(T * (W + T/G))``, never ``O(T^2)`` for a bounde
   NaN in ``q`` or in a key a row sees propagates to that row (as SDPA).
 - Autograd: a ``torch.autograd.Function`` that saves only ``q, k, v``, the summaries
   and ``lse`` (``O(T)``) and recomputes each block's probabilities in the backward
-  (FA2-style: ``ds = p * (dp - rowsum(p * dp))``). The summaries are the group means of
-  :func:`dasg_kernels.reference.group_means_ref` (in the input dtype, as the reference),
-  computed outside the function, so autograd carries their gradient back to ``k, v``.
+  (FA2-style: ``ds = p * (dp - rowsum(p * dp))``). The summaries are :func:`group_means`
+  (in the input dtype, as the reference), computed outside the function, so autograd
+  carries their gradient back to ``k, v``.
+- :func:`softmax_lse_` (the masked softmax and its lse) is shared with the bounded
+  cache's PyTorch path (:mod:`.kvcache`).
 - No host synchronisation: every block bound is a Python int from the shapes and the
   window, so this also runs on CUDA (the fallback for shapes the kernels lack) and
   under ``torch.compile``.
@@ -35,13 +37,41 @@ import math
 
 import torch
 
-from dasg_kernels.reference import group_means_ref, num_groups
-
-__all__ = ["swa_attention_blockwise", "default_block_size"]
+__all__ = ["default_block_size", "group_means", "softmax_lse_", "swa_attention_blockwise"]
 
 _NEG_INF = float("-inf")
 # score elements (fp32) one block may hold: bounds the transient memory per block
 _BLOCK_BUDGET = 1 << 24
+
+
+def group_means(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The summaries: the mean of ``x [B, T, H, D]`` over each group ``[g*G, (g+1)*G)``.
+
+    Returns ``[B, ceil(T/G), H, D]`` in ``x.dtype`` (accumulated in fp32); the last,
+    possibly partial, group is averaged over the positions it has (the semantics of
+    ``reference.group_means_ref``). Memory ``O(T)`` even when ``G >> T`` (never padded).
+    """
+    b, t, h, d = x.shape
+    full = t // group_size  # whole groups; the partial tail is averaged on its own
+    xf = x.float()
+    means = [xf[:, : full * group_size].reshape(b, full, group_size, h, d).mean(2)]
+    if full * group_size < t:
+        means.append(xf[:, full * group_size :].mean(1, keepdim=True))
+    return torch.cat(means, dim=1).to(x.dtype)
+
+
+def softmax_lse_(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim of masked fp32 scores ``s [..., K]`` (``-inf``: not visible),
+    in place: returns ``(p, lse)`` with ``p`` the storage of ``s`` and ``lse [...]`` the natural
+    log-sum-exp. A row that sees no key gets ``p = 0`` and ``lse = -inf`` (its max is taken as 0,
+    so ``exp(-inf - -inf) = nan`` never occurs); NaN scores stay NaN."""
+    m = s.amax(dim=-1)  # one exp per score: p = exp(s - m) / l, lse = m + log(l)
+    m = torch.where(m == _NEG_INF, 0.0, m)
+    s.sub_(m[..., None]).exp_()
+    denom = s.sum(dim=-1)
+    lse = m + denom.log()  # -inf where denom = 0
+    s.mul_(torch.where(denom == 0, 0.0, denom.reciprocal())[..., None])
+    return s, lse
 
 
 def default_block_size(tq: int, tk: int, left: int, right: int, n_summaries: int, heads: int) -> int:
@@ -160,12 +190,7 @@ class _Problem:
         if lse is not None:  # backward: p = exp(s - lse), one exp
             s5.sub_(torch.where(lse == _NEG_INF, 0.0, lse)[..., None]).exp_()
             return s, lse
-        m = s5.amax(dim=-1)  # forward: one exp, p = exp(s - m) / l, lse = m + log(l)
-        m = torch.where(m == _NEG_INF, 0.0, m)
-        s5.sub_(m[..., None]).exp_()
-        denom = s5.sum(dim=-1)
-        lse = m + denom.log()  # [B, Hkv, rep, blk]; -inf where denom = 0
-        s5.mul_(torch.where(denom == 0, 0.0, denom.reciprocal())[..., None])
+        _, lse = softmax_lse_(s5)  # forward: lse [B, Hkv, rep, blk]
         return s, lse
 
 
@@ -284,8 +309,8 @@ def swa_attention_blockwise(
             ks, vs = summary_kv
             if ks.shape[1] == 0:
                 ks = vs = None
-        elif k.shape[1] and num_groups(k.shape[1], group_size):
-            ks, vs = group_means_ref(k, group_size), group_means_ref(v, group_size)
+        elif k.shape[1]:
+            ks, vs = group_means(k, group_size), group_means(v, group_size)
     elif summary_kv is not None:
         raise ValueError("swa_attention_blockwise: summary_kv needs summaries=True")
     if block_size is not None and block_size < 1:

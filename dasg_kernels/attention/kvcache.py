@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from dasg_kernels.attention import host, ops
+from dasg_kernels.attention.blockwise import softmax_lse_
 from dasg_kernels.attention.checks import check_window, validate_attention
 from dasg_kernels.backend import bf16_via_fp32, interpreted_bf16, resolve_backend
 from dasg_kernels.validation import check_last_dim_contiguous, check_tensor
@@ -116,7 +117,8 @@ def _slot_positions(total: torch.Tensor, c: int) -> torch.Tensor:
 
 
 def _attend_torch(q, k_cache, v_cache, means, first, left, group_size, scale):
-    """The ring + means attention in fp32 PyTorch: ``out [B, Tq, Hq, D]``, ``lse [B, Hq, Tq]``.
+    """The ring + means attention in fp32 PyTorch: ``out [B, Tq, Hq, D]``, ``lse [B, Hq, Tq]``,
+    with the softmax of the blockwise core (:func:`~dasg_kernels.attention.blockwise.softmax_lse_`).
 
     The ring and the means are scored as two blocks whose scores are joined; the cache
     tensors themselves are never concatenated. Under inductor (torch 2.13, CPU) a ``cat``
@@ -143,12 +145,11 @@ def _attend_torch(q, k_cache, v_cache, means, first, left, group_size, scale):
         return x.float().permute(0, 2, 1, 3)[:, :, None]
 
     s = torch.cat([((qh @ heads(keys).transpose(-1, -2)) * scale).masked_fill(~m[:, None, None], float("-inf"))
-                   for keys, _, m in blocks], dim=-1)  # [B, Hkv, rep, Tq, K in all]
-    lse = torch.logsumexp(s, dim=-1)  # [B, Hkv, rep, Tq]
-    w = torch.exp(s - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
-    out = w[..., :c] @ heads(v_cache)
+                   for keys, _, m in blocks], dim=-1)  # [B, Hkv, rep, Tq, K in all]: scores, not the cache
+    p, lse = softmax_lse_(s)  # the blockwise core's softmax: lse [B, Hkv, rep, Tq]
+    out = p[..., :c] @ heads(v_cache)
     if means is not None:
-        out = out + w[..., c:] @ heads(means[1])
+        out = out + p[..., c:] @ heads(means[1])
     out = out.permute(0, 3, 1, 2, 4).reshape(b, tq, hq, d)
     return out.to(q.dtype), lse.reshape(b, hq, tq)
 
