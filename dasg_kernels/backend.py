@@ -22,8 +22,8 @@ Its value at import is kept (:data:`INTERPRET_AT_IMPORT`); if it changes later,
 The ``torch`` backend of attention is :mod:`dasg_kernels.attention.blockwise`
 (``O(T * (W + T/G))`` time and memory), that of the routed experts
 :mod:`dasg_kernels.moe.experts_torch` (static shapes: compiles without a graph
-break); ``dasg_kernels.reference`` stays the readable oracle of the tests and the
-``torch`` routing.
+break); ``dasg_kernels.reference`` is the readable oracle of the tests, imported by
+no package module.
 """
 from __future__ import annotations
 
@@ -143,8 +143,3 @@ def autotune_enabled() -> bool:
     no benchmarking on a new shape, for tests, quick runs and cross-process reproducibility).
     Read at each launch; the interpreter never autotunes."""
     return os.environ.get("DASG_AUTOTUNE", "1") != "0"
-
-
-def on_gpu() -> bool:
-    """True when a CUDA device is usable (never queries the Triton driver)."""
-    return torch.cuda.is_available()

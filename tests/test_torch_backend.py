@@ -1,7 +1,6 @@
 """The ``torch`` backend: blockwise attention equals the reference and stays linear in T;
-and the bugs of issue 11 found on the way (NaN propagation, ``TRITON_INTERPRET`` set
-after import, MoE ``auto`` fallback, huge ``group_size``, ``torch.compile`` of the MoE
-torch path)."""
+and regression tests: NaN propagation, ``TRITON_INTERPRET`` set after import, MoE
+``auto`` fallback, huge ``group_size``, ``torch.compile`` of the MoE torch path."""
 import itertools
 import os
 import subprocess
@@ -165,7 +164,7 @@ def test_memory_is_linear_in_t():
     assert r[1] >= 3.5 * r[0]  # the check can tell: the reference is quadratic
 
 
-# --------------------------------------------------------------------------- bugs of issue 11
+# --------------------------------------------------------------------------- regressions
 
 
 @pytest.mark.parametrize("fn", [swa_attention_blockwise, ref.swa_attention_ref], ids=["blockwise", "reference"])
@@ -245,7 +244,7 @@ def test_moe_auto_falls_back_for_sizes_the_kernels_lack(monkeypatch, d, f, kind)
 
 
 def test_huge_group_size_is_linear_memory():
-    """``group_size=10**9`` pooled ``[ng * G]`` padded rows (128 GB): now O(T)."""
+    """``group_size=10**9`` pools in O(T) memory, never ``[ng * G]`` padded rows (128 GB)."""
     x = torch.randn(1, 100, 2, 8, device="meta")
     with _LargestTensor() as mode:
         ref.group_means_ref(x, 10 ** 9)

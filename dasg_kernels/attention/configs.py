@@ -9,7 +9,7 @@ bucket of the window width, the summary flags and (implicitly, Triton adds it) t
 dtype of every tensor argument. Nothing here touches ``triton.runtime.driver``.
 
 The CUDA config lists are chosen for Hopper (H100/H200) from offline compiles (register
-and spill counts); their speed has NOT been measured on a GPU yet.
+and spill counts); no GPU timing backs them.
 """
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ SUMMARY_SPLIT_BUDGET = 8192
 #:   G=2: 8 / 4.2 s vs 48 / 1.7 s      G=3: 56 / 5.4 s vs 48 / 1.7 s
 #:   G=4: 48 / 17.6 s vs 48 / 2.3 s    G=8: 88 / 31.4 s vs 48 / 2.0 s
 #:   G=16: unrolled did not finish in 295 CPU-seconds;  G=32 looped: 48 / 1.8 s
-#: (partial unrolls of 2 or 4 heads per step spilled as much or more). Run time is
-#: unmeasured (no GPU yet).
+#: (partial unrolls of 2 or 4 heads per step spilled as much or more). Run time is not
+#: measured.
 MAX_HEADS_UNROLLED = 2
 
 
@@ -77,13 +77,13 @@ def _cfg(bm: int, bn: int, warps: int, stages: int) -> triton.Config:
 
 # (config, head-dim class it is meant for: 64 = D <= 64, 128 = D in {96, 128}, 256).
 # Chosen from offline sm_90a compiles (Triton 3.9, checked with 3.6; `python -m
-# benchmarks.fwd_overlap_experiment`, benchmarks/results/fwd-overlap.md): every kept
+# benchmarks.offline.fwd_overlap_experiment`, benchmarks/results/fwd-overlap.md): every kept
 # config issues wgmma with no warp computing another's tile and no spill inside the main
 # loop. The rule behind "no duplicated work": a dot of M rows on W warps needs M >= 16 * W
 # (a 64-row tile on 8 warps is laid out [8, 1]: both warpgroups compute the same tile).
 # The M of a dot is BLOCK_M in the forward and dq, BLOCK_N (the keys) in dk/dv. Each list
-# is ordered by the calibrated prediction (compile_report.predict, unmasked tiles on the
-# path that skips the mask); their SPEED IS UNMEASURED (no GPU yet). Comments: calibrated /
+# is ordered by the compile report's calibrated prediction (unmasked tiles on the path
+# that skips the mask); their speed is not measured on a GPU. Comments: calibrated /
 # serialised / overlapped TFLOP/s (bf16, T=32k W=2048 causal with summaries) and CTAs per
 # SM; "U": the softmax runs while a wgmma is in flight, an overlap no calibration point
 # covers (the forward's pipelined loop: all its configs), so only the bounds hold.
@@ -112,7 +112,7 @@ _DKDV_SPACE = [  # also the summary dk/dv launch; GQA heads looped (configs.head
     (_cfg(32, 64, 4, 2), 64),    # 468 / 357 / 637, 3
     (_cfg(64, 128, 8, 2), 64),   # 438 / 382 / 438, 1
     (_cfg(32, 128, 8, 2), 64),   # 422 / 346 / 422, 1
-    (_cfg(32, 64, 4, 2), 128),   # 537 / 441 / 638, 2 (summary launch: 264, the old first 32x128 w8: 186)
+    (_cfg(32, 64, 4, 2), 128),   # 537 / 441 / 638, 2 (summary launch: 264; 32x128 w8 s2's summary launch: 186)
     (_cfg(32, 64, 4, 3), 128),   # 536 / 439 / 637, 2
     (_cfg(16, 64, 4, 2), 128),   # 514 / 383 / 638, 2
     (_cfg(32, 128, 8, 2), 128),  # 498 / 425 / 498, 1
@@ -215,7 +215,8 @@ def untuned(kernel):
 
 def decode_config(rows: int, head_dim: int) -> dict[str, int]:
     """Fixed launch config for decode (``rows <= 64`` packed query rows): no autotuning
-    inside a generation loop. Unmeasured guess: memory-bound, so small M, 4 warps."""
+    inside a generation loop. Sized for a memory-bound launch (small M, 4 warps); not
+    measured on a GPU."""
     return {"BLOCK_M": min(64, max(16, triton.next_power_of_2(rows))), "BLOCK_N": 64 if head_dim <= 128 else 32,
             "num_warps": 4, "num_stages": 2}
 

@@ -8,8 +8,8 @@ only loads the cache tiles inside its window plus the summary tiles. With at mos
 packed rows it launches with a fixed small-M config instead of the autotuner (no
 benchmarking inside a generation loop, no 128-row tiles for one query). Forward only.
 
-Not done (unmeasured, see the report): splitting the cache across programs
-(flash-decoding) for long unbounded windows with few (batch, kv head) pairs.
+The cache is not split across programs (flash-decoding): with a long unbounded window
+and few (batch, kv head) pairs, few programs walk the whole cache.
 
 Summaries: pass ``summary_kv=(ks, vs)`` (the group means of the cache, e.g. kept up
 to date by the caller) to avoid re-pooling the whole cache, an ``O(Tk)`` pass, on

@@ -121,12 +121,12 @@ def _attend_torch(q, k_cache, v_cache, means, first, left, group_size, scale):
     with the softmax of the blockwise core (:func:`~dasg_kernels.attention.blockwise.softmax_lse_`).
 
     The ring and the means are scored as two blocks whose scores are joined; the cache
-    tensors themselves are never concatenated. Under inductor (torch 2.13, CPU) a ``cat``
-    reading ``k_cache`` right after the ring's ``scatter_`` made the scatter's result an
-    alias into the cat's buffer, that buffer was reused for ``v_cache``'s cat before the
-    result was copied back, and ``k_cache`` received what that cat wrote there (reproduction in
-    ``tests/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size``). A
-    ``scatter_`` into ``k_means`` under the same ``cat`` lost its rows the same way.
+    tensors themselves are never concatenated: under inductor (torch 2.13, CPU) a ``cat``
+    reading ``k_cache`` right after the ring's ``scatter_`` makes the scatter's result an
+    alias into the cat's buffer, which ``v_cache``'s cat reuses before the result is copied
+    back, so ``k_cache`` receives ``v_cache``'s rows (and a ``scatter_`` into ``k_means``
+    loses its rows the same way);
+    ``tests/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size`` checks it.
     """
     b, tq, hq, d = q.shape
     c, hkv = k_cache.shape[1], k_cache.shape[2]
