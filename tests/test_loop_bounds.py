@@ -17,8 +17,21 @@ import torch
 import triton
 import triton.language as tl
 
+from dasg_kernels.attention import common
 from dasg_kernels.attention import loop_bounds as lb
-from dasg_kernels.attention.common import _local_key_range, _local_query_range, _summary_key_range, _summary_query_range
+
+
+def _jit(name: str):
+    """The kernels' jit function ``name`` of ``attention/common.py`` (public, or underscored)."""
+    fn = getattr(common, name, None) or getattr(common, "_" + name)
+    assert type(fn).__name__ in ("JITFunction", "InterpretedFunction"), f"{name} is not a @triton.jit function"
+    return fn
+
+
+_local_key_range = _jit("local_key_range")
+_summary_key_range = _jit("summary_key_range")
+_local_query_range = _jit("local_query_range")
+_summary_query_range = _jit("summary_query_range")
 
 N_ARGS, N_OUT = 8, 15
 

@@ -9,14 +9,15 @@ fp16 and bf16. For each kernel x config it records registers, spills, shared mem
 wgmma (``HGMMA``, fp8 ``QGMMA``) vs mma.sync, TMA / cp.async / plain loads, the SASS
 instructions and ``MUFU`` of the main loop (and how many of them run while a wgmma is in
 flight), and whether some warps duplicate others' tiles. Every speed figure is a
-PREDICTION of the one model below, calibrated against published H100 measurements of
+PREDICTION of one model, calibrated against published H100 measurements of
 peer Triton kernels compiled by the same tool (``python -m benchmarks.calibrate``;
 ``benchmarks/results/calibration.md`` holds the points and the error band).
 
 The model is :mod:`benchmarks.offline.speed_model` (:func:`~.speed_model.predict`), the
 workloads it is applied to :mod:`benchmarks.offline.work_model` (loop iterations from the
-kernels' own loop bounds, FLOPs, HBM bytes), the launches :mod:`benchmarks.offline.cases`.
-defined by the fit: the report gives both bounds and marks the kernel uncalibrated.
+kernels' own loop bounds, FLOPs, HBM bytes), the launches :mod:`benchmarks.offline.cases`,
+the targets :mod:`benchmarks.offline.speed_targets`, the files :mod:`benchmarks.offline.writing`;
+this module runs the compiles (in parallel with ``--workers``) and is the command.
 
 The speed targets are data (:data:`~.speed_targets.TARGETS`), judged by :func:`judge` on the best
 kept config of each kernel (what the autotuner runs): the calibrated figure with the

@@ -31,6 +31,7 @@ Two bounds come with every figure: **serialised** (no overlap at all: ``T + I + 
 iteration, CTAs one after another) and **overlapped** (``c_k``). Where the SASS shows
 an overlap that no calibration point covers (MUFU issued while a wgmma is in flight,
 i.e. a softmax pipelined against the tensor cores), the calibrated figure is not
+defined by the fit: the report gives both bounds and marks the kernel uncalibrated.
 """
 from __future__ import annotations
 
