@@ -202,7 +202,7 @@ def test_expert_ffn_torch_backend_compiles_without_graph_break(device, n, e, met
 
 
 def test_moe_ffn_torch_backend_compiles_without_graph_break(device):
-    # routing (top-p, k_max padding, groups) and experts in one graph: route_ref counts the
+    # routing (top-p, k_max padding, groups) and experts in one graph: route_torch counts the
     # tokens per expert with a scatter-add, not bincount of a masked select
     torch._dynamo.reset()
     n, d, f, e = 10, 12, 20, 8

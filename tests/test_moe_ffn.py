@@ -535,7 +535,7 @@ def test_expert_ffn_program_order_does_not_change_results(device, monkeypatch):
     dy = torch.randn(n, d, device=device)
     runs = []
     for group_m in (1, 3, 8):
-        monkeypatch.setattr(gg, "GROUP_M", group_m)
+        monkeypatch.setattr(cfg, "GROUP_M", group_m)
         runs.append(_run(_kernel, x, w1, w2, ids, wt, dy))
     for other in runs[1:]:
         for name, a, b in zip(NAMES, runs[0], other):
@@ -631,7 +631,7 @@ def test_expert_ffn_gpu(device, dtype, n, d, f, e, k, monkeypatch):
 
 @pytest.mark.gpu
 def test_expert_ffn_gpu_largest_weights(device, monkeypatch):
-    # D=8192, F=16384 (the largest sizes the issue names) in fp32: the fixed config is
+    # D=8192, F=16384 in fp32: the fixed config is
     # 64 x 64, so the weight-gradient kernels have cdiv(2F, 64) * cdiv(D, 64) = 65536 output
     # tiles per expert, past CUDA's 65535 limit on grid axes 1 and 2 (they go on axis 0)
     monkeypatch.setenv("DASG_AUTOTUNE", "0")

@@ -46,7 +46,7 @@ import triton.language as tl
 
 from dasg_kernels.backend import autotune_enabled, interpreter_enabled
 from dasg_kernels.moe import configs
-from dasg_kernels.moe.configs import choose_block_m  # noqa: F401  (the old import path of the compile report)
+from dasg_kernels.moe.configs import choose_block_m  # noqa: F401  (benchmarks.offline.compile_report imports it here)
 from dasg_kernels.moe.types import DispatchPlan
 
 # --------------------------------------------------------------------------- helpers

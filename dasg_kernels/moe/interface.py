@@ -133,11 +133,6 @@ def _num_experts_message(op, what, e):
             f"use backend='torch'")
 
 
-def _check_triton_num_experts(op, what, e):
-    if e > E_TRITON_LIMIT:
-        raise ValueError(_num_experts_message(op, what, e))
-
-
 _FALLBACK_WARNED: set[tuple[str, str]] = set()
 
 

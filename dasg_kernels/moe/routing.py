@@ -7,12 +7,13 @@ writes ``expert_ids`` / ``num_selected`` and bumps the per-expert histogram with
 integer atomics (integer adds commute, so the counts are deterministic).
 
 The softmax itself is ``torch.softmax(logits.float())`` -- the same call as
+:func:`dasg_kernels.moe.routing_torch.route_torch` and of the oracle
 :func:`dasg_kernels.reference.route_ref` -- so the kernel ranks bit-identical
-probabilities and the ids match the reference exactly, and the weights are a
-differentiable ``gather`` of those probabilities (the router trains through
+probabilities and the ids match the torch backend and the oracle exactly, and the
+weights are a differentiable ``gather`` of those probabilities (the router trains through
 PyTorch's softmax backward). That composition lives in
 :mod:`dasg_kernels.moe.interface`; this module holds only the kernel and its launcher
-(the bottom layer: it imports nothing above :mod:`dasg_kernels.moe.types`).
+(a kernel module: of the package it imports only :mod:`dasg_kernels.backend`).
 
 Prefix masses: ``torch.cumsum`` on the CPU accumulates fp32 in fp64 and rounds each
 prefix to fp32; the kernel does the same (``before = fp32(prefix) - p`` compared with
