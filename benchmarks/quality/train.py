@@ -324,12 +324,3 @@ def run(spec: RunSpec, *, log: Callable[[str], None] | None = None, log_every: i
 
 def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def environment_summary(device: torch.device) -> dict[str, Any]:
-    """Versions, device and thread count (the header of a results file)."""
-    import platform
-
-    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-            "torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads()}
