@@ -15,11 +15,11 @@ T=128k, W=2048, G=256 over 8 ranks, against 30% contiguous, by
   before each of the rank's chunks + the group means it reads, gradients sent back to
   their owners);
 - the LM loss: the target of a chunk's last position is the next chunk's first label
-  (the sequence's last one is ignored; :func:`~dasg_model.parallel.shift_labels_cp`), and ``lm_loss`` on rank ``r`` is
-  ``W * (its summed cross-entropy) / (targets counted over the group)``: the *mean* over
-  the CP ranks equals the single-process ``lm_loss``, and gradients averaged over the CP
-  ranks (``all_reduce(AVG)``, or DDP / FSDP over a dp x cp mesh) equal the single-process
-  gradients. The MoE aux losses are each shard's own (load balance over its tokens).
+  (the sequence's last one is ignored; :func:`~dasg_model.parallel.shift_labels_cp`), and
+  ``lm_loss`` on rank ``r`` is ``W * (its summed cross-entropy) / (targets counted over the
+  group)``: the *mean* over the CP ranks equals the single-process ``lm_loss``, and
+  gradients averaged over the CP ranks (``all_reduce(AVG)``, or DDP / FSDP over a dp x cp
+  mesh) equal the single-process gradients. The MoE aux losses are each shard's own (load balance over its tokens).
 
 Everything else (embeddings, norms, MoE) is position-wise and runs on the shard unchanged.
 """

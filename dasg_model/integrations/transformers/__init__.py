@@ -77,7 +77,12 @@ Modules: :mod:`.masks` (the mask function), :mod:`.attention` (the attention fun
 :func:`enable`), :mod:`.calls` (the default backend, call counters, warnings).
 """
 from dasg_model.integrations.transformers.attention import VALUE_HEAD_DIM_OPS, dasg_attention_forward  # noqa: F401
-from dasg_model.integrations.transformers.calls import NAME, DASGFallbackWarning, call_counts, reset_call_counts  # noqa: F401
+from dasg_model.integrations.transformers.calls import (  # noqa: F401
+    NAME,
+    DASGFallbackWarning,
+    call_counts,
+    reset_call_counts,
+)
 from dasg_model.integrations.transformers.experts import dasg_experts_forward
 from dasg_model.integrations.transformers.masks import dasg_mask
 from dasg_model.integrations.transformers.registration import enable, register

@@ -28,7 +28,8 @@ def register(name: str = NAME, *, backend: str = "auto", attention: bool = True,
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("dasg_model.integrations.transformers needs transformers: pip install 'dasg-kernels[hf]'") from e
+        raise ImportError("dasg_model.integrations.transformers needs transformers: "
+                          "pip install 'dasg-kernels[hf]'") from e
     set_default_backend(backend)
     if attention:
         AttentionInterface.register(name, dasg_attention_forward)
