@@ -1,11 +1,29 @@
 """Expert banks (Hugging Face layout) and DSSE, the dual-scale shared experts."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dasg_kernels import expert_ffn
 from dasg_model.config import DASGConfig
+
+
+def is_silu(act: Any) -> bool:
+    """Whether the activation ``act`` (a module or a function) is SiLU: ``nn.SiLU`` or
+    ``F.silu`` itself, else equal to it within 1e-6 on nine points of ``[-4, 4]`` (an
+    activation that raises there is not)."""
+    if isinstance(act, torch.nn.SiLU) or act is F.silu:
+        return True
+    if act is None or not callable(act):
+        return False
+    probe = torch.linspace(-4.0, 4.0, 9)
+    try:
+        return bool(torch.allclose(act(probe), F.silu(probe), atol=1e-6))
+    except Exception:
+        return False
 
 
 class SwiGLUExperts(nn.Module):

@@ -8,10 +8,10 @@ import sys
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from dasg_kernels import expert_ffn
 from dasg_kernels.backend import resolve_backend
+from dasg_model.experts import is_silu
 from dasg_model.integrations.transformers.calls import NAME, backend_for, count_call, fall_back, warn_once
 
 __all__ = ["check_experts_bypass", "dasg_experts_forward", "experts_bypass_reason"]
@@ -60,18 +60,6 @@ def check_experts_bypass(module: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------- experts
 
 
-def _is_silu(act: Any) -> bool:
-    if isinstance(act, torch.nn.SiLU) or act is F.silu:
-        return True
-    if act is None or not callable(act):
-        return False
-    probe = torch.linspace(-4.0, 4.0, 9)
-    try:
-        return bool(torch.allclose(act(probe), F.silu(probe), atol=1e-6))
-    except Exception:
-        return False
-
-
 def _experts_unsupported(experts: torch.nn.Module) -> str | None:
     cached = experts.__dict__.get("_dasg_unsupported", False)
     if cached is not False:
@@ -96,7 +84,7 @@ def _experts_unsupported(experts: torch.nn.Module) -> str | None:
         reason = "expert weights not in the [E, 2F, D] / [E, D, F] layout"
     elif gu.shape[1] != 2 * dp.shape[2] or gu.shape[2] != dp.shape[1] or gu.shape[0] != dp.shape[0]:
         reason = "expert weights not in the [E, 2F, D] / [E, D, F] layout"
-    elif not _is_silu(getattr(experts, "act_fn", None)):
+    elif not is_silu(getattr(experts, "act_fn", None)):
         reason = "an expert activation other than SiLU"
     experts.__dict__["_dasg_unsupported"] = reason
     return reason
