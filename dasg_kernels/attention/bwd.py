@@ -35,7 +35,9 @@ from dasg_kernels.attention.common import (
     _kv_tile,
     _block_and_head,
     _in_window,
+    _key_tile_visible,
     _local_window,
+    _row_windows,
     _seq_bounds,
     _store_tile,
     _summary_key_range,
@@ -329,8 +331,7 @@ def _dq_tiles(
     ``[full_lo, full_hi)`` are seen by every row and skip the mask (one loop: see
     :func:`dasg_kernels.attention.fwd._fwd_tiles`)."""
     o_n = tl.arange(0, BLOCK_N)
-    if not IS_SUMMARY:
-        lo_i, width = _local_window(rows, left, right, n_keys, rows >= 0)
+    lo_i, width = _row_windows(rows, left, right, n_keys, IS_SUMMARY)
     for start_n in range(lo, hi, BLOCK_N):
         b_k = _kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
         b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
@@ -338,11 +339,8 @@ def _dq_tiles(
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_arg = b_s * qk_scale - b_lse2[:, None]
         if (start_n < full_lo) | (start_n >= full_hi):
-            if IS_SUMMARY:
-                m_vis = _visible(rows[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
-                                 IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
-            else:
-                m_vis = _in_window((start_n + o_n)[None, :], lo_i[:, None], width[:, None])
+            m_vis = _key_tile_visible(rows, start_n + o_n, lo_i, width, left, right, G, n_keys, IS_SUMMARY,
+                                      SUM_BEFORE, SUM_AFTER)
             b_arg = tl.where(m_vis, b_arg, float("-inf"))
         b_p = tl.exp2(b_arg)
         b_ds = b_p * (b_dp - b_delta[:, None])

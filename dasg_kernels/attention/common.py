@@ -137,6 +137,31 @@ def _visible(i, j, left, right, G, n_keys, IS_SUMMARY: tl.constexpr, SUM_BEFORE:
 
 
 @triton.jit
+def _row_windows(pos, left, right, n_keys, IS_SUMMARY: tl.constexpr):
+    """The local windows ``(lo, width)`` (:func:`_local_window`) of the query positions ``pos``
+    (``< 0``: no query) for a loop over local key tiles; a loop over summaries does not use
+    them (it masks by group, :func:`_key_tile_visible`) and gets ``pos`` twice."""
+    if IS_SUMMARY:
+        lo, width = pos, pos
+    else:  # the local mask as one unsigned compare per score
+        lo, width = _local_window(pos, left, right, n_keys, pos >= 0)
+    return lo, width
+
+
+@triton.jit
+def _key_tile_visible(pos, j, lo, width, left, right, G, n_keys, IS_SUMMARY: tl.constexpr,
+                      SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
+    """``[rows, keys]``: query positions ``pos`` see the keys ``j`` of a tile (the forward's
+    and dq's boundary tiles): summaries by :func:`_visible`, local keys by the windows
+    ``(lo, width)`` of :func:`_row_windows`."""
+    if IS_SUMMARY:
+        vis = _visible(pos[:, None], j[None, :], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+    else:
+        vis = _in_window(j[None, :], lo[:, None], width[:, None])
+    return vis
+
+
+@triton.jit
 def _kv_tile(p, desc, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
              TMA: tl.constexpr):
     """Rows ``start + o_t`` of a tile the main loops stream (keys, values; queries and dO in

@@ -31,13 +31,12 @@ from dasg_kernels.attention.common import (
     _load_tile,
     _local_key_range,
     _block_and_head,
-    _in_window,
+    _key_tile_visible,
     _kv_tile,
-    _local_window,
+    _row_windows,
     _seq_bounds,
     _store_tile,
     _summary_key_range,
-    _visible,
 )
 from dasg_kernels.attention.configs import INTERPRET, launch_meta, tuned, untuned, win_key
 from dasg_kernels.attention.host import LOG2E, dot_precision, effective_window, summary_flags
@@ -69,8 +68,7 @@ def _fwd_tiles(
     it), so the scale costs one FMA per score, inside the exponent.
     """
     o_n = tl.arange(0, BLOCK_N)
-    if not IS_SUMMARY:  # the local mask as one unsigned compare per score
-        lo_i, width = _local_window(pos_m, left, right, n_keys, pos_m >= 0)
+    lo_i, width = _row_windows(pos_m, left, right, n_keys, IS_SUMMARY)
     if PIPELINE:
         b_k = _kv_tile(p_k, k_desc, lo, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
@@ -85,11 +83,8 @@ def _fwd_tiles(
             b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         if (start_n < full_lo) | (start_n >= full_hi):
-            if IS_SUMMARY:
-                m_vis = _visible(pos_m[:, None], (start_n + o_n)[None, :], left, right, G, n_keys,
-                                 IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
-            else:
-                m_vis = _in_window((start_n + o_n)[None, :], lo_i[:, None], width[:, None])
+            m_vis = _key_tile_visible(pos_m, start_n + o_n, lo_i, width, left, right, G, n_keys, IS_SUMMARY,
+                                      SUM_BEFORE, SUM_AFTER)
             b_s = tl.where(m_vis, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
         # a row that has seen nothing yet: subtract 0, not -inf (exp2(-inf - -inf) = nan)
