@@ -29,20 +29,20 @@ import triton.language as tl
 from dasg_kernels.attention import configs, host
 from dasg_kernels.attention.common import (
     K_LOG2E,
-    _load_tile,
-    _local_key_range,
-    _local_query_range,
-    _kv_tile,
-    _block_and_head,
-    _in_window,
-    _key_tile_visible,
-    _local_window,
-    _row_windows,
-    _seq_bounds,
-    _store_tile,
-    _summary_key_range,
-    _summary_query_range,
-    _visible,
+    block_and_head,
+    in_window,
+    key_tile_visible,
+    kv_tile,
+    load_tile,
+    local_key_range,
+    local_query_range,
+    local_window,
+    row_windows,
+    seq_bounds,
+    store_tile,
+    summary_key_range,
+    summary_query_range,
+    visible,
 )
 from dasg_kernels.attention.configs import PREPROCESS_BLOCK_M, launch_meta, tuned, win_key
 from dasg_kernels.attention.host import LOG2E, dot_precision, effective_window, summary_flags
@@ -65,9 +65,9 @@ def _bwd_preprocess_kernel(
     o_m = tl.arange(0, BLOCK_M)
     rows = start_m + o_m
     o_d = tl.arange(0, BLOCK_D)
-    b_o = _load_tile(O + i_b * stride_ob + i_h * stride_oh, start_m, o_m, o_m[:, None] * stride_ot + o_d[None, :],
+    b_o = load_tile(O + i_b * stride_ob + i_h * stride_oh, start_m, o_m, o_m[:, None] * stride_ot + o_d[None, :],
                      stride_ot, o_d, T, HEAD_DIM, BLOCK_D, True)
-    b_do = _load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_d[None, :],
+    b_do = load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_d[None, :],
                       stride_dot, o_d, T, HEAD_DIM, BLOCK_D, True)
     b_delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(DELTA + i_b * stride_db + i_h * stride_dh + rows, b_delta, mask=rows < T)
@@ -103,19 +103,19 @@ def _dkdv_tiles(
     o_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + o_m
-        b_q = _kv_tile(p_q, q_desc, start_m, o_m, o_q2d, stride_qt, o_d, n_q, HEAD_DIM, BLOCK_D, TMA)
-        b_do = _kv_tile(p_do, do_desc, start_m, o_m, o_do2d, stride_dot, o_dv, n_q, HEAD_DV, BLOCK_DV, TMA)
+        b_q = kv_tile(p_q, q_desc, start_m, o_m, o_q2d, stride_qt, o_d, n_q, HEAD_DIM, BLOCK_D, TMA)
+        b_do = kv_tile(p_do, do_desc, start_m, o_m, o_do2d, stride_dot, o_dv, n_q, HEAD_DV, BLOCK_DV, TMA)
         b_lse2, b_delta = _load_row_stats(p_lse, p_delta, rows, n_q, True)
         b_st = tl.dot(b_k, tl.trans(b_q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
         b_arg = b_st * qk_scale - b_lse2[None, :]
         if (start_m < full_lo) | (start_m >= full_hi):
             if IS_SUMMARY:
-                m_vis = _visible((rows + row_pos)[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY,
+                m_vis = visible((rows + row_pos)[None, :], cols[:, None], left, right, G, n_keys, IS_SUMMARY,
                                  SUM_BEFORE, SUM_AFTER)
                 m_vis = m_vis & (rows < n_q)[None, :]
             else:
-                lo_i, width = _local_window(rows + row_pos, left, right, n_keys, rows < n_q)
-                m_vis = _in_window(cols[:, None], lo_i[None, :], width[None, :])
+                lo_i, width = local_window(rows + row_pos, left, right, n_keys, rows < n_q)
+                m_vis = in_window(cols[:, None], lo_i[None, :], width[None, :])
             b_arg = tl.where(m_vis, b_arg, float("-inf"))
         b_pt = tl.exp2(b_arg)
         if DKDV_PASS != 2:
@@ -187,7 +187,7 @@ def _swa_bwd_dkdv_kernel(
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr, VARLEN: tl.constexpr,
     DKDV_PASS: tl.constexpr, TMA: tl.constexpr,
 ):
-    i_n, i_bh, _ = _block_and_head(VARLEN)
+    i_n, i_bh, _ = block_and_head(VARLEN)
     i_b = (i_bh // H_KV).to(tl.int64)
     i_hk = i_bh % H_KV
 
@@ -197,7 +197,7 @@ def _swa_bwd_dkdv_kernel(
         # [s0, s0 + T) of q/do/lse/delta and, for the local pass, of k/v/dk/dv; the summary
         # pass's KS/VS/DKS/DVS are [.., B, NG, ..] per sequence already (clamped to the
         # packed length and max_seqlen)
-        s0, T = _seq_bounds(CU, i_b, TOTAL, T)
+        s0, T = seq_bounds(CU, i_b, TOTAL, T)
         Q += s0 * stride_qt
         DO += s0 * stride_dot
         LSE += s0
@@ -217,9 +217,9 @@ def _swa_bwd_dkdv_kernel(
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
     i_hk64 = i_hk.to(tl.int64)
-    b_k = _load_tile(K + i_b * stride_kb + i_hk64 * stride_kh, start_n, o_n, o_n[:, None] * stride_kt + o_d[None, :],
+    b_k = load_tile(K + i_b * stride_kb + i_hk64 * stride_kh, start_n, o_n, o_n[:, None] * stride_kt + o_d[None, :],
                      stride_kt, o_d, N_KEYS, HEAD_DIM, BLOCK_D, True)
-    b_v = _load_tile(V + i_b * stride_vb + i_hk64 * stride_vh, start_n, o_n, o_n[:, None] * stride_vt + o_dv[None, :],
+    b_v = load_tile(V + i_b * stride_vb + i_hk64 * stride_vh, start_n, o_n, o_n[:, None] * stride_vt + o_dv[None, :],
                      stride_vt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV, True)
     o_mm = tl.arange(0, BLOCK_M)
     o_q2d = o_mm[:, None] * stride_qt + o_d[None, :]
@@ -236,7 +236,7 @@ def _swa_bwd_dkdv_kernel(
         r1 = tl.minimum(r0 + ROWS_PER_SPLIT, T)
         # query row r sits at group position row_pos + r: the ranges in rows shift the window
         row_pos = Q_OFFSET + POS0
-        a_hi, b_lo, b_full, b_tail = _summary_query_range(start_n, last_n, left - row_pos, right + row_pos, G, T,
+        a_hi, b_lo, b_full, b_tail = summary_query_range(start_n, last_n, left - row_pos, right + row_pos, G, T,
                                                           BLOCK_M, SUM_BEFORE, SUM_AFTER)
         # clipped to the split: the "after" queries [r0, a_hi) (masked), then the "before"
         # ones laid out like the local ranges below: masked [lo, full_lo), unmasked
@@ -251,7 +251,7 @@ def _swa_bwd_dkdv_kernel(
         DV += i_s.to(tl.int64) * stride_dvss
     else:
         row_pos = Q_OFFSET  # query row r sits at key position Q_OFFSET + r
-        lo, full_lo, full_hi, hi = _local_query_range(start_n - row_pos, last_n - row_pos, left, right, T, BLOCK_M)
+        lo, full_lo, full_hi, hi = local_query_range(start_n - row_pos, last_n - row_pos, left, right, T, BLOCK_M)
 
     # The q heads of the group: HEADS_UNROLLED of them unrolled (constexpr) per step of a
     # runtime loop. Unrolling a group of 2 spills less; larger groups compile for minutes
@@ -305,18 +305,18 @@ def _dkdv_epilogue(b_dk, b_dv, p_dk, p_dv, DKS, DVS, cols, start_n, o_n, o_d, o_
         p_ds = i_b * stride_dsb + i_hk64 * stride_dsh + tl.cast(g0, tl.int64) * stride_dst
         if DKDV_PASS != 1:
             b_dk += tl.load(DKS + p_ds + o_g2d, mask=m_g, other=0.0) * inv_cnt[:, None]
-            _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+            store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
         if DKDV_PASS != 2:
             m_gv = (cols < N_KEYS)[:, None] & (o_dv < HEAD_DV)[None, :]
             o_gv2d = (grp - g0)[:, None] * stride_dvst + o_dv[None, :]
             p_dvs = i_b * stride_dvsb + i_hk64 * stride_dvsh + tl.cast(g0, tl.int64) * stride_dvst
             b_dv += tl.load(DVS + p_dvs + o_gv2d, mask=m_gv, other=0.0) * inv_cnt[:, None]
-            _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
+            store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
     else:
         if DKDV_PASS != 1:
-            _store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
+            store_tile(p_dk, b_dk, start_n, o_n, stride_dkt, o_d, N_KEYS, HEAD_DIM, BLOCK_D)
         if DKDV_PASS != 2:
-            _store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
+            store_tile(p_dv, b_dv, start_n, o_n, stride_dvt, o_dv, N_KEYS, HEAD_DV, BLOCK_DV)
 
 
 @triton.jit
@@ -331,15 +331,15 @@ def _dq_tiles(
     ``[full_lo, full_hi)`` are seen by every row and skip the mask (one loop: see
     :func:`dasg_kernels.attention.fwd._fwd_tiles`)."""
     o_n = tl.arange(0, BLOCK_N)
-    lo_i, width = _row_windows(rows, left, right, n_keys, IS_SUMMARY)
+    lo_i, width = row_windows(rows, left, right, n_keys, IS_SUMMARY)
     for start_n in range(lo, hi, BLOCK_N):
-        b_k = _kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
-        b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
+        b_k = kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
+        b_v = kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         b_dp = tl.dot(b_do, tl.trans(b_v), input_precision=DOT_PREC)
         b_arg = b_s * qk_scale - b_lse2[:, None]
         if (start_n < full_lo) | (start_n >= full_hi):
-            m_vis = _key_tile_visible(rows, start_n + o_n, lo_i, width, left, right, G, n_keys, IS_SUMMARY,
+            m_vis = key_tile_visible(rows, start_n + o_n, lo_i, width, left, right, G, n_keys, IS_SUMMARY,
                                       SUM_BEFORE, SUM_AFTER)
             b_arg = tl.where(m_vis, b_arg, float("-inf"))
         b_p = tl.exp2(b_arg)
@@ -369,7 +369,7 @@ def _swa_bwd_dq_kernel(
     TMA: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
-    i_blk, i_bh, n_blk = _block_and_head(VARLEN)
+    i_blk, i_bh, n_blk = block_and_head(VARLEN)
     i_m = n_blk - 1 - i_blk
     i_b = (i_bh // H_Q).to(tl.int64)
     i_h = i_bh % H_Q
@@ -378,7 +378,7 @@ def _swa_bwd_dq_kernel(
 
     start_m = i_m * BLOCK_M
     if VARLEN:  # sequence i_b of a packed batch: rows [s0, s0 + T) of every row tensor (clamped)
-        s0, T = _seq_bounds(CU, i_b, TOTAL, T)
+        s0, T = seq_bounds(CU, i_b, TOTAL, T)
         if start_m >= T:
             return
         T_K = T
@@ -394,9 +394,9 @@ def _swa_bwd_dq_kernel(
     rows = start_m + o_m
     o_d = tl.arange(0, BLOCK_D)
     o_dv = tl.arange(0, BLOCK_DV)
-    b_q = _load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
+    b_q = load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
                      stride_qt, o_d, T, HEAD_DIM, BLOCK_D, True)
-    b_do = _load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_dv[None, :],
+    b_do = load_tile(DO + i_b * stride_dob + i_h * stride_doh, start_m, o_m, o_m[:, None] * stride_dot + o_dv[None, :],
                       stride_dot, o_dv, T, HEAD_DV, BLOCK_DV, True)
     b_lse2, b_delta = _load_row_stats(LSE + i_b * stride_lb + i_h * stride_lh,
                                       DELTA + i_b * stride_lb + i_h * stride_lh, rows, T, True)
@@ -409,7 +409,7 @@ def _swa_bwd_dq_kernel(
     o_v2d = o_n[:, None] * stride_vt + o_dv[None, :]
     first = start_m + Q_OFFSET  # key positions of the block's rows
     last = tl.minimum(start_m + BLOCK_M, T) - 1 + Q_OFFSET
-    lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T_K, BLOCK_N)
+    lo, full_lo, full_hi, hi = local_key_range(first, last, left, right, T_K, BLOCK_N)
     k_desc, v_desc = p_k, p_v
     if TMA:  # this sequence's keys; rows past T_K read 0
         k_desc = tl.make_tensor_descriptor(p_k, shape=[T_K, HEAD_DIM], strides=[stride_kt, 1],
@@ -431,7 +431,7 @@ def _swa_bwd_dq_kernel(
             vs_desc = tl.make_tensor_descriptor(p_vs, shape=[NG, HEAD_DV], strides=[stride_vst, 1],
                                                 block_shape=[BLOCK_N, BLOCK_DV])
         # summary g stands for the positions [g*G, (g+1)*G) counted from POS0 before key 0
-        s_full, s_bhi, s_alo = _summary_key_range(first + POS0, last + POS0, left, right, G, NG, BLOCK_N,
+        s_full, s_bhi, s_alo = summary_key_range(first + POS0, last + POS0, left, right, G, NG, BLOCK_N,
                                                   SUM_BEFORE, SUM_AFTER)
         # "before" summaries: [0, s_full) seen by every row, [s_full, s_bhi) masked
         b_dq = _dq_tiles(b_dq, b_q, b_do, b_lse2, b_delta, rows + Q_OFFSET + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst, stride_vst,
@@ -443,7 +443,7 @@ def _swa_bwd_dq_kernel(
                              qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE, SUM_AFTER,
                              DOT_PREC, TMA)
     b_dq = b_dq * sm_scale
-    _store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
+    store_tile(DQ + i_b * stride_dqb + i_h * stride_dqh, b_dq, start_m, o_m, stride_dqt, o_d, T, HEAD_DIM, BLOCK_D)
 
 
 def _check_self_attention(varlen: host.Varlen) -> None:

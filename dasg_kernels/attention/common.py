@@ -27,7 +27,7 @@ K_LN2 = tl.constexpr(LN2)
 
 
 @triton.jit
-def _load_tile(base, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def load_tile(base, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                CHECK_ROWS: tl.constexpr):
     """Load rows ``start + o_t`` (a contiguous tile); rows ``>= n_rows`` (when ``CHECK_ROWS``)
     and columns ``>= HEAD_DIM`` read 0. Only the scalar ``start * stride_t`` is int64 (long
@@ -51,7 +51,7 @@ def _load_tile(base, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.const
 
 
 @triton.jit
-def _block_and_head(VARLEN: tl.constexpr):
+def block_and_head(VARLEN: tl.constexpr):
     """``(block, batch * head, number of blocks)`` of this program. Dense launches put the
     blocks on grid axis 0 and ``batch * heads`` on axis 1 (at most 65535); varlen launches
     swap them, since a packed batch may hold many (mostly empty) sequences: e.g. ``B*T + 1``
@@ -63,7 +63,7 @@ def _block_and_head(VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _seq_bounds(CU, i_b, n_rows, max_len):
+def seq_bounds(CU, i_b, n_rows, max_len):
     """``(start, length)`` of sequence ``i_b`` of a varlen batch (``CU``: int32 ``cu_seqlens``),
     clamped so that whatever ``CU`` holds (it is not checked under ``torch.compile`` or with
     ``validate=False``) the rows ``[start, start + length)`` lie in ``[0, n_rows)`` (the packed
@@ -75,7 +75,7 @@ def _seq_bounds(CU, i_b, n_rows, max_len):
 
 
 @triton.jit
-def _store_tile(base, x, start, o_t, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+def store_tile(base, x, start, o_t, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store a tile of rows ``start + o_t`` (cast to the buffer's dtype), masked."""
     p = base + tl.cast(start, tl.int64) * stride_t + (o_t[:, None] * stride_t + o_d[None, :])
     m = ((start + o_t) < n_rows)[:, None]
@@ -85,16 +85,16 @@ def _store_tile(base, x, start, o_t, stride_t, o_d, n_rows, HEAD_DIM: tl.constex
 
 
 @triton.jit
-def _local_visible(i, j, left, right, n_keys):
+def local_visible(i, j, left, right, n_keys):
     """Query position ``i`` sees local key ``j`` (broadcasting)."""
     return (j >= i - left) & (j <= i + right) & (j < n_keys)
 
 
 @triton.jit
-def _local_window(i, left, right, n_keys, m_valid):
+def local_window(i, left, right, n_keys, m_valid):
     """``(lo, width)`` of query positions ``i``: ``i`` sees local key ``j`` iff
-    ``0 <= j - lo <= width`` (one unsigned compare per score, :func:`_in_window`), the same
-    relation as :func:`_local_visible`. Rows that see no key, or where the mask ``m_valid``
+    ``0 <= j - lo <= width`` (one unsigned compare per score, :func:`in_window`), the same
+    relation as :func:`local_visible`. Rows that see no key, or where the mask ``m_valid``
     (like ``i``) is false, get ``lo = -1, width = 0``, which no ``j >= 0`` matches."""
     lo = i - left
     width = tl.minimum(i + right, n_keys - 1) - lo
@@ -103,13 +103,13 @@ def _local_window(i, left, right, n_keys, m_valid):
 
 
 @triton.jit
-def _in_window(j, lo, width):
-    """Key ``j`` lies in the window ``(lo, width)`` of :func:`_local_window` (broadcasting)."""
+def in_window(j, lo, width):
+    """Key ``j`` lies in the window ``(lo, width)`` of :func:`local_window` (broadcasting)."""
     return (j - lo).to(tl.uint32) <= width
 
 
 @triton.jit
-def _summary_visible(i, g, left, right, G, NG, SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
+def summary_visible(i, g, left, right, G, NG, SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
     """Query position ``i`` sees the summary of group ``g`` (broadcasting).
 
     Before the window: ``(g+1)*G - 1 < i - left``  <=>  ``g < (i - left) // G`` (for ``i >= left``).
@@ -125,44 +125,44 @@ def _summary_visible(i, g, left, right, G, NG, SUM_BEFORE: tl.constexpr, SUM_AFT
 
 
 @triton.jit
-def _visible(i, j, left, right, G, n_keys, IS_SUMMARY: tl.constexpr, SUM_BEFORE: tl.constexpr,
+def visible(i, j, left, right, G, n_keys, IS_SUMMARY: tl.constexpr, SUM_BEFORE: tl.constexpr,
              SUM_AFTER: tl.constexpr):
     """Query position ``i`` sees key ``j``: a local key, or the summary of group ``j``
     when ``IS_SUMMARY`` (broadcasting)."""
     if IS_SUMMARY:
-        vis = _summary_visible(i, j, left, right, G, n_keys, SUM_BEFORE, SUM_AFTER)
+        vis = summary_visible(i, j, left, right, G, n_keys, SUM_BEFORE, SUM_AFTER)
     else:
-        vis = _local_visible(i, j, left, right, n_keys)
+        vis = local_visible(i, j, left, right, n_keys)
     return vis
 
 
 @triton.jit
-def _row_windows(pos, left, right, n_keys, IS_SUMMARY: tl.constexpr):
-    """The local windows ``(lo, width)`` (:func:`_local_window`) of the query positions ``pos``
+def row_windows(pos, left, right, n_keys, IS_SUMMARY: tl.constexpr):
+    """The local windows ``(lo, width)`` (:func:`local_window`) of the query positions ``pos``
     (``< 0``: no query) for a loop over local key tiles; a loop over summaries does not use
-    them (it masks by group, :func:`_key_tile_visible`) and gets ``pos`` twice."""
+    them (it masks by group, :func:`key_tile_visible`) and gets ``pos`` twice."""
     if IS_SUMMARY:
         lo, width = pos, pos
     else:  # the local mask as one unsigned compare per score
-        lo, width = _local_window(pos, left, right, n_keys, pos >= 0)
+        lo, width = local_window(pos, left, right, n_keys, pos >= 0)
     return lo, width
 
 
 @triton.jit
-def _key_tile_visible(pos, j, lo, width, left, right, G, n_keys, IS_SUMMARY: tl.constexpr,
+def key_tile_visible(pos, j, lo, width, left, right, G, n_keys, IS_SUMMARY: tl.constexpr,
                       SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
     """``[rows, keys]``: query positions ``pos`` see the keys ``j`` of a tile (the forward's
-    and dq's boundary tiles): summaries by :func:`_visible`, local keys by the windows
-    ``(lo, width)`` of :func:`_row_windows`."""
+    and dq's boundary tiles): summaries by :func:`visible`, local keys by the windows
+    ``(lo, width)`` of :func:`row_windows`."""
     if IS_SUMMARY:
-        vis = _visible(pos[:, None], j[None, :], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
+        vis = visible(pos[:, None], j[None, :], left, right, G, n_keys, IS_SUMMARY, SUM_BEFORE, SUM_AFTER)
     else:
-        vis = _in_window(j[None, :], lo[:, None], width[:, None])
+        vis = in_window(j[None, :], lo[:, None], width[:, None])
     return vis
 
 
 @triton.jit
-def _kv_tile(p, desc, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def kv_tile(p, desc, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
              TMA: tl.constexpr):
     """Rows ``start + o_t`` of a tile the main loops stream (keys, values; queries and dO in
     dk/dv), rows ``>= n_rows`` reading 0: a TMA load through the descriptor ``desc`` (whose
@@ -170,12 +170,12 @@ def _kv_tile(p, desc, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM: tl.cons
     if TMA:
         x = desc.load([start, 0])
     else:
-        x = _load_tile(p, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM, BLOCK_D, True)
+        x = load_tile(p, start, o_t, o_2d, stride_t, o_d, n_rows, HEAD_DIM, BLOCK_D, True)
     return x
 
 
 @triton.jit
-def _local_key_range(first, last, left, right, n_keys, BLOCK_N: tl.constexpr):
+def local_key_range(first, last, left, right, n_keys, BLOCK_N: tl.constexpr):
     """Key tiles for the query positions ``[first, last]``.
 
     Returns ``lo <= full_lo <= full_hi <= hi``: tiles in ``[lo, full_lo)`` and
@@ -193,7 +193,7 @@ def _local_key_range(first, last, left, right, n_keys, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _summary_key_range(first, last, left, right, G, NG, BLOCK_N: tl.constexpr,
+def summary_key_range(first, last, left, right, G, NG, BLOCK_N: tl.constexpr,
                        SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
     """Summary tiles for the query positions ``[first, last]``.
 
@@ -218,17 +218,17 @@ def _summary_key_range(first, last, left, right, G, NG, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _local_query_range(first_n, last_n, left, right, n_q, BLOCK_M: tl.constexpr):
+def local_query_range(first_n, last_n, left, right, n_q, BLOCK_M: tl.constexpr):
     """Query tiles that see some key of ``[first_n, last_n]`` (the dk/dv loop).
 
     Query ``i`` sees key ``j`` when ``j - right <= i <= j + left``: the same relation as in
-    :func:`_local_key_range` with ``left`` and ``right`` swapped, so it is that function.
+    :func:`local_key_range` with ``left`` and ``right`` swapped, so it is that function.
     """
-    return _local_key_range(first_n, last_n, right, left, n_q, BLOCK_M)
+    return local_key_range(first_n, last_n, right, left, n_q, BLOCK_M)
 
 
 @triton.jit
-def _summary_query_range(g_first, g_last, left, right, G, n_q, BLOCK_M: tl.constexpr,
+def summary_query_range(g_first, g_last, left, right, G, n_q, BLOCK_M: tl.constexpr,
                          SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr):
     """Query tiles that see some summary of ``[g_first, g_last]`` (the summary dk/dv loop).
 

@@ -28,15 +28,15 @@ import triton.language as tl
 from dasg_kernels.attention import host
 from dasg_kernels.attention.common import (
     K_LN2,
-    _load_tile,
-    _local_key_range,
-    _block_and_head,
-    _key_tile_visible,
-    _kv_tile,
-    _row_windows,
-    _seq_bounds,
-    _store_tile,
-    _summary_key_range,
+    block_and_head,
+    key_tile_visible,
+    kv_tile,
+    load_tile,
+    local_key_range,
+    row_windows,
+    seq_bounds,
+    store_tile,
+    summary_key_range,
 )
 from dasg_kernels.attention.configs import INTERPRET, launch_meta, tuned, untuned, win_key
 from dasg_kernels.attention.host import LOG2E, dot_precision, effective_window, summary_flags
@@ -68,22 +68,22 @@ def _fwd_tiles(
     it), so the scale costs one FMA per score, inside the exponent.
     """
     o_n = tl.arange(0, BLOCK_N)
-    lo_i, width = _row_windows(pos_m, left, right, n_keys, IS_SUMMARY)
+    lo_i, width = row_windows(pos_m, left, right, n_keys, IS_SUMMARY)
     if PIPELINE:
-        b_k = _kv_tile(p_k, k_desc, lo, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
+        b_k = kv_tile(p_k, k_desc, lo, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
         b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
     for start_n in range(lo, hi, BLOCK_N):
         if PIPELINE:
-            b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
-            b_k = _kv_tile(p_k, k_desc, start_n + BLOCK_N, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D,
+            b_v = kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
+            b_k = kv_tile(p_k, k_desc, start_n + BLOCK_N, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D,
                            TMA)
             b_s_next = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         else:
-            b_k = _kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
-            b_v = _kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
+            b_k = kv_tile(p_k, k_desc, start_n, o_n, o_k2d, stride_kt, o_d, n_keys, HEAD_DIM, BLOCK_D, TMA)
+            b_v = kv_tile(p_v, v_desc, start_n, o_n, o_v2d, stride_vt, o_dv, n_keys, HEAD_DV, BLOCK_DV, TMA)
             b_s = tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PREC)
         if (start_n < full_lo) | (start_n >= full_hi):
-            m_vis = _key_tile_visible(pos_m, start_n + o_n, lo_i, width, left, right, G, n_keys, IS_SUMMARY,
+            m_vis = key_tile_visible(pos_m, start_n + o_n, lo_i, width, left, right, G, n_keys, IS_SUMMARY,
                                       SUM_BEFORE, SUM_AFTER)
             b_s = tl.where(m_vis, b_s, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_s, 1) * qk_scale)
@@ -120,7 +120,7 @@ def _swa_fwd_kernel(
     PACK_GQA: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
-    i_blk, i_bh, n_blk = _block_and_head(VARLEN)
+    i_blk, i_bh, n_blk = block_and_head(VARLEN)
     i_m = n_blk - 1 - i_blk
     start_m = i_m * BLOCK_M
     o_m = tl.arange(0, BLOCK_M)
@@ -151,8 +151,8 @@ def _swa_fwd_kernel(
             # sequence i_b of a packed batch: rows [q0, q0 + T_Q) of q/out/lse, keys
             # [k0, k0 + T_K) (clamped to the packed lengths and max_seqlen, len_q <= len_k);
             # positions, windows and groups restart at its first token
-            q0, T_Q = _seq_bounds(CU_Q, i_b, TOTAL_Q, T_Q)
-            k0, T_K = _seq_bounds(CU_K, i_b, TOTAL_K, T_K)
+            q0, T_Q = seq_bounds(CU_Q, i_b, TOTAL_Q, T_Q)
+            k0, T_K = seq_bounds(CU_K, i_b, TOTAL_K, T_K)
             T_Q = tl.minimum(T_Q, T_K)
             if start_m >= T_Q:
                 return
@@ -164,7 +164,7 @@ def _swa_fwd_kernel(
             K += k0 * stride_kt
             V += k0 * stride_vt
         t_q = rows
-        b_q = _load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
+        b_q = load_tile(Q + i_b * stride_qb + i_h * stride_qh, start_m, o_m, o_m[:, None] * stride_qt + o_d[None, :],
                          stride_qt, o_d, T_Q, HEAD_DIM, BLOCK_D, True)
         first = start_m + Q_OFFSET
         last = tl.minimum(start_m + BLOCK_M, T_Q) - 1 + Q_OFFSET
@@ -180,7 +180,7 @@ def _swa_fwd_kernel(
     b_l = tl.zeros([BLOCK_M], dtype=tl.float32)
     b_acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
 
-    lo, full_lo, full_hi, hi = _local_key_range(first, last, left, right, T_K, BLOCK_N)
+    lo, full_lo, full_hi, hi = local_key_range(first, last, left, right, T_K, BLOCK_N)
     k_desc, v_desc = p_k, p_v
     if TMA:  # bounded by this sequence's keys: the tile after the last reads 0
         k_desc = tl.make_tensor_descriptor(p_k, shape=[T_K, HEAD_DIM], strides=[stride_kt, 1],
@@ -205,7 +205,7 @@ def _swa_fwd_kernel(
                                                 block_shape=[BLOCK_N, BLOCK_DV])
         # summary g stands for the positions [g*G, (g+1)*G) counted from POS0 before key 0
         # (a shard of a longer sequence: context parallelism; 0 otherwise)
-        s_full, s_bhi, s_alo = _summary_key_range(first + POS0, last + POS0, left, right, G, NG, BLOCK_N,
+        s_full, s_bhi, s_alo = summary_key_range(first + POS0, last + POS0, left, right, G, NG, BLOCK_N,
                                                   SUM_BEFORE, SUM_AFTER)
         # "before" summaries: [0, s_full) seen by every row, [s_full, s_bhi) masked
         b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
@@ -229,7 +229,7 @@ def _swa_fwd_kernel(
         tl.store(O + i_b * stride_ob + o_o[:, None] + o_dv[None, :], b_out.to(O.dtype.element_ty), mask=m_o)
         tl.store(LSE + i_b * stride_lb + h_q * stride_lh + t_q, b_lse, mask=rows < n_rows)
     else:
-        _store_tile(O + i_b * stride_ob + i_h * stride_oh, b_out, start_m, o_m, stride_ot, o_dv, T_Q, HEAD_DV,
+        store_tile(O + i_b * stride_ob + i_h * stride_oh, b_out, start_m, o_m, stride_ot, o_dv, T_Q, HEAD_DV,
                     BLOCK_DV)
         tl.store(LSE + i_b * stride_lb + i_h * stride_lh + rows, b_lse, mask=rows < T_Q)
 

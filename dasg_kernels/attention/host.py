@@ -79,7 +79,7 @@ def no_specialize(names: str) -> list[str]:
 
 
 #: Rows of the largest tile any config loads. The in-tile offsets
-#: ``o_t * stride_t + o_d`` are int32 (see :func:`_load_tile`), so a row stride must keep
+#: ``o_t * stride_t + o_d`` are int32 (see :func:`load_tile`), so a row stride must keep
 #: ``MAX_TILE_ROWS * stride_t`` below 2**31.
 MAX_TILE_ROWS = 256
 MAX_ROW_STRIDE = (2**31 - 1) // MAX_TILE_ROWS - 256
@@ -175,7 +175,7 @@ def on_device_of_first_arg(fn):
 
 
 def block_grid(n_blocks: int, n_bh: int, varlen: object, *rest: int) -> tuple[int, ...]:
-    """The launch grid of :func:`_block_and_head` (``varlen``: any non-``None`` swaps the axes)."""
+    """The launch grid of :func:`block_and_head` (``varlen``: any non-``None`` swaps the axes)."""
     return ((n_bh, n_blocks) if varlen is not None else (n_blocks, n_bh)) + rest
 
 

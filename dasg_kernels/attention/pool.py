@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from dasg_kernels.attention import host
-from dasg_kernels.attention.common import _block_and_head, _seq_bounds
+from dasg_kernels.attention.common import block_and_head, seq_bounds
 from dasg_kernels.attention.configs import POOL_BLOCK_G
 
 
@@ -30,12 +30,12 @@ def _group_mean_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_G: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    i_g, i_bh, _ = _block_and_head(VARLEN)
+    i_g, i_bh, _ = block_and_head(VARLEN)
     i_b = (i_bh // H).to(tl.int64)
     i_h = (i_bh % H).to(tl.int64)
     start = i_g * G
     if VARLEN:  # groups of sequence i_b: its keys [k0, k0 + T) (clamped); groups past its end are not written
-        k0, T = _seq_bounds(CU, i_b, TOTAL, T)
+        k0, T = seq_bounds(CU, i_b, TOTAL, T)
         if start >= T:
             return
         K += k0 * stride_kt
