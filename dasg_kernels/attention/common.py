@@ -19,8 +19,6 @@ import triton
 import triton.language as tl
 
 from dasg_kernels.attention.host import LN2, LOG2E
-# temporary re-export for benchmarks/compile_report.py (the lead removes it)
-from dasg_kernels.attention.host import Varlen  # noqa: F401
 
 K_LOG2E = tl.constexpr(LOG2E)  # constexpr globals for the kernels
 K_LN2 = tl.constexpr(LN2)

@@ -24,10 +24,6 @@ from dasg_kernels.validation import check_last_dim_contiguous
 
 __all__ = ["SUPPORTED_HEAD_DIMS", "swa_attention", "swa_attention_with_lse", "swa_decode"]
 
-# old private names, imported by dasg_kernels/distributed.py until it uses the public ones
-_pick_backend = pick_backend
-_validate = validate_attention
-
 
 def swa_attention_with_lse(
     q: torch.Tensor,
