@@ -13,7 +13,7 @@ on fp32 copies of the inputs, fp32 gradients). Tolerances:
   the fp32 kernels (the interpreter's bf16 ``tl.dot`` is broken, triton#11584); the
   bf16 kernels themselves run on the GPU.
 
-On CPU (``TRITON_INTERPRET=1``) the issue's axes (T, D, heads, window, causal,
+On CPU (``TRITON_INTERPRET=1``) the axes (T, D, heads, window, causal,
 summaries/G, dtype, batch) are covered by a *pairwise* set of cases (every pair of
 values of any two axes appears in some case) at T in {17, 128, 200}, every semantic
 case at T=1, plus the full product of the semantic axes window x causal x

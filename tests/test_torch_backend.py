@@ -15,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 import dasg_kernels as dk
 from dasg_kernels import reference as ref
-from dasg_kernels.attention.blockwise import swa_attention_blockwise
+from dasg_kernels.attention.blockwise import group_means, swa_attention_blockwise
 from dasg_kernels.moe import interface as moe_interface
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,7 +145,7 @@ class _LargestTensor(TorchDispatchMode):
 
 def _largest_bytes(fn, t, **kw):
     """On the meta device (no memory, no compute): the largest intermediate of a forward
-    and backward at sequence length ``t`` (the issue's case: 8 q heads, 2 kv heads, D 64)."""
+    and backward at sequence length ``t`` (8 q heads, 2 kv heads, D 64)."""
     q, k, v = _qkv(1, t, 8, 2, 64, device="meta")
     with _LargestTensor() as mode:
         out, _ = fn(q, k, v, **kw)
@@ -257,6 +257,18 @@ def test_huge_group_size_is_linear_memory():
     got = dk.swa_attention(q, k, v, window=(4, 0), group_size=10 ** 9, summaries=True, backend="torch")
     torch.testing.assert_close(got, dk.swa_attention(q, k, v, window=(4, 0), backend="torch"))  # never visible
     torch.testing.assert_close(ref.group_means_ref(k, 10 ** 9), k.mean(1, keepdim=True))
+
+
+@pytest.mark.parametrize("t, g", [(1, 4), (13, 4), (16, 4), (7, 1), (5, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_blockwise_group_means_equal_the_oracle(t, g, dtype):
+    """The torch core pools its own summaries (it imports no oracle): the same means,
+    the last partial group averaged over the positions it has, in the input dtype."""
+    x = torch.randn(2, t, 3, 8).to(dtype)
+    got = group_means(x, g)
+    assert got.dtype == dtype and got.shape == (2, -(-t // g), 3, 8)
+    torch.testing.assert_close(got, ref.group_means_ref(x, g), rtol=0, atol=0)
+    torch.testing.assert_close(got[:, -1].float(), x[:, (got.shape[1] - 1) * g:].float().mean(1).to(dtype).float())
 
 
 def test_expert_ffn_torch_path_compiles_fullgraph():
