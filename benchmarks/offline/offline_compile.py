@@ -152,13 +152,15 @@ def compile_launch(launch: Launch, config=None, target: str = "sm_90a") -> Compi
     bound, spec, opts = binder(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, spec, opts)
     log = io.StringIO()
-    old = knobs.nvidia.dump_ptxas_log
-    knobs.nvidia.dump_ptxas_log = True
+    # ptxas must run (a cached kernel has no ptxas log, and its spill figure would come from
+    # cuobjdump's STACK, which also counts other local memory): compile past Triton's cache
+    old = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    knobs.nvidia.dump_ptxas_log = knobs.compilation.always_compile = True
     try:
         with contextlib.redirect_stdout(log):
             k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=tgt, options=options.__dict__)
     finally:
-        knobs.nvidia.dump_ptxas_log = old
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = old
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:

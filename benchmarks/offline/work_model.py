@@ -235,7 +235,7 @@ def hbm_reads(programs, wave: int) -> tuple[float, dict]:
         for prog in programs[w0:w0 + wave]:
             for op, key, nbytes in prog:
                 panels[(op, key)] = nbytes
-        for op in {op for op, _ in panels}:
+        for op in dict.fromkeys(op for op, _ in panels):  # first-seen order: a set's would vary per process
             got = l2.wave({k: v for k, v in panels.items() if k[0] == op})
             by_op[op] = by_op.get(op, 0.0) + got
             total += got
