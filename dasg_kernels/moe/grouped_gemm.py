@@ -46,7 +46,6 @@ import triton.language as tl
 
 from dasg_kernels.backend import autotune_enabled, interpreter_enabled
 from dasg_kernels.moe import configs
-from dasg_kernels.moe.configs import choose_block_m  # noqa: F401  (benchmarks.offline.compile_report imports it here)
 from dasg_kernels.moe.types import DispatchPlan
 
 # --------------------------------------------------------------------------- helpers
@@ -110,6 +109,16 @@ def _rows_dot_weight(
 
 
 @triton.jit
+def _row_tile(tile_expert, NUM_TILES, N_COLS, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """A row-tile kernel's program: its row tile ``i_t`` and column block ``i_n`` of the
+    ``NUM_TILES x cdiv(N_COLS, BLOCK_N)`` grid in grouped order (:func:`_swizzle`), and the
+    tile's expert ``e`` (``-1``: an unused tile, whose program returns at once)."""
+    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(N_COLS, BLOCK_N), GROUP_M)
+    e = tl.load(tile_expert + i_t)
+    return i_t, i_n, e
+
+
+@triton.jit
 def _dw_out_tile(i_p, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """Weight-gradient output tile ``i_p`` of the ``cdiv(N, BLOCK_N) x cdiv(K, BLOCK_K)`` tiles of
     one expert, in grouped order (:func:`_swizzle`): consecutive programs share operand blocks."""
@@ -137,8 +146,7 @@ def _gate_up_fwd_kernel(
     SAVE_GU: tl.constexpr, WRITE_H: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert + i_t)
+    i_t, i_n, e = _row_tile(tile_expert, NUM_TILES, F, BLOCK_N, GROUP_M)
     if e < 0:
         return
     o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
@@ -175,8 +183,7 @@ def _down_fwd_kernel(
     FUSE_COMBINE: tl.constexpr, SAVE_SLOT: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(D, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert + i_t)
+    i_t, i_n, e = _row_tile(tile_expert, NUM_TILES, D, BLOCK_N, GROUP_M)
     if e < 0:
         return
     o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
@@ -208,8 +215,7 @@ def _down_bwd_kernel(
     HAS_DW: tl.constexpr, WRITE_HW: tl.constexpr, MIN_BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(F, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert + i_t)
+    i_t, i_n, e = _row_tile(tile_expert, NUM_TILES, F, BLOCK_N, GROUP_M)
     if e < 0:
         return
     o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
@@ -260,8 +266,7 @@ def _gate_up_bwd_dx_kernel(
     FUSE_COMBINE: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    i_t, i_n = _swizzle(tl.program_id(0), NUM_TILES, tl.cdiv(D, BLOCK_N), GROUP_M)
-    e = tl.load(tile_expert + i_t)
+    i_t, i_n, e = _row_tile(tile_expert, NUM_TILES, D, BLOCK_N, GROUP_M)
     if e < 0:
         return
     o_r, pair, m_r, tok = _load_rows(row_pair, i_t * BLOCK_M, K_SLOTS, BLOCK_M)
