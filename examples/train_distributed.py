@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 4 examples/train_distributed.py --ep 2          # 2 x 2 (dp x ep)
     torchrun --nproc-per-node 2 examples/train_distributed.py --ep 2 --k-max 4 --bitwise
     torchrun --nproc-per-node 2 examples/train_distributed.py --cp 2
+    torchrun --nproc-per-node 2 examples/train_distributed.py --cp 2 --layout zigzag
 
 gloo on the CPU, NCCL on GPUs (chosen by ``torch.cuda.is_available()``). The ranks form a
 ``(dp, cp, ep)`` device mesh (``world = dp * cp * ep``); every rank feeds its own batch
@@ -43,13 +44,15 @@ from dasg_model import DASGConfig, DASGForCausalLM  # noqa: E402
 from dasg_model.parallel import apply_context_parallel, apply_expert_parallel  # noqa: E402
 from dasg_model.parallel import cost  # noqa: E402
 from dasg_model.parallel.expert import allreduce_gradients, ep_comm_stats  # noqa: E402
-from dasg_kernels.context_parallel import cp_comm_stats  # noqa: E402
+from dasg_kernels.context_parallel import CP_LAYOUTS, cp_comm_stats, cp_shard  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--ep", type=int, default=1, help="expert-parallel size (divides the world size)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size")
+    p.add_argument("--layout", choices=list(CP_LAYOUTS), default="contiguous",
+                   help="CP shard order: contiguous, or zigzag (balanced work; --seq divisible by 2 * cp)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--batch", type=int, default=4, help="sequences per data shard")
     p.add_argument("--seq", type=int, default=128, help="sequence length (whole, before CP sharding)")
@@ -89,8 +92,10 @@ def main(argv=None) -> None:
     ep, cp = args.ep, args.cp
     if world % (ep * cp):
         raise SystemExit(f"world size {world} is not divisible by ep * cp = {ep * cp}")
-    if args.seq % cp:
-        raise SystemExit(f"--seq {args.seq} is not divisible by --cp {cp} (CP needs equal shards)")
+    n_chunks = 2 * cp if args.layout == "zigzag" else cp
+    if args.seq % n_chunks:
+        raise SystemExit(f"--seq {args.seq} is not divisible by {n_chunks} (--cp {cp}, --layout {args.layout}: "
+                         f"CP needs equal chunks)")
     dp = world // (ep * cp)
     cfg = DASGConfig(vocab_size=256, hidden_size=args.hidden, num_layers=args.layers, num_heads=4, num_kv_heads=2,
                      attention_window=32, group_size=8, shallow_shared_size=32, deep_shared_size=128,
@@ -102,7 +107,7 @@ def main(argv=None) -> None:
 
     mesh = init_device_mesh(device.type, (dp, cp, ep), mesh_dim_names=("dp", "cp", "ep"))
     if cp > 1:
-        apply_context_parallel(model, mesh["cp"])
+        apply_context_parallel(model, mesh["cp"], layout=args.layout)
     if ep > 1:
         apply_expert_parallel(model, mesh["ep"], bitwise=args.bitwise)
     n_params = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in model.parameters())
@@ -111,7 +116,6 @@ def main(argv=None) -> None:
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     # a data shard per rank; the CP ranks of a group share one (each feeds its sequence shard)
-    cp_rank = mesh["cp"].get_local_rank()
     data_rank = mesh["dp"].get_local_rank() * ep + mesh["ep"].get_local_rank()
     gen = torch.Generator().manual_seed(args.seed + 1000 + data_rank)
     seq_local = args.seq // cp
@@ -123,7 +127,7 @@ def main(argv=None) -> None:
     cp_comm_stats(reset=True)
     for step in range(args.steps):
         ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
-        ids = ids[:, cp_rank * seq_local:(cp_rank + 1) * seq_local].to(device)
+        ids = cp_shard(ids.to(device), group=mesh["cp"], layout=args.layout) if cp > 1 else ids.to(device)
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
