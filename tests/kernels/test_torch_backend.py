@@ -18,7 +18,7 @@ from dasg_kernels import reference as ref
 from dasg_kernels.attention.blockwise import group_means, swa_attention_blockwise
 from dasg_kernels.moe import interface as moe_interface
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _qkv(b, t, hq, hkv, d, dtype=torch.float32, tk=None, device="cpu"):

@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 PKG = os.path.join(ROOT, "dasg_kernels")
 MOE = os.path.join(PKG, "moe")
 
