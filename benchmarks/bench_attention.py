@@ -14,7 +14,7 @@ tokens lying wholly before the window when ``summaries`` is on):
                     from the window (same concatenated summary keys). CUDA only.
 ``fla``             flash-linear-attention's ``parallel_attn`` (package ``fla-core``, pure
                     Triton; ``window_size=W`` is our ``window=(W-1, 0)``, checked by
-                    ``tests/test_fla_peer.py``): the cases without summaries (fla has none).
+                    ``tests/benchmarks/test_fla_peer.py``): the cases without summaries (fla has none).
                     CUDA only; skipped with the reason when fla is not importable.
 ``sdpa_flash``      SDPA's flash backend on *full* causal attention (``window=(-1,-1)``):
                     measured on the full-causal cases; the windowed cases are compared with
@@ -54,7 +54,7 @@ DENSE_ASSUMED_TFLOPS = 150.0   # to predict how long one dense-mask SDPA call ta
 FLEX_CUDA_ONLY = ("FlexAttention is benchmarked compiled (torch.compile) on CUDA only; on the CPU it "
                   "would need a C++ toolchain and its compile time would dominate")
 FLA_CUDA_ONLY = ("flash-linear-attention's parallel_attn is timed on CUDA only (on the CPU its Triton kernel runs "
-                 "in the interpreter; tests/test_fla_peer.py checks its semantics there)")
+                 "in the interpreter; tests/benchmarks/test_fla_peer.py checks its semantics there)")
 FLA_NO_SUMMARIES = "flash-linear-attention's parallel_attn has no summary keys (timed on the cases without them)"
 
 

@@ -73,7 +73,7 @@ def no_specialize(names: str) -> list[str]:
     (``T`` and ``H*T``: 1, divisible by 16 or neither, depending on ``T``); they only
     address vectors of ``BLOCK_M`` floats. The q/k/v/o strides stay specialized (``D`` and
     multiples: divisibility by 16 gives vectorized tile loads).
-    ``tests/test_attention.py`` checks that the names are arguments.
+    ``tests/kernels/attention/test_attention.py`` checks that the names are arguments.
     """
     return names.split()
 

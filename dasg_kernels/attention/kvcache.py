@@ -126,7 +126,7 @@ def _attend_torch(q, k_cache, v_cache, means, first, left, group_size, scale):
     alias into the cat's buffer, which ``v_cache``'s cat reuses before the result is copied
     back, so ``k_cache`` receives ``v_cache``'s rows (and a ``scatter_`` into ``k_means``
     loses its rows the same way);
-    ``tests/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size`` checks it.
+    ``tests/model/test_generation.py::test_compiled_decode_equals_eager_at_every_batch_size`` checks it.
     """
     b, tq, hq, d = q.shape
     c, hkv = k_cache.shape[1], k_cache.shape[2]

@@ -1,11 +1,11 @@
 """Host (plain Python) copies of the attention kernels' loop bounds.
 
 Each function here computes, on Python ints, what the ``@triton.jit`` function of the same
-name with a leading underscore in :mod:`dasg_kernels.attention.common` computes in a kernel:
+name in :mod:`dasg_kernels.attention.common` computes in a kernel:
 which key (or query) tiles a program visits, and which of them need the mask. The offline
 compile report counts a kernel's loop iterations with them, so its work model follows the
-kernels; ``tests/test_loop_bounds.py`` runs the jit functions on a grid of arguments and
-checks that both agree.
+kernels; ``tests/kernels/attention/test_loop_bounds.py`` runs the jit functions on a grid of
+arguments and checks that both agree.
 
 Arguments are positions and lengths as the kernels receive them (window bounds after
 :func:`dasg_kernels.attention.host.effective_window`); block sizes are the kernels'

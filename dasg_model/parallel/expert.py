@@ -90,7 +90,7 @@ FSDP2 composes: ``fully_shard`` each expert bank over ``mesh["dp"]`` with
 contributions; add ``set_force_sum_reduction_for_comms(True)`` on gloo) and the model over
 the 2-D ``(dp, ep)`` mesh (HSDP); the 0-dim parameter ``shared.shallow_scale`` of each
 layer goes to ``ignored_params`` and is all-reduced by hand (see
-``tests/test_distributed_ep.py``).
+``tests/distributed/test_distributed_ep.py``).
 """
 from __future__ import annotations
 

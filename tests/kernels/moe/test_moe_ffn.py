@@ -670,7 +670,7 @@ def test_moe_ffn_gpu_no_host_sync_and_deterministic(device, monkeypatch):
 
 # --------------------------------------------------------------------------- torch backend
 # backend="torch" runs dasg_kernels.moe.experts_torch (static shapes, no host read; see
-# tests/test_moe_compile.py for torch.compile), held here to the reference at fp32 rounding.
+# tests/kernels/moe/test_moe_compile.py for torch.compile), held here to the reference at fp32 rounding.
 
 TORCH_SHAPES = [  # n, d, f, e, k: odd sizes, one expert, k = E, many experts, one token
     (13, 7, 5, 3, 2), (29, 16, 12, 1, 1), (6, 8, 9, 4, 4), (20, 9, 11, 40, 4), (1, 4, 6, 5, 3), (70, 12, 8, 6, 2)]
