@@ -179,13 +179,49 @@ _BRA_TARGET = re.compile(r"0x([0-9a-f]+)")
 
 
 def parse_sass(sass: str) -> list[tuple[int, str, str]]:
-    """``(address, opcode, operands)`` of every instruction (NOPs dropped)."""
+    """``(address, opcode, operands)`` of every instruction (NOPs dropped). A branch's
+    operands start with its guard predicate when it has one (``@!P6 BRA P5, 0x36f0`` ->
+    ``"@!P6 P5, 0x36f0"``), so that :func:`conditional_branch` can tell it from a jump."""
     out = []
     for m in _INSTR.finditer(sass):
         op = m.group(3)
         if op == "NOP":
             continue
-        out.append((int(m.group(1), 16), op, m.group(4)))
+        rest = m.group(4)
+        if op.startswith("BRA") and m.group(2):
+            rest = m.group(2).strip() + rest
+        out.append((int(m.group(1), 16), op, rest))
+    return out
+
+
+_BRA_PRED = re.compile(r"(?:^|[\s,])!?U?P[0-6]\b")
+
+
+def conditional_branch(op: str, rest: str) -> bool:
+    """Whether an instruction (of :func:`parse_sass`) is a branch taken on a predicate: a
+    guard (``@P5 BRA``) or a predicate operand (``BRA P5, ...``, ``BRA.U !UP0, ...``)."""
+    return op.startswith("BRA") and (rest.lstrip().startswith("@") or bool(_BRA_PRED.search(rest)))
+
+
+def skipped_regions(body: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
+    """Index ranges ``[first, last]`` of ``body`` (one loop body) that a conditional forward
+    branch inside it jumps over: the branch's target lies in the body, after it. Only the
+    outermost regions, and only those without tensor-core instructions (the masking code a
+    loop runs on its boundary tiles alone: interior tiles take the branch)."""
+    if not body:
+        return []
+    index = {a: i for i, (a, _, _) in enumerate(body)}
+    out: list[tuple[int, int]] = []
+    for i, (addr, op, rest) in enumerate(body):
+        if not conditional_branch(op, rest) or (out and i <= out[-1][1]):
+            continue
+        m = _BRA_TARGET.search(rest)
+        j = index.get(int(m.group(1), 16)) if m else None
+        if j is None or j <= i + 1:
+            continue
+        if any(o.startswith(("HGMMA", "QGMMA", "HMMA")) for _, o, _ in body[i + 1:j]):
+            continue
+        out.append((i + 1, j - 1))
     return out
 
 
@@ -263,13 +299,19 @@ def in_flight(body: list[tuple[int, str, str]]) -> tuple[int, int]:
 
 def loop_stats(body: list[tuple[int, str, str]], num_warps: int) -> dict:
     """Per iteration of a loop body: instructions, MUFU, tensor and issue cycles per CTA,
-    and the instructions / MUFU issued while a wgmma is in flight (:func:`in_flight`)."""
+    and the instructions / MUFU issued while a wgmma is in flight (:func:`in_flight`); the
+    same counts (``unmasked_*``) on the path of an iteration that takes the branches of
+    :func:`skipped_regions` (the body without the masking code it jumps over)."""
     fma_wg = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("HGMMA"))
     fma_q = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("QGMMA"))
     fma_w = sum(mma_fma(op)[0] for _, op, _ in body if op.startswith("HMMA"))
     tensor = ((num_warps / 4) * (fma_wg / FMA_PER_CLK_WGMMA + fma_q / FMA_PER_CLK_QGMMA)
               + num_warps * fma_w / FMA_PER_CLK_MMA_SYNC)
     fl_instrs, fl_mufu = in_flight(body)
+    regions = skipped_regions(body)
+    skipped = {i for a, b in regions for i in range(a, b + 1)}
+    path = [x for i, x in enumerate(body) if i not in skipped]  # an interior tile's path
+    un_instrs, un_mufu = in_flight(path)
     return {
         "instrs": len(body),
         "mufu": _count(body, lambda op, _: op.startswith("MUFU")),
@@ -281,6 +323,12 @@ def loop_stats(body: list[tuple[int, str, str]], num_warps: int) -> dict:
         "inflight_mufu": fl_mufu,
         "tensor_cycles": tensor,
         "issue_cycles": len(body) * num_warps / ISSUE_PER_CLK,
+        # the path that skips the regions of skipped_regions (an iteration that needs no mask)
+        "unmasked_instrs": len(path),
+        "unmasked_mufu": _count(path, lambda op, _: op.startswith("MUFU")),
+        "unmasked_inflight_instrs": un_instrs,
+        "unmasked_inflight_mufu": un_mufu,
+        "skipped_regions": [[body[a][0], body[b][0]] for a, b in regions],  # addresses, first and last
     }
 
 
@@ -320,7 +368,10 @@ def analyse(c: Compiled) -> dict:
 
     The *main loop* is the innermost loop with the most tensor-core instructions (ties:
     the shortest, i.e. the unmasked steady-state loop of a kernel that splits masked and
-    unmasked tiles); ``instrs_per_iter`` etc. are per iteration of it, per thread.
+    unmasked tiles); ``instrs_per_iter`` etc. are per iteration of it, per thread (the
+    whole body). A loop that masks only its boundary tiles branches around the masking code
+    (:func:`skipped_regions`): ``unmasked_*_per_iter`` count the path of the other tiles,
+    ``masking_*_per_iter`` the code they skip.
     """
     instrs = parse_sass(c.sass)
     lps = loops(instrs)
@@ -364,6 +415,17 @@ def analyse(c: Compiled) -> dict:
         "inflight_instrs_per_iter": main["inflight_instrs"],
         "inflight_mufu_per_iter": main["inflight_mufu"],
         "bar_syncs_per_iter": main["bar_syncs"],
+        # the main loop's path that skips the code a conditional forward branch jumps over
+        # (an unmasked tile's), and the skipped region(s): run by the masked tiles only
+        "unmasked_instrs_per_iter": main["unmasked_instrs"],
+        "unmasked_mufu_per_iter": main["unmasked_mufu"],
+        "unmasked_inflight_instrs_per_iter": main["unmasked_inflight_instrs"],
+        "unmasked_inflight_mufu_per_iter": main["unmasked_inflight_mufu"],
+        "masking_instrs_per_iter": main["instrs"] - main["unmasked_instrs"],
+        "masking_mufu_per_iter": main["mufu"] - main["unmasked_mufu"],
+        "masking_inflight_instrs_per_iter": main["inflight_instrs"] - main["unmasked_inflight_instrs"],
+        "masking_inflight_mufu_per_iter": main["inflight_mufu"] - main["unmasked_inflight_mufu"],
+        "masking_regions": [f"{a:#x}-{b:#x}" for a, b in main["skipped_regions"]],
         "outside_main_loop_instrs": len(instrs) - main["instrs"],
         "tensor_cycles_per_iter": main["tensor_cycles"],
         "issue_cycles_per_iter": main["issue_cycles"],

@@ -21,6 +21,12 @@ The model (:func:`iteration_cycles`, :func:`predict`), per CTA and main-loop ite
 * ``k`` CTAs resident per SM (registers, shared memory) can overlap one another's phases:
   overlapped ``c_k = max(T, I_o + I_x, M_o + M_x, c1 / k)``; the calibrated figure uses
   ``c1 + CTA_OVERLAP * (c_k - c1)``;
+* an unmasked iteration (``Work.iters_full``) runs the main loop's body without the code a
+  conditional forward branch in it skips (a loop that masks only its boundary tiles:
+  :func:`offline_compile.skipped_regions`); a masked one (``Work.iters_masked``, the
+  boundary tiles counted with the kernels' loop bounds) runs the whole body, or the
+  slowest other loop with as many tensor-core instructions (a loop over another source of
+  tiles, e.g. summaries), whole;
 * per program (tile): the instructions outside the main loop x warps / 4 plus
   ``TILE_LATENCY`` cycles (pipeline fill and the epilogue's stores), shared by the
   ``k`` co-resident CTAs; programs run in waves of ``132 x k``;
@@ -84,11 +90,15 @@ def iteration_cycles(st: dict, num_warps: int, occupancy: int, model: dict | Non
             "overlapped": ck, "tensor": t, "softmax_in_flight": st["inflight_mufu"] > 0}
 
 
-def main_stats(rec: dict) -> dict:
-    """The main loop's per-iteration fields of ``rec`` as :func:`iteration_cycles` reads them."""
-    return {"tensor_cycles": rec["tensor_cycles_per_iter"], "instrs": rec["instrs_per_iter"],
-            "mufu": rec["mufu_per_iter"], "inflight_instrs": rec["inflight_instrs_per_iter"],
-            "inflight_mufu": rec["inflight_mufu_per_iter"]}
+def main_stats(rec: dict, unmasked: bool = False) -> dict:
+    """The main loop's per-iteration fields of ``rec`` as :func:`iteration_cycles` reads them:
+    the whole body, or with ``unmasked`` the path of a tile that needs no mask (the body
+    without the code a conditional forward branch skips; the whole body when the record
+    has no such split)."""
+    pre = "unmasked_" if unmasked and "unmasked_instrs_per_iter" in rec else ""
+    return {"tensor_cycles": rec["tensor_cycles_per_iter"], "instrs": rec[pre + "instrs_per_iter"],
+            "mufu": rec[pre + "mufu_per_iter"], "inflight_instrs": rec[pre + "inflight_instrs_per_iter"],
+            "inflight_mufu": rec[pre + "inflight_mufu_per_iter"]}
 
 
 def predict(rec: dict, work: Work, model: dict | None = None) -> dict:
@@ -97,10 +107,10 @@ def predict(rec: dict, work: Work, model: dict | None = None) -> dict:
     m = dict(MODEL, **(model or {}))
     occ = occupancy(rec)
     warps = rec["num_warps"]
-    full = iteration_cycles(main_stats(rec), warps, occ, m)
+    full = iteration_cycles(main_stats(rec, unmasked=True), warps, occ, m)
     masked_loops = [lp for lp in rec.get("other_loops", []) if lp["mma"] == rec["mma_per_iter"] and lp["mma"] > 0]
     masked = max((iteration_cycles(lp, warps, occ, m) for lp in masked_loops),
-                 key=lambda c: c["calibrated"], default=full)
+                 key=lambda c: c["calibrated"], default=iteration_cycles(main_stats(rec), warps, occ, m))
     per_prog = rec.get("outside_main_loop_instrs", 0) * warps / ISSUE_PER_CLK + m["TILE_LATENCY"]
     out = {}
     for key in ("calibrated", "serialised", "overlapped"):
