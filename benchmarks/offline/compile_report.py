@@ -7,8 +7,9 @@ the benchmark shapes, recorded (:mod:`benchmarks.offline.offline_compile`), and 
 for sm_90a (and sm_80 / sm_100 without ``--quick``) for **every config its pruner keeps**,
 fp16 and bf16. For each kernel x config it records registers, spills, shared memory,
 wgmma (``HGMMA``, fp8 ``QGMMA``) vs mma.sync, TMA / cp.async / plain loads, the SASS
-instructions and ``MUFU`` of the main loop (and how many of them run while a wgmma is in
-flight), and whether some warps duplicate others' tiles. Every speed figure is a
+instructions and ``MUFU`` of the main loop (how many of them run while a wgmma is in
+flight, and how many are masking code that only boundary tiles run), and whether some
+warps duplicate others' tiles. Every speed figure is a
 PREDICTION of one model, calibrated against published H100 measurements of
 peer Triton kernels compiled by the same tool (``python -m benchmarks.calibrate``;
 ``benchmarks/results/calibration.md`` holds the points and the error band).

@@ -16,9 +16,8 @@ and prints, per config, three predictions (TFLOP/s of useful work, none measured
   overlapped bounds (:func:`calibrated`), "U" where the softmax's MUFU run while a wgmma is
   in flight (an overlap no calibration point covers: only the bounds hold). The kernels
   here use one loop per key (or query) source that branches around its mask for the tiles
-  every row sees; :func:`calibrated` takes those tiles on the path that skips the mask
-  block (:func:`fast_path`), where :func:`offline_compile.analyse` charges the whole loop
-  body to every iteration.
+  every row sees; :func:`offline_compile.analyse` counts those tiles on the path that skips
+  the mask block (:func:`offline_compile.skipped_regions`, :func:`fast_path` here).
 
 It also reports ptxas's C7515 ("wgmma serialized": every ``HGMMA`` then waits for the one
 before; separate masked and unmasked loops over the same tiles trigger it) and the spills,
@@ -118,21 +117,11 @@ def overlap_stats(body: list[tuple[int, str, str]], num_warps: int) -> dict:
 
 
 def fast_path(body: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
-    """``body`` without the blocks a forward branch inside it jumps over (the masking code
-    of a loop that masks only some of its tiles: the unmasked tiles take the jumps)."""
-    if not body:
-        return body
-    end = body[-1][0]
-    out, skip_to = [], -1
-    for addr, op, rest in body:
-        if addr < skip_to:
-            continue
-        out.append((addr, op, rest))
-        if op.startswith("BRA"):
-            m = oc._BRA_TARGET.search(rest)
-            if m and addr < int(m.group(1), 16) <= end:
-                skip_to = int(m.group(1), 16)
-    return out
+    """``body`` without the blocks a conditional forward branch inside it jumps over
+    (:func:`offline_compile.skipped_regions`: the masking code of a loop that masks only
+    some of its tiles; the unmasked tiles take the jumps)."""
+    skipped = {i for a, b in oc.skipped_regions(body) for i in range(a, b + 1)}
+    return [x for i, x in enumerate(body) if i not in skipped]
 
 
 def real_loops(instrs: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
@@ -265,24 +254,12 @@ def predict(label: str, launch: oc.Launch, cfg, c: oc.Compiled, shape: cr.AttnSh
 def calibrated(label: str, launch: oc.Launch, cfg, c: oc.Compiled, shape: cr.AttnShape = cr.ATTN_MAIN,
                d: int = 128) -> dict:
     """:func:`benchmarks.offline.compile_report.predict` (the calibrated model) of one compiled
-    attention kernel, with the unmasked iterations of a loop that branches around its
-    mask taken on the path that skips the mask (``analyse`` charges the whole body to every
-    iteration): main-loop stats from :func:`fast_path` of the first loop with tensor-core
-    work, masked iterations on the slowest whole body, and the rest of the kernel (outside
-    that first loop's whole body) once per program."""
-    rec = oc.analyse(c)
+    attention kernel: :func:`offline_compile.analyse` takes the unmasked iterations of a loop
+    that branches around its mask on the path that skips it, the masked ones on the whole body."""
     kw = dict(launch.kwargs, **(cfg.all_kwargs() if cfg is not None else {}))
-    bodies = mma_loops(c.sass)
-    if any(len(fast_path(b)) < len(b) for b in bodies):
-        main = oc.loop_stats(fast_path(bodies[0]), c.num_warps)
-        rec.update(instrs_per_iter=main["instrs"], mufu_per_iter=main["mufu"], mma_per_iter=main["mma"],
-                   inflight_instrs_per_iter=main["inflight_instrs"], inflight_mufu_per_iter=main["inflight_mufu"],
-                   tensor_cycles_per_iter=main["tensor_cycles"], issue_cycles_per_iter=main["issue_cycles"],
-                   outside_main_loop_instrs=rec["total_instrs"] - len(bodies[0]),
-                   other_loops=[oc.loop_stats(b, c.num_warps) for b in bodies])
     base, _, passno = label.partition("_pass")
     work = cr.attn_work(cr.attn_kind(base), shape, d, 2, kw["BLOCK_M"], kw["BLOCK_N"], int(passno or 0))
-    return cr.predict(rec, work)
+    return cr.predict(oc.analyse(c), work)
 
 
 def report(label: str, launch: oc.Launch, cfg, c: oc.Compiled, ptx: str | None = None,

@@ -10,7 +10,9 @@ ints as constants, ``do_not_specialize`` honoured) and compiles for a chosen tar
 ``cuobjdump`` disassembles the cubin, and :func:`analyse` reads from the SASS and the
 TTGIR what a profiler would show: registers, spills, shared memory, wgmma (``HGMMA``)
 vs ``mma.sync`` (``HMMA``), TMA / cp.async / plain global loads, the instructions and
-``MUFU`` of the main loop, and whether some warps compute the same tile as others.
+``MUFU`` of the main loop (the whole body, and the path that skips the code a conditional
+forward branch in it jumps over: the masking code only boundary tiles run,
+:func:`skipped_regions`), and whether some warps compute the same tile as others.
 
 Run it without ``TRITON_INTERPRET`` (the interpreter replaces every ``@triton.jit``).
 """

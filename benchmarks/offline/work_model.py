@@ -1,7 +1,9 @@
 """The compile report's work model: what one kernel launch does at a benchmark shape.
 
 Loop iterations (unmasked and masked, counted with the kernels' own loop bounds,
-:mod:`dasg_kernels.attention.loop_bounds`), useful FLOPs, and HBM bytes (the operand
+:mod:`dasg_kernels.attention.loop_bounds`: per program, the tiles in ``[lo, full_lo)`` and
+``[full_hi, hi)`` are masked, the speed model charges them the loop's masking branch),
+useful FLOPs, and HBM bytes (the operand
 re-reads the grid order causes, through an LRU model of the L2) of the attention kernels,
 flash-linear-attention's forward, and the MoE grouped GEMMs.
 """

@@ -18,7 +18,8 @@ from benchmarks.offline.work_model import ATTN_LONG, ATTN_MAIN, ATTN_PEER, MOE_S
 
 
 COLUMNS = ("family", "kernel", "dtype", "head_dim", "config", "target", "regs", "spill_bytes", "smem_bytes", "wgmma",
-           "mma_sync", "tma_loads", "cp_async_loads", "global_loads", "instrs_per_iter", "inflight_instrs_per_iter",
+           "mma_sync", "tma_loads", "cp_async_loads", "global_loads", "instrs_per_iter", "unmasked_instrs_per_iter",
+           "masking_instrs_per_iter", "inflight_instrs_per_iter",
            "mufu_per_iter", "inflight_mufu_per_iter", "tensor_cycles_per_iter", "issue_cycles_per_iter", "duplicated",
            "bound", "predicted_tflops", "serialised_tflops", "overlapped_tflops")
 
@@ -119,6 +120,9 @@ def write(records: list[dict], out_dir: str, quick: bool, name: str = "compile-s
         "## Per kernel and config", "",
         "`instrs_per_iter`, `mufu_per_iter`, cycles: per thread and main-loop iteration (the innermost loop with the",
         "most tensor-core instructions; the shortest such loop when masked and unmasked copies exist).",
+        "`unmasked_instrs_per_iter`: the same body without the code a conditional forward branch in it skips",
+        "(`masking_instrs_per_iter`: the masking code, run by boundary tiles only); the model charges unmasked",
+        "iterations the first, masked ones the whole body.",
         "`duplicated`: some warps compute the same dot tile as others.", "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
     ]
