@@ -525,6 +525,116 @@ def _chunk_attention_triton(q, k_ext, v_ext, ks, vs, *, h, pos0, left, group_siz
     return run(q, k_ext, v_ext, ks, vs)
 
 
+# --------------------------------------------------------------------------- packed documents
+
+
+def _check_cp_cu_seqlens(cu_seqlens: object, q: torch.Tensor, total: int) -> list[int]:
+    """The document bounds of :func:`swa_attention_cp` as a list (one host read), checked."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{_OP}: cu_seqlens must be a torch.Tensor or None, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"{_OP}: cu_seqlens must be a 1-D int32 tensor of at least 2 offsets, got "
+                         f"{cu_seqlens.dtype} of shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"{_OP}: cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    if q.shape[0] != 1:
+        raise ValueError(f"{_OP}: packed documents (cu_seqlens) need batch size 1 (one packed row), "
+                         f"got q.shape[0] = {q.shape[0]}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(a > b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"{_OP}: cu_seqlens must start at 0, never decrease and end at the whole sequence's "
+                         f"length (world size x T_local = {total}); got {bounds if len(bounds) <= 12 else '...'}")
+    return bounds
+
+
+def _documents_signature(bounds: list[int] | None) -> dict[str, int]:
+    """Two ints of the argument check that differ (with near certainty) when ranks pass
+    different ``cu_seqlens`` (``-1, 0`` without documents)."""
+    if bounds is None:
+        return {"cu_seqlens (documents)": -1, "cu_seqlens (checksum)": 0}
+    chk = 0
+    for i, x in enumerate(bounds):
+        chk = (chk * 1000003 + x * (i + 1)) % (2**31 - 1)
+    return {"cu_seqlens (documents)": len(bounds) - 1, "cu_seqlens (checksum)": chk}
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """``all_reduce(SUM)`` of ``x`` whose backward is the same all-reduce of the gradient.
+
+    ``anchor`` (the local keys) is returned as it is, so that the backward runs on every
+    rank, also on one that used none of the sums (see :class:`_AllToAll`)."""
+
+    @staticmethod
+    def forward(ctx, group, anchor, x):
+        ctx.group, ctx.shape, ctx.dtype = group, x.shape, x.dtype
+        x = x.clone()
+        dist.all_reduce(x, group=group)
+        world = dist.get_world_size(group)
+        _count("summaries", x.numel() * x.element_size() * 2 * (world - 1) // world)
+        return anchor, x
+
+    @staticmethod
+    def backward(ctx, g_anchor, grad):
+        grad = grad.clone() if grad is not None else torch.zeros(ctx.shape, dtype=ctx.dtype, device=g_anchor.device)
+        dist.all_reduce(grad, group=ctx.group)
+        world = dist.get_world_size(ctx.group)
+        _count("summaries_bwd", grad.numel() * grad.element_size() * 2 * (world - 1) // world)
+        return None, g_anchor, grad
+
+
+def _document_means(k: torch.Tensor, v: torch.Tensor, geo: CPGeometry, rank: int, bounds: list[int],
+                    group: dist.ProcessGroup) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """Every document's group means from every rank: ``(k, first row of each document, ks, vs)``
+    (``k`` anchored to the all-reduce's backward: use it from here on)
+    with ``ks [1, n_rows, Hkv, D]`` (document ``d``'s group ``j``, counted from its start, at
+    row ``first[d] + j``). Each rank sums its own positions per (document, group) over ``G``
+    (fp32), one all-reduce adds the ranks' parts."""
+    g = geo.group_size
+    first = [0]
+    for a, b in zip(bounds, bounds[1:]):
+        first.append(first[-1] + -(-(b - a) // g))
+    hkv, d, dv = k.shape[2], k.shape[3], v.shape[3]
+    pos = torch.cat([torch.arange(geo.start(c), geo.start(c) + geo.tc, device=k.device) for c in geo.chunks(rank)])
+    cu = torch.tensor(bounds, device=k.device)
+    doc = torch.searchsorted(cu, pos, right=True) - 1
+    row = (torch.tensor(first[:-1], device=k.device)[doc] + (pos - cu[doc]) // g).to(torch.int32)
+    rows = _rows_t(k, v, 0, k.shape[1])  # [T_local, 1, F]
+    sums = _IndexAdd.apply(first[-1], row, rows) * (1.0 / g)
+    if dist.get_world_size(group) > 1:
+        k, sums = _AllReduceSum.apply(group, k, sums)
+    ks, vs = _split_rows(sums.to(k.dtype), hkv, d, dv)
+    return k, first, ks, vs
+
+
+def _packed_attention(q, k, v, bounds: list[int], attend, *, world: int, rank: int, group, left: int,
+                      group_size: int | None, scale: float, zig: bool) -> torch.Tensor:
+    """:func:`swa_attention_cp` with packed documents: every (chunk, document) piece is one
+    chunk attention whose "sequence" is its document (positions from the document's start)."""
+    geo = CPGeometry(world, q.shape[1], left, None, zig)
+    if group_size is not None and left >= 0:
+        k, first, ks_all, vs_all = _document_means(k, v, CPGeometry(world, q.shape[1], left, group_size, zig),
+                                                   rank, bounds, group)
+    chunks = _exchange(k, v, geo, rank, group)  # keys behind each chunk's halo (no summaries)
+    outs = []
+    for c, (k_ext, v_ext, _, _) in zip(geo.chunks(rank), chunks):
+        o, s, h = geo.owner(c)[1], geo.start(c), geo.halo(c)
+        base = s - h  # global position of k_ext's first row
+        for di, (ds, de) in enumerate(zip(bounds, bounds[1:])):
+            a, b = max(s, ds), min(s + geo.tc, de)
+            if a >= b:
+                continue
+            lo = ds if left < 0 else max(a - left, ds)  # the piece's first key (its document's)
+            ks = vs = None
+            if group_size is not None and left >= 0:
+                n = max(0, (b - 1 - ds - left) // group_size)  # groups some query of the piece sees
+                if n:
+                    ks = ks_all[:, first[di]:first[di] + n]
+                    vs = vs_all[:, first[di]:first[di] + n]
+            outs.append(attend(q[:, o + a - s:o + b - s], k_ext[:, lo - base:b - base], v_ext[:, lo - base:b - base],
+                               ks, vs, h=a - lo, pos0=lo - ds, left=left, group_size=group_size, scale=scale))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
 # --------------------------------------------------------------------------- public op
 
 
@@ -543,6 +653,7 @@ def swa_attention_cp(
     layout: str = "contiguous",
     seq_len: int | None = None,
     validate: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`dasg_kernels.swa_attention` over a sequence sharded across the ranks of ``group``.
 
@@ -572,11 +683,21 @@ def swa_attention_cp(
             ``W * T_local`` on this rank before any collective (a clear ``ValueError`` even
             with ``validate=False``).
         validate: check that every rank passed the same shapes and arguments, with one
-            all-reduce of 22 ints before the exchange: on CPU tensors (gloo) read on the host
+            all-reduce of 13 ints (26 elements) before the exchange: on CPU tensors (gloo) read on the host
             (no device to synchronise; a ``ValueError`` names the argument), on CUDA compared
             on the device (``torch._assert_async``: no host sync; a mismatch stops the process
             at its next synchronisation, with this rank's values in the message). ``False``
             skips it; pass ``seq_len`` for a local check of the shard length.
+        cu_seqlens: packed documents: int32 ``[n_docs + 1]`` offsets of the documents in the
+            *whole* sequence (flash-attn's varlen layout, ``0 = cu[0] <= ... <= cu[-1] = W *
+            T_local``; the same tensor on every rank), with ``B = 1``. Each document is then
+            attended as :func:`~dasg_kernels.swa_attention_varlen` does: no key of another
+            document, positions, windows and groups restarting at the document's start. A
+            document may span chunks and ranks. Costs: one host read of ``cu_seqlens`` (a
+            sync on CUDA; eager use), one kernel call per (chunk, document) piece, and the
+            documents' group contributions summed with one ``all_reduce`` of
+            ``sum_d ceil(len_d / G)`` rows (every rank gets every document's means) instead
+            of the targeted exchange of a single sequence.
 
     Returns:
         ``out [B, T_local, Hq, Dv]``, this shard of ``swa_attention`` on the whole sequence;
@@ -620,18 +741,22 @@ def swa_attention_cp(
             raise ValueError(f"{_OP}: q.shape[1] (shard length T_local) = {t_local} on rank {rank}, but seq_len = "
                              f"{seq_len} over {world} ranks needs T_local = seq_len / {world} "
                              f"{'= ' + str(seq_len // world) if seq_len % world == 0 else '(not an integer)'}")
+    bounds = _check_cp_cu_seqlens(cu_seqlens, q, world * t_local) if cu_seqlens is not None else None
     if validate:
         _check_same_on_all_ranks(
-            _OP, group, q.device, **{
+            _OP, group, q.device, **_documents_signature(bounds), **{
                 "q.shape[0] (batch)": b, "q.shape[1] (shard length T_local)": t_local, "q.shape[2] (Hq)": hq,
                 "k.shape[2] (Hkv)": hkv, "q.shape[3] (D)": d, "v.shape[3] (Dv)": dv, "window[0] (left)": left,
                 "group_size": group_size or 0, "summaries": int(summaries), "layout": int(zig),
                 "softmax_scale (float bits)": int(torch.tensor(scale, dtype=torch.float64).view(torch.int64)),
             })
 
+    attend = _chunk_attention_torch if be == "torch" else _chunk_attention_triton
+    if bounds is not None:
+        return _packed_attention(q, k, v, bounds, attend, world=world, rank=rank, group=group, left=left,
+                                 group_size=group_size if summaries else None, scale=scale, zig=zig)
     geo = CPGeometry(world, t_local, left, group_size if summaries else None, zig)
     chunks = _exchange(k, v, geo, rank, group)
-    attend = _chunk_attention_torch if be == "torch" else _chunk_attention_triton
     outs = []
     for c, (k_ext, v_ext, ks, vs) in zip(geo.chunks(rank), chunks):
         o = geo.owner(c)[1]

@@ -87,9 +87,11 @@ class GroupedMultiHeadAttention(nn.Module):
     ) -> torch.Tensor:
         """``x [B, T, hidden]``; ``rope`` the tables of the positions; with ``cache`` the ``T``
         new positions go through :func:`dasg_kernels.swa_attention_with_kvcache` against layer
-        ``layer_idx`` of the cache (inference only: no gradients); with ``documents`` (no cache,
-        no context parallelism) each packed document attends only to itself (``cu_seqlens``
-        checked by the op, with its one host read in eager mode, at layer 0 only)."""
+        ``layer_idx`` of the cache (inference only: no gradients); with ``documents`` (no cache)
+        each packed document attends only to itself (``cu_seqlens`` checked by the op, with its
+        one host read in eager mode, at layer 0 only; under context parallelism the offsets are
+        into the whole sequence and :func:`~dasg_kernels.context_parallel.swa_attention_cp`
+        reads them on every layer)."""
         b, t, _ = x.shape
         if rope is None:
             cp = self.cp_group
@@ -102,10 +104,14 @@ class GroupedMultiHeadAttention(nn.Module):
         cfg = self.config
         kw = dict(window=cfg.window, causal=True, group_size=cfg.group_size if cfg.use_summaries else None,
                   summaries=cfg.use_summaries, backend=cfg.backend)
-        if documents is not None:
-            if cache is not None or self.cp_group is not None:
-                raise ValueError("GroupedMultiHeadAttention: packed documents cannot be used with a generation cache "
-                                 "or context parallelism")
+        if documents is not None and self.cp_group is not None:
+            if cache is not None:
+                raise ValueError("GroupedMultiHeadAttention: a generation cache cannot be used with context parallelism")
+            o = swa_attention_cp(q, k, v, group=self.cp_group, validate=self.cp_validate, layout=self.cp_layout,
+                                 cu_seqlens=documents.cu_seqlens_q, **kw)
+        elif documents is not None:
+            if cache is not None:
+                raise ValueError("GroupedMultiHeadAttention: packed documents cannot be used with a generation cache")
             d = documents
             o = swa_attention_varlen(q.reshape(b * t, *q.shape[2:]), k.reshape(b * t, *k.shape[2:]),
                                      v.reshape(b * t, *v.shape[2:]), d.cu_seqlens_q, d.cu_seqlens_k,

@@ -25,7 +25,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from dasg_kernels.context_parallel import cp_positions
+from dasg_kernels.context_parallel import cp_positions, cp_shard
 from dasg_model.attention import GroupedMultiHeadAttention, RotaryEmbedding
 from dasg_model.cache import DASGCache
 from dasg_model.config import DASGConfig
@@ -194,7 +194,7 @@ class DASGModel(DASGPreTrainedModel):
           a slot per token.
 
         ``ValueError`` (before any launch) for what cannot be honoured: ``cu_seq_lens`` /
-        ``seq_idx`` with a batch size other than 1, with a cache, with context parallelism,
+        ``seq_idx`` with a batch size other than 1, with a cache, ``seq_idx`` with context parallelism,
         with an ``attention_mask`` holding zeros (read in eager mode; taken as all ones under
         compile), incomplete ``cu_seq_lens`` keywords, unequal ``cu_seq_lens_q`` / ``_k``
         (read off CUDA, in eager mode), ``seq_idx`` of the wrong shape; ``position_ids`` with
@@ -212,8 +212,10 @@ class DASGModel(DASGPreTrainedModel):
             if cache is not None:
                 raise ValueError(f"DASGModel: packed documents ({what}) cannot be used with a generation cache; "
                                  "pass one document per row (with an attention_mask for padding) to generate")
-            if self.cp_group is not None:
-                raise ValueError(f"DASGModel: packed documents ({what}) are not supported with context parallelism")
+            if self.cp_group is not None and not given:
+                raise ValueError("DASGModel: with context parallelism, packed documents are given as cu_seq_lens_q/k "
+                                 "(+ max_length_q/k): offsets into the whole sequence, before sharding; seq_idx "
+                                 "is not supported")
             if batch != 1:
                 raise ValueError(f"DASGModel: a packed batch ({what}) must have batch size 1 "
                                  f"(DataCollatorWithFlattening's [1, total_tokens]), got input of batch size {batch}")
@@ -229,6 +231,12 @@ class DASGModel(DASGPreTrainedModel):
                         and not torch.equal(cu_q, cu_k):
                     raise ValueError("DASGModel: cu_seq_lens_q and cu_seq_lens_k differ; packed self-attention "
                                      "without a cache needs the same documents for queries and keys")
+                if self.cp_group is not None:  # global offsets: this rank's shard of the start mask
+                    world = dist.get_world_size(self.cp_group)
+                    start = cp_shard(doc_starts_from_cu_seqlens(cu_q, world * length)[None], group=self.cp_group,
+                                     layout=self.cp_layout)
+                    return PackedDocuments(cu_q, cu_k, host_int(max_length_q, world * length),
+                                           host_int(max_length_k, world * length), start)
                 start = doc_starts_from_cu_seqlens(cu_q, length)[None]
                 return PackedDocuments(cu_q, cu_k, host_int(max_length_q, length), host_int(max_length_k, length),
                                        start)
@@ -301,7 +309,14 @@ class DASGModel(DASGPreTrainedModel):
             raise ValueError(f"DASGModel: sequence length {total} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
         if documents is not None:
-            pos = positions_in_documents(documents.start) if position_ids is None else position_ids
+            if position_ids is not None:
+                pos = position_ids
+            elif self.cp_group is not None:  # the shard's global positions, from their documents' starts
+                glob = cp_positions(rank, world, t, layout=self.cp_layout, device=x.device)
+                cu = documents.cu_seqlens_q.to(x.device, torch.long)
+                pos = (glob - cu[torch.searchsorted(cu, glob, right=True) - 1])[None]
+            else:
+                pos = positions_in_documents(documents.start)
             x, outs = self._layers(x, self.rotary(pos), documents=documents)
             return self.norm(x), outs
         shift = None

@@ -129,8 +129,8 @@ def _check_bytes(sent: dict, rank: int, world: int, *, tl, left, g, layout, row_
             "halo_bwd": sum(h for h, _ in back), "summaries_bwd": sum(s for _, s in back)}
     for phase, n in want.items():
         assert sent.get(phase, 0) == n * row_bytes, f"{phase} bytes {sent}: want {n} rows"
-    if "validate" in sent:  # 11 int64 twice, as a ring all-reduce sends
-        assert sent["validate"] == 2 * (world - 1) * 22 * 8 // world, sent
+    if "validate" in sent:  # 13 int64 and their negatives, as a ring all-reduce sends
+        assert sent["validate"] == 2 * (world - 1) * 26 * 8 // world, sent
     assert sent["total"] == sum(v for k, v in sent.items() if k != "total")
 
 
@@ -213,6 +213,92 @@ def test_cp_attention_triton_2_ranks():
         dict(tl=7, left=3, g=3, summaries=True, d=16, b=1, backend="triton", dtype=torch.bfloat16, tol=3e-2),
     ]
     _spawn("_attention_cases", 2, cases)
+
+
+# --------------------------------------------------------------------------- packed documents
+
+
+def _check_packed(rank: int, world: int, *, tl: int, bounds: list[int], left: int, g: int | None, summaries: bool,
+                  hq: int = 2, hkv: int = 1, d: int = 8, dv: int | None = None, backend: str = "torch",
+                  layout: str = "contiguous", tol: float = 1.5e-6, seed: int = 0) -> None:
+    """Packed documents ``bounds`` (global offsets) over the CP ranks against the oracle run on
+    each document alone (positions, window and groups from the document's start), forward and
+    gradients."""
+    group = dist.group.WORLD
+    dv = d if dv is None else dv
+    gen = torch.Generator().manual_seed(seed)
+    t = world * tl
+    q, k = torch.randn(1, t, hq, d, generator=gen), torch.randn(1, t, hkv, d, generator=gen)
+    v, dout = torch.randn(1, t, hkv, dv, generator=gen), torch.randn(1, t, hq, dv, generator=gen)
+    kw = dict(window=(left, 0), causal=True, group_size=g, summaries=summaries)
+    qf, kf, vf = (x.clone().requires_grad_() for x in (q, k, v))
+    ref = torch.cat([reference.swa_attention_ref(qf[:, a:b], kf[:, a:b], vf[:, a:b], **kw)[0]
+                     for a, b in zip(bounds, bounds[1:]) if b > a], dim=1)
+    (ref * dout).sum().backward()
+
+    def shard(x):
+        return cp_shard(x, group=group, layout=layout)
+
+    ql, kl, vl = (shard(x).requires_grad_() for x in (q, k, v))
+    out = swa_attention_cp(ql, kl, vl, group=group, backend=backend, layout=layout,
+                           cu_seqlens=torch.tensor(bounds, dtype=torch.int32), **kw)
+    (out * shard(dout)).sum().backward()
+    t_ = dict(atol=tol, rtol=0)
+    assert_close(out, shard(ref).detach(), **t_, msg=lambda m: f"out: {m}")
+    assert_close(ql.grad, shard(qf.grad), **t_, msg=lambda m: f"dq: {m}")
+    assert_close(kl.grad, shard(kf.grad), **t_, msg=lambda m: f"dk: {m}")
+    assert_close(vl.grad, shard(vf.grad), **t_, msg=lambda m: f"dv: {m}")
+
+
+def _packed_cases(rank: int, world: int, cases: list[dict]) -> None:
+    for case in cases:
+        _check_packed(rank, world, **case)
+
+
+PACKED_2 = [
+    # a document across the rank boundary, a 1-token document, summaries of documents on both ranks
+    dict(tl=16, bounds=[0, 5, 13, 14, 32], left=3, g=2, summaries=True),
+    dict(tl=16, bounds=[0, 11, 32], left=20, g=3, summaries=True, hq=4, hkv=2, dv=4),  # window wider than a shard
+    dict(tl=12, bounds=[0, 24], left=4, g=3, summaries=True, layout="zigzag"),         # one document = plain CP
+    dict(tl=12, bounds=[0, 7, 7, 19, 24], left=-1, g=None, summaries=False, layout="zigzag"),  # empty document
+    dict(tl=10, bounds=[0, 3, 9, 17, 20], left=2, g=4, summaries=True, layout="zigzag", seed=1),
+]
+
+
+def test_cp_packed_documents_2_ranks():
+    _spawn("_packed_cases", 2, PACKED_2)
+
+
+def test_cp_packed_documents_3_ranks_triton():
+    if not triton_can_run_on(torch.device("cpu")):
+        pytest.skip("backend='triton' cannot run on the CPU here (TRITON_INTERPRET unset)")
+    cases = [
+        dict(tl=8, bounds=[0, 6, 19, 24], left=5, g=3, summaries=True, d=16, backend="triton"),  # a document on 3 ranks
+        dict(tl=8, bounds=[0, 2, 10, 24], left=3, g=2, summaries=True, d=16, hq=4, hkv=2, layout="zigzag",
+             backend="triton"),
+    ]
+    _spawn("_packed_cases", 3, cases)
+
+
+def _packed_validation(rank: int, world: int) -> None:
+    x = torch.randn(1, 4, 2, 8)
+    kw = dict(group=dist.group.WORLD, window=(2, 0), group_size=2, summaries=True, backend="torch")
+
+    def expect(exc, match, xx=x, **over):
+        with pytest.raises(exc, match=match):
+            swa_attention_cp(xx, xx[:, :, :1], xx[:, :, :1], **{**kw, **over})
+
+    expect(ValueError, r"end at the whole sequence's length", cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32))
+    expect(ValueError, r"never decrease", cu_seqlens=torch.tensor([0, 5, 3, 8], dtype=torch.int32))
+    expect(ValueError, r"int32", cu_seqlens=torch.tensor([0, 8]))
+    expect(ValueError, r"batch size 1", xx=torch.randn(2, 4, 2, 8), cu_seqlens=torch.tensor([0, 8], dtype=torch.int32))
+    # different documents on the ranks: the argument check names them
+    expect(ValueError, r"cu_seqlens", cu_seqlens=torch.tensor([0, 3 + rank, 8], dtype=torch.int32))
+    dist.barrier()
+
+
+def test_cp_packed_documents_validation_2_ranks():
+    _spawn("_packed_validation", 2)
 
 
 # --------------------------------------------------------------------------- validation
@@ -382,6 +468,57 @@ def _model(rank: int, world: int, tl: int, layout: str = "contiguous") -> None:
 
     remove_context_parallel(cp_model)  # whole sequences again, on every rank
     assert_close(cp_model(ids).logits, ref.logits.detach(), **tol, msg=lambda m: f"rank {rank} after remove: {m}")
+
+
+def _model_packed(rank: int, world: int, tl: int, bounds: list[int], layout: str = "contiguous") -> None:
+    """A packed row (DataCollatorWithFlattening's cu_seq_lens keywords, offsets into the whole
+    sequence) under CP: logits and parameter gradients (summed over the ranks) equal one process
+    on the whole row, documents crossing shards included."""
+    cfg = DASGConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                     attention_window=3, group_size=2, use_summaries=True, shallow_shared_size=32,
+                     deep_shared_size=64, shallow_num_experts=4, shallow_expert_size=32, deep_num_experts=4,
+                     deep_expert_size=32, top_p=0.6, k_max=2, complexity_threshold=0.5, backend="torch")
+    torch.manual_seed(0)
+    model = DASGForCausalLM(cfg)
+    cp_model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(1)
+    t = world * tl
+    ids = torch.randint(0, cfg.vocab_size, (1, t), generator=gen)
+    w = torch.randn(1, t, cfg.vocab_size, generator=gen)
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    mx = max(b - a for a, b in zip(bounds, bounds[1:]))
+    docs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=mx, max_length_k=mx)
+
+    ref = model(ids, **docs)
+    (ref.logits * w).sum().backward()
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+    apply_context_parallel(cp_model, mesh["cp"], layout=layout)
+
+    def shard(x):
+        return cp_shard(x, group=mesh["cp"], layout=layout)
+
+    out = cp_model(shard(ids), **docs)
+    (out.logits * shard(w)).sum().backward()
+    tol = dict(atol=1e-4, rtol=1e-4)
+    assert_close(out.logits, shard(ref.logits).detach(), **tol, msg=lambda m: f"rank {rank} logits: {m}")
+    for n, p in cp_model.named_parameters():
+        ref_g = dict(model.named_parameters())[n].grad
+        if ref_g is None:
+            continue
+        g = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        dist.all_reduce(g)
+        assert_close(g, ref_g, **tol, msg=lambda m, n=n: f"rank {rank} grad {n}: {m}")
+    # positions are per document: the same ids as one document give other logits
+    one = cp_model(shard(ids)).logits
+    assert not torch.allclose(one, out.logits, atol=1e-3)
+
+
+def test_cp_model_packed_documents_2_ranks():
+    _spawn("_model_packed", 2, 8, [0, 3, 11, 16])                # the middle document spans both ranks
+
+
+def test_cp_model_packed_documents_zigzag_2_ranks():
+    _spawn("_model_packed", 2, 8, [0, 6, 7, 13, 16], "zigzag")   # a 1-token document, chunks of 4
 
 
 def test_cp_model_2_ranks():
