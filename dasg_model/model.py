@@ -135,8 +135,10 @@ class DASGModel(DASGPreTrainedModel):
 
     With ``cp_group`` set (:func:`dasg_model.parallel.apply_context_parallel`) ``input_ids``
     is this rank's sequence shard (in ``cp_layout``) and the positions are its global ones
-    (``dasg_kernels.context_parallel.cp_positions``; ``position_ids`` and packed documents are
-    refused there).
+    (``dasg_kernels.context_parallel.cp_positions``; ``position_ids`` and ``seq_idx`` are refused
+    there). Packed documents come as ``cu_seq_lens_q/k`` + ``max_length_q/k``, offsets into the
+    whole sequence (before sharding): each document attends to itself across the shards and its
+    positions count from its start.
     """
 
     cp_group: object | None = None
