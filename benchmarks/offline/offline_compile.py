@@ -205,11 +205,19 @@ def conditional_branch(op: str, rest: str) -> bool:
     return op.startswith("BRA") and (rest.lstrip().startswith("@") or bool(_BRA_PRED.search(rest)))
 
 
+#: opcodes a masking region may not hold: tensor-core work, memory traffic (constant-bank
+#: ``LDC`` aside), barriers; code a compiler guards for its own reasons (a pipeline's
+#: prefetch of the next stage, a rescale skipped when the row max holds) has them or lacks -inf
+_NOT_MASKING = ("HGMMA", "QGMMA", "HMMA", "LDG", "LDS", "LDL", "LD.", "STG", "STS", "STL", "ST.", "UTMA", "UBLKCP",
+                "SYNCS", "BAR", "ATOM", "RED", "LDSM", "STSM")
+
+
 def skipped_regions(body: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
-    """Index ranges ``[first, last]`` of ``body`` (one loop body) that a conditional forward
-    branch inside it jumps over: the branch's target lies in the body, after it. Only the
-    outermost regions, and only those without tensor-core instructions (the masking code a
-    loop runs on its boundary tiles alone: interior tiles take the branch)."""
+    """Index ranges ``[first, last]`` of ``body`` (one loop body) holding masking code that a
+    conditional forward branch inside it jumps over: the branch's target lies in the body,
+    after it, and the code in between (outermost regions only) writes ``-inf`` (a score
+    masked out) and holds no tensor-core, memory or barrier instruction (:data:`_NOT_MASKING`).
+    That is the masking a loop runs on its boundary tiles alone: interior tiles take the branch."""
     if not body:
         return []
     index = {a: i for i, (a, _, _) in enumerate(body)}
@@ -221,7 +229,8 @@ def skipped_regions(body: list[tuple[int, str, str]]) -> list[tuple[int, int]]:
         j = index.get(int(m.group(1), 16)) if m else None
         if j is None or j <= i + 1:
             continue
-        if any(o.startswith(("HGMMA", "QGMMA", "HMMA")) for _, o, _ in body[i + 1:j]):
+        region = body[i + 1:j]
+        if any(o.startswith(_NOT_MASKING) for _, o, _ in region) or not any("-INF" in r for _, _, r in region):
             continue
         out.append((i + 1, j - 1))
     return out

@@ -18,7 +18,7 @@ from benchmarks.offline.work_model import (AttnShape, Work, attn_kv_iters, attn_
                                           attn_summary_kv_iters)
 
 # One loop (0x0000-0x00d0): the scores' wgmma and its wait, a conditional forward branch
-# over the masking code (0x0040-0x0080: 5 instructions, one MUFU), the softmax, the second
+# over the masking code (0x0040-0x0080: 5 instructions, one MUFU, scores set to -inf), the softmax, the second
 # wgmma, a jump out to an mbarrier-wait stub (not a region: its target is outside the loop)
 # and the back edge.
 LOOP = [
@@ -60,16 +60,25 @@ def test_masking_region_split():
     assert st["inflight_mufu"] == st["unmasked_inflight_mufu"] == 0
 
 
-@pytest.mark.parametrize("branch", [
+@pytest.mark.parametrize("line", [
     "/*0030*/ BRA 0x90 ;",                  # unconditional: no path runs the region
     "/*0030*/ @!P6 BRA P5, 0x120 ;",        # target outside the loop
     "/*0030*/ @P6 BRA 0x20 ;",              # backward: an inner loop, not a region
+    "/*0060*/ LDGSTS.E.BYPASS.128 [R3], desc[UR6][R4.64] ;",  # a guarded prefetch, not masking
+    "/*0060*/ SYNCS.ARRIVE.TRANS64 RZ, [UR33+0x10100], R20 ;",
 ])
-def test_not_a_masking_region(branch):
-    body = _body([branch if ln.startswith("/*0030*/") else ln for ln in LOOP])
+def test_not_a_masking_region(line):
+    body = _body([line if ln[:8] == line[:8] else ln for ln in LOOP])
     assert skipped_regions(body) == []
     st = loop_stats(body, num_warps=4)
     assert st["unmasked_instrs"] == st["instrs"] and st["unmasked_mufu"] == st["mufu"]
+
+
+def test_region_without_minus_inf_is_kept():
+    """Guarded code that masks no score (e.g. a rescale skipped while the row max holds) runs
+    on iterations the loop bounds do not count: every iteration is charged for it."""
+    body = _body([ln.replace("-INF", "RZ") for ln in LOOP])
+    assert skipped_regions(body) == []
 
 
 def test_region_with_tensor_work_is_kept():
