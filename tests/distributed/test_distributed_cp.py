@@ -423,14 +423,19 @@ def test_cp_needs_initialised_group():
 # --------------------------------------------------------------------------- model
 
 
-def _model(rank: int, world: int, tl: int, layout: str = "contiguous") -> None:
+def _tiny_models(window: int, group_size: int) -> tuple[DASGConfig, DASGForCausalLM, DASGForCausalLM]:
+    """A small DASG model (torch backend, summaries on, seed 0) and an identical copy for CP."""
     cfg = DASGConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                     attention_window=5, group_size=4, use_summaries=True, shallow_shared_size=32,
+                     attention_window=window, group_size=group_size, use_summaries=True, shallow_shared_size=32,
                      deep_shared_size=64, shallow_num_experts=4, shallow_expert_size=32, deep_num_experts=4,
                      deep_expert_size=32, top_p=0.6, k_max=2, complexity_threshold=0.5, backend="torch")
     torch.manual_seed(0)
     model = DASGForCausalLM(cfg)
-    cp_model = copy.deepcopy(model)
+    return cfg, model, copy.deepcopy(model)
+
+
+def _model(rank: int, world: int, tl: int, layout: str = "contiguous") -> None:
+    cfg, model, cp_model = _tiny_models(window=5, group_size=4)
     gen = torch.Generator().manual_seed(1)
     t = world * tl
     ids = torch.randint(0, cfg.vocab_size, (2, t), generator=gen)
@@ -474,13 +479,7 @@ def _model_packed(rank: int, world: int, tl: int, bounds: list[int], layout: str
     """A packed row (DataCollatorWithFlattening's cu_seq_lens keywords, offsets into the whole
     sequence) under CP: logits and parameter gradients (summed over the ranks) equal one process
     on the whole row, documents crossing shards included."""
-    cfg = DASGConfig(vocab_size=64, hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                     attention_window=3, group_size=2, use_summaries=True, shallow_shared_size=32,
-                     deep_shared_size=64, shallow_num_experts=4, shallow_expert_size=32, deep_num_experts=4,
-                     deep_expert_size=32, top_p=0.6, k_max=2, complexity_threshold=0.5, backend="torch")
-    torch.manual_seed(0)
-    model = DASGForCausalLM(cfg)
-    cp_model = copy.deepcopy(model)
+    cfg, model, cp_model = _tiny_models(window=3, group_size=2)
     gen = torch.Generator().manual_seed(1)
     t = world * tl
     ids = torch.randint(0, cfg.vocab_size, (1, t), generator=gen)
