@@ -113,7 +113,8 @@ def config_text(launch: Launch, cfg) -> str:
     kw = cfg.all_kwargs() if cfg is not None else launch.kwargs
     keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "BLOCK_T", "BLOCK_D", "BLOCK_G", "CHUNK", "BT", "BS")
     parts = [f"{kw[k]}" for k in keys if k in kw]
-    return "x".join(parts) + f" w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+    text = "x".join(parts) + f" w{kw.get('num_warps', 4)} s{kw.get('num_stages', 3)}"
+    return text + (" unpipelined" if kw.get("PIPELINE") is False else "")
 
 
 def run_job(job: tuple) -> dict:

@@ -156,6 +156,13 @@ def judge(target: Target, records: list[dict], cal: dict) -> dict:
         if first and first[0].get("predicted_tflops"):
             out["first_config_tflops"] = first[0]["predicted_tflops"]
             out["first_config"] = first[0]["config"]
+    if uncal and len(target.kernels) == 1:
+        # the best kept config whose overlap the calibration covers (e.g. the unpipelined forward)
+        covered = best([r for r in ok if r["kernel"] == target.kernels[0] and not r.get("uncalibrated_overlap")])
+        if covered is not None and covered.get("predicted_tflops"):
+            out["covered_tflops"] = covered["predicted_tflops"]
+            out["covered_config"] = covered["config"]
+            out["covered_band"] = (covered["predicted_tflops"] / cal["high"], covered["predicted_tflops"] / cal["low"])
     if target.miss_point and target.miss_point in cal["misses"]:
         out["miss_point"] = target.miss_point
         out["miss_ratio"] = cal["misses"][target.miss_point]
@@ -173,6 +180,10 @@ def target_line(j: dict) -> str:
            + "; " + ", ".join(j["configs"]))
     if j.get("first_config_tflops") is not None:
         txt += f" (first config {j['first_config']}: {j['first_config_tflops']:.0f})"
+    if "covered_tflops" in j:
+        txt += (f". Best config the calibration covers (no softmax in flight): {j['covered_config']}, calibrated "
+                f"{j['covered_tflops']:.0f} (band {j['covered_band'][0]:.0f}-{j['covered_band'][1]:.0f}); "
+                "the autotuner measures both on a GPU")
     if "miss_ratio" in j:
         txt += (f". Caveat: the calibration's {j['miss_point']} point (a gathered grouped GEMM) is a stated miss "
                 f"at {j['miss_ratio']:.2f}x; divided by it: {j['miss_adjusted_tflops']:.0f}")

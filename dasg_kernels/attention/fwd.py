@@ -15,9 +15,12 @@ lse ``-inf`` (the ``-inf - -inf`` case is guarded). Query blocks run last-first
 packs the query heads of one kv head into the rows of a program instead.
 
 ``TMA`` (2-byte inputs with aligned strides on Hopper, :func:`host.tma_loads_ok`): key
-and value tiles come through device-side tensor descriptors and each loop is software
-pipelined, so the softmax of a tile runs while the tensor cores compute the next tile's
-scores (:func:`_fwd_tiles`); otherwise masked pointer loads and a plain loop.
+and value tiles come through device-side tensor descriptors and, with the config's
+``PIPELINE`` (the default), each loop is software pipelined, so the softmax of a tile runs
+while the tensor cores compute the next tile's scores (:func:`_fwd_tiles`); otherwise
+masked pointer loads and a plain loop. The autotune space holds both schedules
+(:mod:`dasg_kernels.attention.configs`): the pipelined one's gain is an overlap no
+calibration point of the offline model covers, so on a GPU the autotuner decides.
 """
 from __future__ import annotations
 
@@ -117,7 +120,7 @@ def _swa_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SUM_BEFORE: tl.constexpr, SUM_AFTER: tl.constexpr, DOT_PREC: tl.constexpr,
-    PACK_GQA: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr,
+    PACK_GQA: tl.constexpr, VARLEN: tl.constexpr, TMA: tl.constexpr, PIPELINE: tl.constexpr = True,
 ):
     # last query blocks first: with causal full attention they have the most key tiles
     i_blk, i_bh, n_blk = block_and_head(VARLEN)
@@ -190,7 +193,7 @@ def _swa_fwd_kernel(
     b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m, p_k, p_v, k_desc, v_desc, stride_kt, stride_vt,
                                  o_k2d, o_v2d, o_d, o_dv, lo, full_lo, full_hi, hi, left, right, G, T_K, qk_scale,
                                  HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, False, SUM_BEFORE, SUM_AFTER, DOT_PREC,
-                                 TMA, TMA)
+                                 TMA, TMA and PIPELINE)
 
     if SUM_BEFORE or SUM_AFTER:
         p_ks = KS + i_b * stride_ksb + i_hk * stride_ksh
@@ -211,12 +214,12 @@ def _swa_fwd_kernel(
         b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
                                      stride_vst, o_ks2d, o_vs2d, o_d, o_dv, 0, 0, s_full, s_bhi, left, right, G, NG,
                                      qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True, SUM_BEFORE,
-                                     SUM_AFTER, DOT_PREC, TMA, TMA)
+                                     SUM_AFTER, DOT_PREC, TMA, TMA and PIPELINE)
         if SUM_AFTER:  # "after" summaries (non-causal): [s_alo, NG), masked
             b_acc, b_l, b_m = _fwd_tiles(b_acc, b_l, b_m, b_q, pos_m + POS0, p_ks, p_vs, ks_desc, vs_desc, stride_kst,
                                          stride_vst, o_ks2d, o_vs2d, o_d, o_dv, s_alo, s_alo, s_alo, NG, left, right,
                                          G, NG, qk_scale, HEAD_DIM, BLOCK_D, HEAD_DV, BLOCK_DV, BLOCK_N, True,
-                                         SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA, TMA)
+                                         SUM_BEFORE, SUM_AFTER, DOT_PREC, TMA, TMA and PIPELINE)
 
     m_empty = b_l == 0.0
     b_l = tl.where(m_empty, 1.0, b_l)

@@ -163,6 +163,7 @@ def test_judge_forward_and_backward():
     softmax is in flight; the backward adds the kernels' times and counts 2.5x the forward's
     FLOPs; the band divides by the calibration's ratios."""
     from benchmarks.offline.compile_report import TARGETS, judge
+    from benchmarks.offline.speed_targets import target_line
 
     cal = {"low": 0.95, "high": 1.10, "band": 0.10, "misses": {}}
     fwd_t, bwd_t = (next(t for t in TARGETS if t.id == i) for i in ("attn_fwd", "attn_bwd"))
@@ -174,6 +175,14 @@ def test_judge_forward_and_backward():
     j = judge(fwd_t, [_rec("attn_fwd", 550, 1.0, uncal=True, ser=440, ovl=650)], cal)
     assert j["status"] == "FAIL" and j["uncalibrated_overlap"]
     assert judge(fwd_t, [_rec("attn_fwd", 550, 1.0, uncal=True, ser=460, ovl=650)], cal)["status"] == "PASS"
+    # beside it, the best config whose overlap the calibration covers, with its band
+    j = judge(fwd_t, [_rec("attn_fwd", 550, 1.0, uncal=True, ser=440, ovl=650), _rec("attn_fwd", 430, 1.0, rank=1),
+                      _rec("attn_fwd", 410, 1.0, rank=2)], cal)
+    assert (j["covered_config"], j["covered_tflops"]) == ("cfg1", 430)
+    assert j["covered_band"] == (430 / 1.10, 430 / 0.95)
+    assert "Best config the calibration covers (no softmax in flight): cfg1, calibrated 430 (band 391-453)" in (
+        target_line(j))
+    assert "covered_tflops" not in judge(fwd_t, recs, cal)  # nothing uncalibrated: no second figure
     # dq 3 TFLOP at 400 and dk/dv 4 TFLOP at 500 (its best config) -> 15.5 ms for 2.5 x the
     # forward's 2 TFLOP = 5 TFLOP: 323 TFLOP/s, below 350 (the kernels' own 7 TFLOP would say 452)
     recs = [_rec("attn_fwd", 500, 2.0), _rec("attn_dq", 400, 3.0), _rec("attn_dkdv", 500, 4.0),

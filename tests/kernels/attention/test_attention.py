@@ -732,6 +732,21 @@ def test_autotune_spaces_fit_every_head_dim_and_dtype():
     assert configs.decode_config(1, 256)["BLOCK_M"] >= 16
 
 
+def test_forward_space_holds_both_schedules():
+    """Per head-dim class the forward's first config (``DASG_AUTOTUNE=0``) is the software-
+    pipelined loop and the space also holds an unpipelined one for the autotuner to measure
+    against it; ``PIPELINE`` is an argument of the kernel."""
+    from dasg_kernels.attention import configs, fwd
+
+    assert "PIPELINE" in configs.untuned(fwd._swa_fwd_kernel).arg_names
+    for cls in (64, 128, 256):
+        kept = [c for c, dclass in configs.SPACES["fwd"] if dclass == cls]
+        assert kept[0].kwargs.get("PIPELINE", True) is True, cls
+        assert any(c.kwargs.get("PIPELINE") is False for c in kept), cls
+    for name in ("dq", "dkdv"):
+        assert all("PIPELINE" not in c.kwargs for c, _ in configs.SPACES[name])
+
+
 def test_autotuner_wrapping_is_valid():
     """Build the CUDA autotuners here too (the interpreter never does): Triton checks the
     key names against the kernel's arguments when the decorator runs."""

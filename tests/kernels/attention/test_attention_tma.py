@@ -1,5 +1,6 @@
 """The attention kernels' two load paths: TMA descriptors (2-byte inputs with aligned
-strides; the forward's software-pipelined loop) and pointer loads (everything else).
+strides; the forward's loop software-pipelined or not, as its config says) and pointer
+loads (everything else).
 
 Under the interpreter fp16 inputs take the TMA path and fp32 the pointer path, so the
 other test modules cover both; here the same fp16 inputs run through both paths (the
@@ -72,6 +73,51 @@ def test_both_load_paths_match_the_reference(window, causal, summaries, tma, dev
     assert _max_err(lse, ref_lse) < 2e-3
     for x, r in zip(leaves, ref_leaves):
         assert _max_err(x.grad, r.grad) < 1e-2
+
+
+@pytest.fixture
+def fwd_schedule(monkeypatch):
+    """``force(pipeline)``: run the forward with the software-pipelined loop or without it
+    (the config's ``PIPELINE``): the interpreter's pinned config; on CUDA the first config
+    of the autotune space, reordered, with autotuning off."""
+    from dasg_kernels.attention import configs, fwd
+
+    space = configs.SPACES["fwd"]
+    saved = list(space)
+
+    def force(pipeline: bool) -> None:
+        monkeypatch.setitem(configs.PINNED, "fwd", dict(configs.PINNED["fwd"], PIPELINE=pipeline))
+        if not configs.INTERPRET:
+            monkeypatch.setattr(configs, "autotune_enabled", lambda: False)
+            space[:] = sorted(saved, key=lambda s: s[0].kwargs.get("PIPELINE", True) != pipeline)
+            if hasattr(fwd._swa_fwd_kernel, "cache"):
+                fwd._swa_fwd_kernel.cache.clear()
+
+    yield force
+    space[:] = saved
+    if hasattr(fwd._swa_fwd_kernel, "cache"):
+        fwd._swa_fwd_kernel.cache.clear()
+
+
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "unpipelined"])
+@pytest.mark.parametrize("window,causal,summaries", CASES, ids=["local", "before", "after"])
+def test_forward_schedules_match_the_reference(window, causal, summaries, pipeline, device, monkeypatch,
+                                                fwd_schedule):
+    """The TMA forward with and without its software-pipelined loop (both are in the
+    autotune space) on ragged lengths: same output and lse as the fp32 reference."""
+    require_triton(device)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 9:
+        pytest.skip("TMA needs compute capability 9+")
+    asked = _paths(monkeypatch, True)
+    fwd_schedule(pipeline)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 100, h, 64, generator=gen).to(device, torch.float16) for h in (4, 2, 2))
+    kw = dict(window=window, causal=causal, group_size=8 if summaries else None, summaries=summaries)
+    out, lse = swa_attention_with_lse(q, k, v, backend="triton", **kw)
+    assert asked and all(asked)
+    ref_out, ref_lse = reference.swa_attention_ref(q.float(), k.float(), v.float(), **kw)
+    assert _max_err(out, ref_out) < 2e-3
+    assert _max_err(lse, ref_lse) < 2e-3
 
 
 @pytest.mark.parametrize("d, dv", [(48, 48), (80, 40)])
