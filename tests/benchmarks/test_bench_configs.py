@@ -66,6 +66,7 @@ def test_compare_and_the_overlap_reading():
     # saved 1/400 - 1/500 of the 1/429 - 1/595 the ideal overlap would save
     assert ov["realised_share"] == pytest.approx((1 / 400 - 1 / 500) / (1 / 429 - 1 / 595))
     page = bc.markdown("NVIDIA H100", rows, [{"which": "fwd", "ms": 1.0, "tflops": 600.0}], pred)
+    assert bc.markdown("NVIDIA H100", rows, [], pred).endswith("|---|---|---|\n")  # attention only: written first
     assert "| attn_fwd | pipelined 64x64 w4 s2 | 2.200 | 500 | 511 (370 / 595) U | 0.98 |" in page
     assert "realised over the unpipelined schedule: 0.77" in page.replace("\n", " ")
 
@@ -77,6 +78,7 @@ def test_committed_report_has_both_schedules():
         pred = bc.predictions(json.load(f))
     for _, cfg in bc.FWD_SCHEDULES:
         assert bc.config_text(cfg) in pred["fwd"], bc.config_text(cfg)
+    assert pred["bwd"]["calibrated_tflops"] > 0  # the backward target's figure
     assert not pred["fwd"]["64x64 w4 s2 unpipelined"]["uncalibrated_overlap"]
     assert pred["fwd"]["64x64 w4 s2"]["uncalibrated_overlap"]
 
