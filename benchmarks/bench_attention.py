@@ -563,13 +563,34 @@ def time_modes(ctx: Context, base: dict[str, Any], m: Method, d_o: torch.Tensor,
         x.grad = None
 
 
+def tuned_configs() -> dict[str, str]:
+    """The launch config the autotuner ran last for each attention kernel (CUDA; empty under
+    the interpreter), e.g. whether the forward kept its software-pipelined loop (``PIPELINE``)."""
+    from dasg_kernels.attention import bwd, fwd
+
+    out = {}
+    for name, kernel in (("fwd", fwd._swa_fwd_kernel), ("dq", bwd._swa_bwd_dq_kernel),
+                         ("dkdv", bwd._swa_bwd_dkdv_kernel)):
+        cfg = getattr(kernel, "best_config", None)
+        if cfg is not None:
+            out[name] = str(cfg)
+    return out
+
+
 def time_method(ctx: Context, c: AttnCase, m: Method, do: torch.Tensor, pairs: int) -> None:
     base = {"case_id": c.id, "case": c.params(), "method": m.name, "note": m.note, "stand_in": m.stand_in,
             "pairs": pairs}
     d_o = do if m.bthd else do.transpose(1, 2).contiguous()
     flops = {mode: attention_flops(pairs, c.batch, c.heads, c.d, mode) for mode in common.MODES_ATTN}
+    n = len(ctx.records)
     time_modes(ctx, base, m, d_o, flops)
-    if m.name != "ours":
+    if m.name == "ours" and not m.stand_in:
+        tuned = tuned_configs()  # what the autotuner chose for this case (the fwd+bwd timing ran last)
+        for r in ctx.records[n:]:
+            r["tuned_configs"] = tuned
+        if tuned:
+            ctx.log(f"  {FAMILY} {c.id}: autotuned " + "; ".join(f"{k}: {v}" for k, v in tuned.items()))
+    else:
         peer_ratios(ctx, FAMILY, c.id, m.name)
     ctx.log(progress_line(ctx, FAMILY, c.id, m.name))
 

@@ -111,6 +111,9 @@ def test_results_json_schema(quick_run):
         ours = [r for r in res["records"] if r["family"] == fam and r["method"] == meth]
         assert ours and all(r["status"] == "ok" or ("wrong output" in r["reason"] and "ms" not in r)
                             for r in ours), ours
+    # the attention kernels' autotuned configs ride on ours' records (none under the interpreter)
+    assert all(r.get("tuned_configs") == {} for r in res["records"] if r["family"] == "attention"
+               and r["method"] == "ours" and r["status"] == "ok")
     # FlexAttention needs compile on CUDA: recorded as skipped, with the reason
     for meth in ("flex", "flex_document"):
         flex = [r for r in res["records"] if r["method"] == meth]
@@ -404,6 +407,24 @@ def test_measure_uses_do_bench_for_fast_calls_and_events_for_slow_ones(monkeypat
     slow = common.measure(lambda: time.sleep(0.03), s)
     assert slow["timing"].startswith("cuda-events") and 2 <= len(slow["ms_all"]) <= s.max_repeats_slow
     assert slow["ms"] >= 25 and slow["meaningful"] is True
+
+
+def test_tuned_configs_name_what_the_autotuner_ran(monkeypatch):
+    """On CUDA each attention kernel is an Autotuner whose ``best_config`` is the config it
+    ran last (the forward's carries ``PIPELINE``); under the interpreter there is none."""
+    import types
+
+    import triton
+
+    from benchmarks import bench_attention
+    from dasg_kernels.attention import bwd, fwd
+
+    assert bench_attention.tuned_configs() == {}  # interpreter: plain jit functions
+    cfg = triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "PIPELINE": False}, num_warps=4, num_stages=2)
+    monkeypatch.setattr(fwd, "_swa_fwd_kernel", types.SimpleNamespace(best_config=cfg))
+    monkeypatch.setattr(bwd, "_swa_bwd_dq_kernel", types.SimpleNamespace(best_config=None))
+    got = bench_attention.tuned_configs()
+    assert set(got) == {"fwd"} and "PIPELINE: False" in got["fwd"] and "BLOCK_M: 64" in got["fwd"]
 
 
 def test_flops_and_compare_helpers():
