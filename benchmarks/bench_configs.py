@@ -45,20 +45,22 @@ def config_text(cfg: tuple[int, int, int, int, bool]) -> str:
     return f"{bm}x{bn} w{w} s{s}" + ("" if pipeline else " unpipelined")
 
 
-def _pin_fwd(cfg: tuple[int, int, int, int, bool]) -> None:
-    """Make ``cfg`` the first config of the forward's space and forget every tuned choice."""
+def _pin_fwd(cfg: tuple[int, int, int, int, bool], head_dim: int = SHAPE["d"]) -> None:
+    """Make ``cfg`` the first config of the forward's space for ``head_dim``'s class (what
+    ``DASG_AUTOTUNE=0`` runs) and forget every tuned choice."""
     import triton
 
     from dasg_kernels.attention import configs, fwd
 
     bm, bn, w, s, pipeline = cfg
     space = configs.SPACES["fwd"]
+    cls = 64 if head_dim <= 64 else (128 if head_dim <= 128 else 256)
 
-    def match(c: triton.Config) -> bool:
-        return (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps, c.num_stages,
-                c.kwargs.get("PIPELINE", True)) == (bm, bn, w, s, pipeline)
+    def match(c: triton.Config, dclass: int) -> bool:
+        return dclass == cls and (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps, c.num_stages,
+                                  c.kwargs.get("PIPELINE", True)) == (bm, bn, w, s, pipeline)
 
-    hit = [e for e in space if match(e[0])]
+    hit = [e for e in space if match(*e)]
     if not hit:
         raise ValueError(f"bench_configs: {config_text(cfg)} is not in the forward's config space")
     space[:] = hit[:1] + [e for e in space if e is not hit[0]]

@@ -83,6 +83,28 @@ def test_committed_report_has_both_schedules():
     assert pred["fwd"]["64x64 w4 s2"]["uncalibrated_overlap"]
 
 
+@pytest.mark.parametrize("which", [0, 1])
+def test_pin_makes_the_schedule_what_the_pruner_runs(which, monkeypatch):
+    """After pinning, the forward's pruner with autotuning off keeps exactly that schedule
+    for D=128 (the same tile shape exists in the D=64 class too: it must not be moved)."""
+    from dasg_kernels.attention import configs
+
+    space = configs.SPACES["fwd"]
+    saved = list(space)
+    monkeypatch.setattr(configs, "autotune_enabled", lambda: False)
+    try:
+        cfg = bc.FWD_SCHEDULES[which][1]
+        bc._pin_fwd(cfg)
+        kept = configs._pruner(space)([c for c, _ in space], {}, HEAD_DIM=128)
+        assert len(kept) == 1
+        c = kept[0]
+        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages,
+                c.kwargs.get("PIPELINE", True)) == cfg
+        assert sorted(map(id, space)) == sorted(map(id, saved))  # reordered, nothing lost
+    finally:
+        space[:] = saved
+
+
 def test_unknown_config_is_a_clear_error():
     with pytest.raises(ValueError, match="not in the forward's config space"):
         bc._pin_fwd((64, 16, 4, 2, True))
