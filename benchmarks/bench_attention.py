@@ -563,17 +563,32 @@ def time_modes(ctx: Context, base: dict[str, Any], m: Method, d_o: torch.Tensor,
         x.grad = None
 
 
-def tuned_configs() -> dict[str, str]:
-    """The launch config the autotuner ran last for each attention kernel (CUDA; empty under
-    the interpreter), e.g. whether the forward kept its software-pipelined loop (``PIPELINE``)."""
+def _attention_kernels() -> tuple:
     from dasg_kernels.attention import bwd, fwd
 
+    return (("fwd", fwd._swa_fwd_kernel), ("dq", bwd._swa_bwd_dq_kernel), ("dkdv", bwd._swa_bwd_dkdv_kernel))
+
+
+def forget_tuned_configs() -> None:
+    """Clear what :func:`tuned_configs` reports (before a case's timings)."""
+    for _, kernel in _attention_kernels():
+        if getattr(kernel, "best_config", None) is not None:
+            kernel.best_config = None
+
+
+def tuned_configs() -> dict[str, str]:
+    """The launch config the autotuner ran last for each attention kernel since
+    :func:`forget_tuned_configs` (CUDA; empty under the interpreter): tile, warps, stages
+    and, for the forward, whether it kept its software-pipelined loop (``PIPELINE``).
+    dk/dv: its last launch (the summaries' when they are on)."""
     out = {}
-    for name, kernel in (("fwd", fwd._swa_fwd_kernel), ("dq", bwd._swa_bwd_dq_kernel),
-                         ("dkdv", bwd._swa_bwd_dkdv_kernel)):
+    for name, kernel in _attention_kernels():
         cfg = getattr(kernel, "best_config", None)
         if cfg is not None:
-            out[name] = str(cfg)
+            kw = dict(cfg.kwargs)
+            if name == "fwd":
+                kw.setdefault("PIPELINE", True)
+            out[name] = ", ".join(f"{k}={v}" for k, v in kw.items()) + f", w{cfg.num_warps} s{cfg.num_stages}"
     return out
 
 
@@ -583,6 +598,8 @@ def time_method(ctx: Context, c: AttnCase, m: Method, do: torch.Tensor, pairs: i
     d_o = do if m.bthd else do.transpose(1, 2).contiguous()
     flops = {mode: attention_flops(pairs, c.batch, c.heads, c.d, mode) for mode in common.MODES_ATTN}
     n = len(ctx.records)
+    if m.name == "ours":
+        forget_tuned_configs()
     time_modes(ctx, base, m, d_o, flops)
     if m.name == "ours" and not m.stand_in:
         tuned = tuned_configs()  # what the autotuner chose for this case (the fwd+bwd timing ran last)

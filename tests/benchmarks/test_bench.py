@@ -424,7 +424,11 @@ def test_tuned_configs_name_what_the_autotuner_ran(monkeypatch):
     monkeypatch.setattr(fwd, "_swa_fwd_kernel", types.SimpleNamespace(best_config=cfg))
     monkeypatch.setattr(bwd, "_swa_bwd_dq_kernel", types.SimpleNamespace(best_config=None))
     got = bench_attention.tuned_configs()
-    assert set(got) == {"fwd"} and "PIPELINE: False" in got["fwd"] and "BLOCK_M: 64" in got["fwd"]
+    assert got == {"fwd": "BLOCK_M=64, BLOCK_N=64, PIPELINE=False, w4 s2"}
+    fwd._swa_fwd_kernel.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3)
+    assert bench_attention.tuned_configs() == {"fwd": "BLOCK_M=64, BLOCK_N=32, PIPELINE=True, w4 s3"}
+    bench_attention.forget_tuned_configs()  # before a case: nothing left from the one before
+    assert bench_attention.tuned_configs() == {}
 
 
 def test_flops_and_compare_helpers():

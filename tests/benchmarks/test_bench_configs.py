@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -103,6 +105,27 @@ def test_pin_makes_the_schedule_what_the_pruner_runs(which, monkeypatch):
         assert sorted(map(id, space)) == sorted(map(id, saved))  # reordered, nothing lost
     finally:
         space[:] = saved
+
+
+def test_default_report_follows_the_triton_version():
+    """Predictions come from the report compiled by the Triton that runs (the GPU machines'
+    3.6 has its own quick report); importing the module leaves autotuning alone."""
+    assert bc.default_report("3.6.0").endswith("compile-sm90a-triton3.6-quick.json")
+    assert bc.default_report("3.9.0").endswith("compile-sm90a.json")
+    with open(bc.default_report("3.6.0")) as f:
+        pred = bc.predictions(json.load(f))
+    assert {bc.config_text(c) for _, c in bc.FWD_SCHEDULES} <= set(pred["fwd"]) and pred["bwd"]
+
+
+
+def test_import_leaves_autotuning_alone():
+    """Importing the module (pytest collects it) must not switch autotuning off for the
+    tests after it: only main() pins configs."""
+    env = {k: v for k, v in os.environ.items() if k != "DASG_AUTOTUNE"}
+    code = "import os, benchmarks.bench_configs; print(os.environ.get('DASG_AUTOTUNE'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(bc.__file__)))
+    assert out.stdout.strip() == "None"
 
 
 def test_unknown_config_is_a_clear_error():

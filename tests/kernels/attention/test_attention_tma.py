@@ -115,6 +115,10 @@ def test_forward_schedules_match_the_reference(window, causal, summaries, pipeli
     kw = dict(window=window, causal=causal, group_size=8 if summaries else None, summaries=summaries)
     out, lse = swa_attention_with_lse(q, k, v, backend="triton", **kw)
     assert asked and all(asked)
+    if device.type == "cuda":  # the autotuner ran the schedule asked for
+        from dasg_kernels.attention import fwd
+
+        assert fwd._swa_fwd_kernel.best_config.kwargs.get("PIPELINE", True) is pipeline
     ref_out, ref_lse = reference.swa_attention_ref(q.float(), k.float(), v.float(), **kw)
     assert _max_err(out, ref_out) < 2e-3
     assert _max_err(lse, ref_lse) < 2e-3
