@@ -30,11 +30,13 @@ import sys
 
 import torch
 
+from benchmarks.offline.work_model import ATTN_MAIN
+
 #: the forward's two schedules at D=128 (BM, BN, warps, stages, PIPELINE): the first config
 #: of the space and the best unpipelined one (dasg_kernels/attention/configs.py)
 FWD_SCHEDULES = (("pipelined", (64, 64, 4, 2, True)), ("unpipelined", (64, 64, 4, 2, False)))
-#: the compile report's main attention shape (benchmarks.offline.work_model.ATTN_MAIN)
-SHAPE = dict(b=1, t=32768, hq=32, hkv=8, d=128, window=(2047, 0), group_size=256)
+#: the head dim of the compile report's main attention shape (``ATTN_MAIN``, bf16)
+HEAD_DIM = 128
 
 
 def config_text(cfg: tuple[int, int, int, int, bool]) -> str:
@@ -43,7 +45,7 @@ def config_text(cfg: tuple[int, int, int, int, bool]) -> str:
     return f"{bm}x{bn} w{w} s{s}" + ("" if pipeline else " unpipelined")
 
 
-def _pin_fwd(cfg: tuple[int, int, int, int, bool], head_dim: int = SHAPE["d"]) -> None:
+def _pin_fwd(cfg: tuple[int, int, int, int, bool], head_dim: int = HEAD_DIM) -> None:
     """Make ``cfg`` the first config of the forward's space for ``head_dim``'s class (what
     ``DASG_AUTOTUNE=0`` runs) and forget every tuned choice."""
     import triton
@@ -74,10 +76,10 @@ def time_attention(partial=None) -> list[dict]:
 
     import dasg_kernels as dk
 
-    s, dev, dt = SHAPE, "cuda", torch.bfloat16
-    q = torch.randn(s["b"], s["t"], s["hq"], s["d"], device=dev, dtype=dt, requires_grad=True)
-    k, v = (torch.randn(s["b"], s["t"], s["hkv"], s["d"], device=dev, dtype=dt, requires_grad=True) for _ in range(2))
-    kw = dict(window=s["window"], causal=True, group_size=s["group_size"], summaries=True)
+    s, d, dev, dt = ATTN_MAIN, HEAD_DIM, "cuda", torch.bfloat16
+    q = torch.randn(s.b, s.t, s.hq, d, device=dev, dtype=dt, requires_grad=True)
+    k, v = (torch.randn(s.b, s.t, s.hkv, d, device=dev, dtype=dt, requires_grad=True) for _ in range(2))
+    kw = dict(window=(s.left, 0), causal=True, group_size=s.g, summaries=s.summaries)
     out = []
     for which, cfg in FWD_SCHEDULES:
         _pin_fwd(cfg)
@@ -134,12 +136,11 @@ def predictions(report: dict) -> dict:
     """The compile report's figures for what :func:`time_attention` measures: per forward
     config label its record's useful TFLOP and TFLOP/s (calibrated / serialised /
     overlapped, and whether its overlap is uncalibrated); the backward's target figure."""
-    label = "B=1 T=32768 Hq=32 Hkv=8 left=2047 causal G=256 summaries"
     out: dict = {"report_commit": report.get("meta", {}).get("commit"),
                  "report_triton": report.get("meta", {}).get("triton"), "fwd": {}}
     for r in report.get("records", []):
         if (r.get("kernel") == "attn_fwd" and r.get("target") == "sm_90a" and r.get("dtype") == "bfloat16"
-                and r.get("head_dim") == SHAPE["d"] and r.get("shape") == label and r.get("predicted_tflops")):
+                and r.get("head_dim") == HEAD_DIM and r.get("shape") == ATTN_MAIN.label and r.get("predicted_tflops")):
             out["fwd"][r["config"]] = {k: r[k] for k in ("useful_tflop", "predicted_tflops", "serialised_tflops",
                                                         "overlapped_tflops", "uncalibrated_overlap")}
     for t in report.get("meta", {}).get("targets", []):
